@@ -1,0 +1,144 @@
+"""Stage 6: evaluate a registration net on pairs with landmarks: TRE, Dice, folding, time.
+
+    python evaluate_registration.py ITER_TTA CKPT [--preset cpu] [--data FOLDER]
+                                    [--landmarks FOLDER] [--out PREFIX] [--overwrite]
+
+CKPT = none evaluates an untrained net, i.e. pure instance optimisation (the "no training data"
+baseline). Writes PREFIX.csv (per landmark), PREFIX.json (summary) and PREFIX.png (MIPs).
+"""
+import argparse
+import copy
+import os
+import time
+
+import nibabel as nib
+import numpy as np
+import torch
+
+import utils
+from train_registration import PRESETS, build_net, config_of, optimise
+
+KEYS = ("initial", "net", "tta")
+
+
+def load_model(ckpt, preset, seed=0):
+    """(net, config) from a checkpoint, or an untrained net of `preset` for CKPT = none."""
+    if ckpt == "none":
+        utils.seed_all(seed)
+        cfg = config_of(preset)
+        return build_net(cfg), cfg
+    ck = utils.load_checkpoint(ckpt, "regnet")
+    net = build_net(ck["config"])
+    net.load_state_dict(ck["state"])
+    return net, ck["config"]
+
+
+def native_factor(path):
+    """Finest pooled-frame factor a file offers (1 for original scans); read from the header only."""
+    return utils.frame_factor(nib.load(path).shape[:3]) or 1
+
+
+def evaluate_pair(net, cfg, data, case, lms, iter_tta, tta_lr, device):
+    """Register one pair without and with test-time adaptation; returns metrics and fields."""
+    paths = [os.path.join(data, f"{case}_{k}.nii.gz") for k in (1, 2)]
+    fixed, moving = (utils.framed_volume(p, cfg["factor"])[None, None].to(device) for p in paths)
+    t = time.time()
+    net.eval()
+    with torch.no_grad():
+        ddf_net = net(fixed, moving)[0]
+    ddf_tta = ddf_net
+    if iter_tta > 0:  # adapt a copy of both UNets to this very pair (Adam, the training loss)
+        tta = copy.deepcopy(net).train()
+        optimise(tta, lambda i: (fixed, moving), iter_tta, tta_lr, PRESETS[cfg["preset"]]["reg"], device, desc=case)
+        with torch.no_grad():
+            ddf_tta = tta(fixed, moving)[0]
+    seconds = time.time() - t
+    res = {"case": case, "seconds": seconds}
+    for k, ddf in zip(KEYS, (None, ddf_net, ddf_tta)):
+        res[k] = utils.tre(ddf, *lms)
+    # Dice of the vessel masks at the finest resolution the files offer (1 mm for real scans)
+    f0 = native_factor(paths[0])
+    fm, mm = (utils.framed_volume(p, f0)[None, None] for p in paths)
+    for k, ddf in zip(KEYS, (None, ddf_net, ddf_tta)):
+        warped = mm if ddf is None else utils.warp(mm, utils.resize_ddf(ddf.cpu(), fm.shape[2:]))
+        res[f"dice_{k}"] = utils.dice(fm, warped)
+    res["folding_pct"], res["std_logjac"] = utils.jacobian_stats(ddf_tta.cpu())
+    res["mips"] = (fm[0, 0].numpy(), mm[0, 0].numpy(), warped[0, 0].numpy())  # warped = after TTA
+    return res
+
+
+def figure(results, path, n=3):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results[:n]
+    fig, ax = plt.subplots(len(rows), 2, figsize=(7, 3.3 * len(rows)), squeeze=False)
+    for r, res in enumerate(rows):
+        f, m, w = res["mips"]
+        for c, (img, title) in enumerate(((utils.mip_rgb(f, m), "before"), (utils.mip_rgb(f, w), "after TTA"))):
+            ax[r, c].imshow(img)
+            ax[r, c].set_title(f"{res['case']} {title}: TRE {res['initial' if c == 0 else 'tta'].mean():.2f} mm")
+            ax[r, c].axis("off")
+    fig.suptitle("coronal MIP, fixed blue / moving orange")
+    utils.save_figure(fig, path)
+
+
+def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset="cpu", overwrite=False, seed=0, log=print):
+    """Evaluate every pair of `data` against `landmarks`; writes out.csv/json/png, returns summary."""
+    landmarks = landmarks or os.path.join(data, "landmarks")
+    for ext in (".csv", ".json", ".png"):
+        utils.check_output(out + ext, overwrite)
+    cases = utils.find_pairs(data)
+    lms = {c: utils.read_landmarks(os.path.join(landmarks, f"{c}.csv")) for c in cases}  # check all first
+    net, cfg = load_model(ckpt, preset, seed)
+    device = utils.get_device()
+    net.to(device)
+    results = []
+    for c in cases:
+        results.append(evaluate_pair(net, cfg, data, c, lms[c], iter_tta, PRESETS[cfg["preset"]]["tta_lr"], device))
+        r = results[-1]
+        log(f"{c}: TRE {r['initial'].mean():6.2f} -> net {r['net'].mean():6.2f} -> tta {r['tta'].mean():6.2f} mm"
+            f"  Dice {r['dice_initial']:.3f} -> {r['dice_tta']:.3f}  ({r['seconds']:.1f} s)")
+    rows = [[r["case"], i, *(f"{r[k][i]:.4f}" for k in KEYS)] for r in results for i in range(len(r["initial"]))]
+    summ = {"checkpoint": ckpt, "preset": cfg["preset"], "iter_tta": iter_tta}
+    for k in KEYS:
+        s = utils.summary(np.concatenate([r[k] for r in results]))
+        summ.update({f"tre_{k}_{q}": v for q, v in s.items()})
+        summ[f"dice_{k}"] = float(np.mean([r[f"dice_{k}"] for r in results]))
+    for k in ("folding_pct", "std_logjac", "seconds"):
+        summ[k if k != "seconds" else "seconds_per_pair"] = float(np.mean([r[k] for r in results]))
+    summ.update(num_pairs=len(results), num_landmarks=len(rows))
+    utils.write_csv(out + ".csv", ["case", "landmark", *KEYS], rows)
+    utils.write_json(out + ".json", summ)
+    figure(results, out + ".png")
+    log(table(summ))
+    return summ
+
+
+def table(s):
+    head = f"{'':10s}{'TRE mean':>9s}{'25%':>7s}{'50%':>7s}{'75%':>7s}{'Dice':>7s}"
+    lines = [head] + [f"{k:10s}" + "".join(f"{s[f'tre_{k}_{q}']:{w}.2f}" for q, w in
+                                          (("mean", 9), ("p25", 7), ("p50", 7), ("p75", 7))) + f"{s[f'dice_{k}']:7.3f}"
+                      for k in KEYS]
+    lines.append(f"{s['num_pairs']} pairs, {s['num_landmarks']} landmarks; folding {s['folding_pct']:.3f} %, "
+                 f"std log|J| {s['std_logjac']:.3f}, {s['seconds_per_pair']:.1f} s per pair")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("iter_tta", type=int, nargs="?", default=50)
+    ap.add_argument("ckpt", nargs="?", default="regnets_state_dilated_vessels.pth")
+    ap.add_argument("--preset", choices=PRESETS, default="cpu", help="net and resolution for CKPT = none")
+    ap.add_argument("--data", default="dilated_vessels")
+    ap.add_argument("--landmarks", help="folder of case_XXX.csv (default DATA/landmarks)")
+    ap.add_argument("--out", default="eval", help="output prefix")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--overwrite", action="store_true")
+    a = ap.parse_args(argv)
+    evaluate(a.iter_tta, a.ckpt, a.data, a.landmarks, a.out, a.preset, a.overwrite, a.seed)
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

@@ -1,0 +1,93 @@
+"""The shared layer: frame, TRE convention, metrics, checkpoints."""
+import numpy as np
+import pytest
+import torch
+
+import utils
+
+
+@pytest.mark.parametrize("shape, offset", [
+    ((320, 250, 353), (-32, -29, -49)),   # larger than the frame in every axis (cropped)
+    ((268, 188, 451), (-6, 2, -98)),      # case_035-like: oversize along k, undersize along j
+    ((200, 150, 200), (28, 21, 28)),      # smaller than the frame (padded)
+])
+def test_frame_formula(shape, offset):
+    # offsets worked out by hand from the data README: h1 = (352 - H)//2 - 48, w1 = (256 - W)//2 - 32, ...
+    vol = torch.zeros(shape)
+    p = np.array([120, 100, 130])
+    vol[tuple(p)] = 1
+    framed = utils.to_frame(vol)
+    assert framed.shape == utils.FRAME
+    q = np.argwhere(framed.numpy() == 1)
+    assert q.tolist() == [list(p + np.array(offset))]
+
+
+def test_framed_volume_reads_scans_and_pooled_maps(tmp_path):
+    scan = np.zeros((300, 230, 320), np.uint8)
+    scan[140:160, 100:120, 150:170] = 2  # label 2 counts as vessel
+    utils.write_nifti(tmp_path / "scan.nii.gz", scan, 1)
+    v1 = utils.framed_volume(str(tmp_path / "scan.nii.gz"), 1)
+    assert v1.shape == utils.FRAME and v1.max() == 1 and v1.sum() == 20 ** 3
+    v4 = utils.framed_volume(str(tmp_path / "scan.nii.gz"), 4)
+    assert v4.shape == (64, 52, 64) and abs(float(v4.sum()) * 64 - 20 ** 3) < 1e-3  # occupancy preserved
+    soft = np.full((64, 52, 64), 0.3, np.float32)
+    utils.write_nifti(tmp_path / "soft.nii.gz", soft, 4)
+    s = utils.framed_volume(str(tmp_path / "soft.nii.gz"), 4)
+    assert torch.allclose(s, torch.tensor(0.3))  # probability maps stay soft
+    with pytest.raises(utils.DataError, match="4 mm but 2 mm"):
+        utils.framed_volume(str(tmp_path / "soft.nii.gz"), 2)
+
+
+def test_tre_convention_on_known_translation():
+    rng = np.random.default_rng(0)
+    fixed = rng.uniform(20, 180, (50, 3))
+    shift = np.array([6.0, -4.0, 8.0])  # moving = fixed + shift (mm = frame voxels)
+    moving = fixed + shift
+    assert np.allclose(utils.tre(None, fixed, moving), np.linalg.norm(shift))
+    for factor in (1, 4):  # the field is in voxels of its own grid: shift / factor
+        size = utils.grid_shape(factor) if factor > 1 else (32, 26, 32)
+        f = factor if factor > 1 else 8
+        ddf = torch.tensor(shift / f, dtype=torch.float32).view(1, 3, 1, 1, 1).expand(1, 3, *size).contiguous()
+        assert np.allclose(utils.tre(ddf, fixed, moving), 0, atol=1e-4)
+        assert np.allclose(utils.tre(ddf * 0.5, fixed, moving), np.linalg.norm(shift) / 2, atol=1e-4)
+
+
+def test_summary_dice_and_jacobian():
+    s = utils.summary([1, 2, 3, 4, 5])
+    assert s == {"mean": 3.0, "p25": 2.0, "p50": 3.0, "p75": 4.0}
+    a = torch.zeros(10, 10, 10)
+    a[:5] = 1
+    b = torch.zeros(10, 10, 10)
+    b[2:7] = 1
+    assert utils.dice(a, b) == pytest.approx(0.6)
+    ident = torch.zeros(1, 3, 12, 12, 12)
+    fold_pct, std = utils.jacobian_stats(ident)
+    assert fold_pct == 0.0 and std < 1e-5
+    fold = ident.clone()
+    fold[0, 0] = -2 * torch.arange(12.0).view(12, 1, 1)  # x -> -x: det < 0 everywhere
+    assert utils.jacobian_stats(fold)[0] == 100.0
+
+
+def test_warp_compose_and_resize():
+    ddf = torch.zeros(1, 3, 16, 16, 16)
+    ddf[:, 0] = 2.0
+    img = torch.arange(16.0).view(1, 1, 16, 1, 1).expand(1, 1, 16, 16, 16)
+    assert torch.allclose(utils.warp(img, ddf)[0, 0, 4:10], img[0, 0, 6:12])  # samples at x + 2
+    assert torch.allclose(utils.compose(ddf, ddf)[:, 0, 2:10], torch.tensor(4.0))
+    big = utils.resize_ddf(ddf, (32, 32, 32))
+    assert torch.allclose(big[:, 0], torch.tensor(4.0))  # same physical shift in finer voxels
+
+
+def test_checkpoints_refuse_other_kind_config_and_truncation(tmp_path):
+    p = str(tmp_path / "a.pth")
+    utils.save_checkpoint(p, "regnet", {"preset": "cpu", "factor": 4}, {"w": torch.ones(3)})
+    assert utils.load_checkpoint(p, "regnet", {"preset": "cpu", "factor": 4})["state"]["w"].sum() == 3
+    with pytest.raises(utils.DataError, match="is a 'regnet' checkpoint, expected 'vqae'"):
+        utils.load_checkpoint(p, "vqae")
+    with pytest.raises(utils.DataError, match="differs in factor"):
+        utils.load_checkpoint(p, "regnet", {"preset": "cpu", "factor": 2})
+    raw = open(p, "rb").read()
+    open(p, "wb").write(raw[: len(raw) // 2])
+    with pytest.raises(utils.DataError, match="truncated or corrupt"):
+        utils.load_checkpoint(p, "regnet")
+    assert [f.name for f in tmp_path.iterdir()] == ["a.pth"]  # no temporary files left behind

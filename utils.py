@@ -1,0 +1,383 @@
+"""Everything the stage scripts share, written once: data and frame, landmarks and metrics,
+warping, checkpoints, output files, seeding and device.
+
+Conventions used everywhere:
+  * volumes live in the common 256x208x256 frame (FRAME) at 1 mm, or in that frame average-pooled
+    by an integer `factor` (2 = half, 4 = quarter resolution). A pooled voxel v covers frame voxels
+    f*v .. f*v+f-1, so its centre sits at f*v + (f-1)/2 in frame coordinates.
+  * landmark coordinates are always voxel indices (i, j, k) of the 1 mm frame.
+  * displacement fields (ddf) are (B, 3, H, W, D) in voxel units of their own grid, channel c along
+    spatial axis c: the map is x -> x + ddf(x) (fixed -> moving), MONAI's `Warp` convention.
+"""
+import contextlib
+import csv
+import glob
+import json
+import os
+import random
+import re
+import sys
+import warnings
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample.*")
+from monai.networks.blocks import DVF2DDF, Warp  # noqa: E402
+
+FRAME = (256, 208, 256)
+
+
+class DataError(Exception):
+    """Bad input: reported as one line `error: <file>: <problem>` and exit status 2."""
+
+
+def run_main(main):
+    """Run a script's main(); bad input becomes a one-line error instead of a traceback."""
+    try:
+        main()
+    except (DataError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------------------- runtime
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device):
+    """Mixed precision on CUDA (the seed's setting), a no-op on CPU."""
+    return torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
+
+
+# ---------------------------------------------------------------------------- frame
+def frame_pads(shape):
+    """Pad widths (negative = crop) that put a volume of `shape` into the 256x208x256 frame,
+    exactly as the Lung250M-4B data README gives them. Returns (h1, h2, w1, w2, d1, d2)."""
+    H, W, D = shape
+    h1, w1, d1 = (352 - H) // 2 - 48, (256 - W) // 2 - 32, (352 - D) // 2 - 48
+    h2, w2, d2 = 352 - H - h1 - 96, 256 - W - w1 - 48, 352 - D - d1 - 96
+    return h1, h2, w1, w2, d1, d2
+
+
+def to_frame(vol):
+    """(H, W, D) tensor of any size -> (256, 208, 256), zero-padded / cropped."""
+    h1, h2, w1, w2, d1, d2 = frame_pads(vol.shape)
+    return F.pad(vol, (d1, d2, w1, w2, h1, h2))
+
+
+def grid_shape(factor):
+    return tuple(s // factor for s in FRAME)
+
+
+def frame_factor(shape):
+    """The factor f if `shape` is the frame pooled by f (an already framed volume), else None."""
+    for f in (1, 2, 4, 8):
+        if tuple(shape) == grid_shape(f):
+            return f
+    return None
+
+
+def pool(x, factor):
+    """Average-pool a (..., H, W, D) tensor by an integer factor (soft occupancy for masks)."""
+    if factor == 1:
+        return x
+    lead = x.shape[:-3]
+    y = F.avg_pool3d(x.reshape(-1, 1, *x.shape[-3:]).float(), factor)
+    return y.reshape(*lead, *y.shape[-3:])
+
+
+def frame_affine(factor):
+    """Voxel -> world affine of a volume on the frame grid pooled by `factor`: world = 1 mm frame
+    coordinates (voxel centres of the pooled grid at f*v + (f-1)/2). Opens in Slicer/ITK-SNAP."""
+    a = np.diag([float(factor)] * 3 + [1.0])
+    a[:3, 3] = (factor - 1) / 2
+    return a
+
+
+def pad_to_multiple(x, m):
+    """Zero-pad the last three dims of x up to multiples of m (networks with stride m need it).
+    Returns the padded tensor and the original spatial size to crop back to."""
+    size = x.shape[-3:]
+    pads = []
+    for s in reversed(size):
+        pads += [0, (-s) % m]
+    return F.pad(x, pads), tuple(size)
+
+
+def crop_to(x, size):
+    return x[..., : size[0], : size[1], : size[2]]
+
+
+# ---------------------------------------------------------------------------- data
+def load_volume(path):
+    """Read one NIfTI as float32 numpy, checking the problems that silently ruin a run."""
+    try:
+        img = nib.load(path)
+        a = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as e:  # nibabel raises many kinds for a broken file
+        raise DataError(f"{path}: cannot be read as NIfTI ({type(e).__name__})")
+    a = np.squeeze(a, axis=tuple(range(3, a.ndim))) if a.ndim > 3 and all(s == 1 for s in a.shape[3:]) else a
+    if a.ndim != 3:
+        raise DataError(f"{path}: expected a 3D volume, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise DataError(f"{path}: contains NaN or inf voxels")
+    if not (a > 0).any():
+        raise DataError(f"{path}: the vessel mask is all zero")
+    return a
+
+
+def framed_volume(path, factor):
+    """A vessel volume at frame/`factor` resolution, values in [0, 1] (float32 tensor).
+    Original-size scans are binarised (> 0) and framed first; volumes that already have the
+    pooled-frame shape (synthetic pairs, phantoms) are taken as soft maps in [0, 1]."""
+    a = load_volume(path)
+    if a.min() < 0:
+        raise DataError(f"{path}: negative voxel values (expected a mask or probabilities)")
+    f0 = frame_factor(a.shape)
+    if f0 is None:  # an original scan: binarise, frame, then pool
+        v, f0 = to_frame(torch.from_numpy((a > 0).astype(np.float32))), 1
+    else:  # already framed: probabilities stay soft, label maps are binarised
+        v = torch.from_numpy(a if a.max() <= 1 else (a > 0).astype(np.float32))
+    if factor % f0:
+        raise DataError(f"{path}: volume is at {f0} mm but {factor} mm is needed")
+    if not (v > 0).any():
+        raise DataError(f"{path}: the vessel mask is empty inside the 256x208x256 frame")
+    return pool(v, factor // f0)
+
+
+def find_pairs(folder):
+    """Case ids ('case_032', ...) of a folder of case_XXX_1 / case_XXX_2 .nii.gz pairs."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: data folder does not exist")
+    files = sorted(glob.glob(os.path.join(folder, "*_[12].nii.gz")))
+    if not files:
+        raise DataError(f"{folder}: no case_XXX_1.nii.gz / case_XXX_2.nii.gz pairs found")
+    ids = sorted({re.sub(r"_[12]\.nii\.gz$", "", os.path.basename(f)) for f in files})
+    for c in ids:
+        for k in (1, 2):
+            p = os.path.join(folder, f"{c}_{k}.nii.gz")
+            if not os.path.exists(p):
+                raise DataError(f"{p}: missing (its pair partner exists)")
+    return ids
+
+
+def load_pairs(folder, factor, ids=None, progress=True):
+    """All pairs of a folder as one (N, 2, H, W, D) tensor at frame/`factor`; channel 0 fixed."""
+    from tqdm import tqdm
+
+    ids = ids or find_pairs(folder)
+    vols = []
+    for c in tqdm(ids, desc=f"load {os.path.basename(folder.rstrip('/'))}", disable=not progress, leave=False):
+        vols.append(torch.stack([framed_volume(os.path.join(folder, f"{c}_{k}.nii.gz"), factor) for k in (1, 2)]))
+    return ids, torch.stack(vols)
+
+
+def read_landmarks(path):
+    """Landmark CSV (fixed_i,fixed_j,fixed_k,moving_i,moving_j,moving_k; frame voxel indices)
+    -> (fixed, moving) float arrays of shape (N, 3)."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: landmark file missing")
+    try:
+        a = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+    except ValueError as e:
+        raise DataError(f"{path}: not a landmark CSV ({e})")
+    if a.shape[1] != 6 or len(a) == 0 or not np.isfinite(a).all():
+        raise DataError(f"{path}: expected N rows of 6 finite coordinates")
+    hi = np.array(FRAME * 2) - 1
+    if (a < 0).any() or (a > hi).any():
+        raise DataError(f"{path}: landmarks outside the 256x208x256 frame")
+    return a[:, :3], a[:, 3:]
+
+
+def read_corrfield(path, original_shape):
+    """corrField keypoints (no header; fixed i,j,k then moving i,j,k in the ORIGINAL volume's voxel
+    indices) moved into the frame by the frame offsets; keypoints outside the frame are dropped."""
+    try:
+        a = np.loadtxt(path, delimiter=",", ndmin=2)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a keypoint CSV ({e})")
+    h1, _, w1, _, d1, _ = frame_pads(original_shape)
+    a = a + np.array([h1, w1, d1] * 2)
+    keep = ((a >= 0) & (a <= np.array(FRAME * 2) - 1)).all(axis=1)
+    return a[keep, :3], a[keep, 3:]
+
+
+def write_landmarks(path, fixed, moving):
+    with atomic_path(path) as tmp:
+        np.savetxt(tmp, np.hstack([fixed, moving]), delimiter=",", fmt="%.4f", comments="",
+                   header="fixed_i,fixed_j,fixed_k,moving_i,moving_j,moving_k")
+
+
+# ---------------------------------------------------------------------------- warping
+_warp = Warp(mode="bilinear", padding_mode="border")
+_warp_nearest = Warp(mode="nearest", padding_mode="zeros")
+
+
+def warp(img, ddf, nearest=False):
+    """img (B, C, H, W, D) sampled at x + ddf(x)."""
+    return (_warp_nearest if nearest else _warp)(img, ddf)
+
+
+def compose(a, b):
+    """ddf of (x -> x + a(x)) o (x -> x + b(x)), i.e. apply b first, then a."""
+    return b + warp(a, b)
+
+
+def exp_velocity(v, squarings):
+    """Scaling and squaring: stationary velocity (voxel units) -> diffeomorphic ddf."""
+    return DVF2DDF(num_steps=squarings, padding_mode="border")(v)
+
+
+def resize_ddf(ddf, size):
+    """Resample a ddf onto a grid of `size` covering the same frame (values rescaled to the new
+    voxel size); align_corners=False matches the avg-pooling convention above."""
+    if tuple(ddf.shape[-3:]) == tuple(size):
+        return ddf
+    scale = torch.tensor([s / t for s, t in zip(size, ddf.shape[-3:])], dtype=ddf.dtype, device=ddf.device)
+    out = F.interpolate(ddf, size=size, mode="trilinear", align_corners=False)
+    return out * scale.view(1, 3, 1, 1, 1)
+
+
+# ---------------------------------------------------------------------------- metrics
+def displace_points(ddf, pts):
+    """Map frame points (N, 3) through a ddf on any pooled grid of the frame: returns pts + u(pts)
+    in 1 mm frame voxels. ddf: (1, 3, h, w, d)."""
+    size = torch.tensor(ddf.shape[-3:], dtype=torch.float64)
+    scale = torch.tensor(FRAME, dtype=torch.float64) / size
+    p = torch.as_tensor(pts, dtype=torch.float64)
+    norm = (2 * p + 1) / torch.tensor(FRAME, dtype=torch.float64) - 1  # align_corners=False
+    grid = norm.flip(-1).view(1, -1, 1, 1, 3).to(ddf)
+    u = F.grid_sample(ddf, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    u = u.view(3, -1).T.double().cpu() * scale
+    return (p + u).numpy()
+
+
+def tre(ddf, fixed_pts, moving_pts):
+    """Per-landmark TRE (mm): |fixed + u(fixed) - moving|, u the fixed->moving ddf (data README).
+    ddf=None gives the initial TRE |fixed - moving|."""
+    mapped = fixed_pts if ddf is None else displace_points(ddf, fixed_pts)
+    return np.linalg.norm(mapped - moving_pts, axis=1)
+
+
+def summary(values):
+    """mean and 25/50/75 % of an array of TREs."""
+    v = np.asarray(values)
+    return {"mean": float(v.mean()), "p25": float(np.percentile(v, 25)),
+            "p50": float(np.percentile(v, 50)), "p75": float(np.percentile(v, 75))}
+
+
+def dice(a, b, thr=0.5):
+    a, b = a > thr, b > thr
+    s = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / s) if s > 0 else 1.0
+
+
+def jacobian_det(ddf):
+    """Jacobian determinant of x + ddf(x) (central differences), (B, H, W, D)."""
+    g = torch.stack(torch.gradient(ddf, dim=(2, 3, 4)), dim=2)  # (B, 3 comp, 3 deriv, H, W, D)
+    J = g + torch.eye(3, dtype=ddf.dtype, device=ddf.device).view(1, 3, 3, 1, 1, 1)
+    return torch.linalg.det(J.permute(0, 3, 4, 5, 1, 2))
+
+
+def jacobian_stats(ddf):
+    """(% voxels with det J <= 0, std of log det J) as in Learn2Reg (log of det+3, clipped)."""
+    det = jacobian_det(ddf.float())
+    logj = torch.log((det + 3).clamp(1e-9, 1e9))
+    return float((det <= 0).float().mean() * 100), float(logj.std())
+
+
+# ---------------------------------------------------------------------------- files
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary name next to `path`; rename onto `path` only if the block succeeds,
+    so a crash never leaves a half-written output."""
+    d, base = os.path.split(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    ext = "".join(re.findall(r"(\.nii\.gz|\.[A-Za-z0-9]+)$", base))
+    tmp = os.path.join(d, f".tmp-{os.getpid()}-{base[: len(base) - len(ext)]}{ext}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_output(path, overwrite=False):
+    if os.path.exists(path) and not overwrite:
+        raise DataError(f"{path}: output exists (use --overwrite or --resume)")
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def write_csv(path, header, rows):
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def write_nifti(path, vol, factor):
+    """A (H, W, D) volume on the frame grid pooled by `factor`, with its frame affine."""
+    img = nib.Nifti1Image(np.asarray(vol, dtype=np.float32), frame_affine(factor))
+    img.header.set_xyzt_units("mm")
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=os.path.splitext(path)[1][1:])
+    plt.close(fig)
+
+
+def mip_rgb(fixed, moving):
+    """Coronal maximum-intensity projection overlay: fixed blue, moving orange, overlap white-ish."""
+    f = np.asarray(fixed).max(axis=1).T[::-1]
+    m = np.asarray(moving).max(axis=1).T[::-1]
+    rgb = np.ones(f.shape + (3,))
+    rgb -= f[..., None] * np.array([0.85, 0.45, 0.0])  # blue
+    rgb -= m[..., None] * np.array([0.0, 0.4, 0.85])   # orange
+    return np.clip(rgb, 0, 1)
+
+
+def save_checkpoint(path, kind, config, state, **extra):
+    """Weights together with the kind and config that built them; written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({"kind": kind, "config": config, "state": state, **extra}, tmp)
+
+
+def load_checkpoint(path, kind, config=None):
+    """Load a checkpoint of `kind`; refuse another kind, another config, or a broken file."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        raise DataError(f"{path}: not a readable checkpoint (truncated or corrupt)")
+    if not isinstance(ck, dict) or "kind" not in ck:
+        raise DataError(f"{path}: not a checkpoint of this project")
+    if ck["kind"] != kind:
+        raise DataError(f"{path}: is a '{ck['kind']}' checkpoint, expected '{kind}'")
+    if config is not None and ck["config"] != config:
+        diff = sorted(k for k in set(config) | set(ck["config"]) if config.get(k) != ck["config"].get(k))
+        raise DataError(f"{path}: checkpoint config differs in {', '.join(diff)} (another preset?)")
+    return ck
