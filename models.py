@@ -34,12 +34,12 @@ class VQAE(nn.Module):
     def __init__(self, channels=(48, 48, 64, 64, 128, 192, 256, 384), strides=(1, 2, 1, 2, 1, 2, 1, 2),
                  num_codes=1024, beta=0.25):
         super().__init__()
-        self.kwargs = {"channels": list(channels), "strides": list(strides), "num_codes": num_codes, "beta": beta}
         self.ae = AutoEncoder(spatial_dims=3, in_channels=2, out_channels=4, channels=channels, strides=strides)
         self.stride = math.prod(strides)
         self.num_codes, self.code_dim, self.beta = num_codes, channels[-1], beta
         self.codebook = nn.Embedding(num_codes, self.code_dim)
         self.codebook.weight.data.uniform_(-1.0 / num_codes, 1.0 / num_codes)
+        self.last_z = None  # encoder outputs (N, C) of the latest training batch
 
     def token_grid(self, size):
         """Token grid of an input of spatial `size` (padded up to multiples of the stride)."""
@@ -54,8 +54,21 @@ class VQAE(nn.Module):
         ids = d.argmin(1)
         zq = self.codebook(ids).float().view_as(zf)
         loss = F.mse_loss(zf, zq.detach()) + self.beta * F.mse_loss(zq, zf.detach())
+        self.last_z = flat.detach() if self.training else None  # for restart_codes
         zq = zf + (zq - zf).detach()  # straight-through: decoder gradient flows to the encoder
         return zq.movedim(-1, 1).to(z.dtype), loss, ids.view(zf.shape[:-1])
+
+    @torch.no_grad()
+    def restart_codes(self, dead):
+        """Move the codes flagged in `dead` (bool (K,)) onto random encoder outputs of the latest
+        training batch. Not in the paper: the cpu/demo presets use it against dead codes (with few
+        iterations the codebook collapses to ~10 codes otherwise). Returns the number moved."""
+        idx = dead.nonzero().squeeze(1).to(self.codebook.weight.device)
+        z = self.last_z
+        if len(idx) and z is not None:
+            pick = torch.randint(len(z), (len(idx),), device=z.device)
+            self.codebook.weight.data[idx] = z[pick].to(self.codebook.weight.dtype)
+        return len(idx)
 
     def encode(self, x):
         """x (B, 2, H, W, D) -> (z_q (B, C, h, w, d), codebook loss (scalar), token ids (B, h, w, d))."""
@@ -91,6 +104,108 @@ class VQAE(nn.Module):
 
 
 # ======================================================================== absorbing diffusion (stage 3-4)
+class TokenTransformer(nn.Module):
+    """Absorbing-diffusion denoiser over VQ token grids (Austin et al. 2021; Bond-Taylor et al.,
+    "Unleashing Transformers", 2022): a bidirectional transformer that predicts the original code
+    at every position of a partly masked grid.
+
+    Shapes: ids (B, L) long in [0, K], K = num_codes is the mask token, L = seq_len = h*w*d
+    (row-major over the VQ-AE token grid) -> logits (B, L, K) over the real codes.
+    Paper: K = 1024, 16x13x16 grid (L = 3328), 12 post-norm layers of width 512, 16 heads, ff 1024,
+    GELU, dropout 0.1; embeddings and head N(0, 0.02), the layers PyTorch's default init.
+    Attention always runs through F.scaled_dot_product_attention: nn.MultiheadAttention calls it
+    (need_weights=False, as TransformerEncoderLayer asks) unless the layer takes its inference
+    "fast path", whose CPU kernel computes attention as bmm-softmax-bmm (slower here: 283 vs 255 ms
+    per forward at the cpu preset) - so forward() switches that path off. SDPA then picks the fused
+    flash kernel (CUDA; on CPU too, except in training, where PyTorch's CPU flash kernel has no
+    attention dropout and SDPA falls back to its math backend). tests/test_diffusion.py checks the
+    kernels with torch.profiler.
+    """
+
+    T = 256  # diffusion time steps (the seed's)
+
+    def __init__(self, num_codes=1024, seq_len=3328, dim=512, layers=12, heads=16, ff=1024, dropout=0.1):
+        super().__init__()
+        self.kwargs = dict(num_codes=num_codes, seq_len=seq_len, dim=dim, layers=layers, heads=heads, ff=ff,
+                           dropout=dropout)
+        self.num_codes = self.mask_id = num_codes
+        self.seq_len = seq_len
+        self.tok = nn.Embedding(num_codes + 1, dim)
+        self.pos = nn.Parameter(torch.empty(1, seq_len, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, ff, dropout, activation="gelu", batch_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_codes, bias=False)
+        for w in (self.tok.weight, self.pos, self.head.weight):
+            nn.init.normal_(w, 0.0, 0.02)
+
+    def forward(self, ids):
+        """ids (B, L) -> logits (B, L, K)."""
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)  # keep attention on the SDPA kernels (see above)
+        try:
+            return self.head(self.norm(self.blocks(self.tok(ids) + self.pos)))
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
+
+    @staticmethod
+    def mask_tokens(x0, t, mask_id, generator=None):
+        """Forward process q(x_t | x_0): each token is absorbed into the mask with probability t.
+        x0 (B, L), t (B,) in (0, 1] -> (x_t (B, L), masked (B, L) bool). Draws on x0's device."""
+        masked = torch.rand(x0.shape, generator=generator, device=x0.device) < t[:, None]
+        return x0.masked_fill(masked, mask_id), masked
+
+    @staticmethod
+    def weighted_elbo(logits, x0, masked, t):
+        """The seed's weighted ELBO ('reweighted_elbo' of Unleashing Transformers), per sample:
+        sum over masked tokens of CE(logits, x0), times (1 - t), / (ln 2 * L): bits per token.
+        (The seed divides by ln 2 * K * L, the shape of its permuted logits: K times smaller.)
+        logits (B, L, K), x0 (B, L), masked (B, L) bool, t (B,) -> (B,)."""
+        ce = F.cross_entropy(logits.float().transpose(1, 2), x0.long(), reduction="none")
+        return (ce * masked).sum(1) * (1 - t) / (math.log(2) * x0.shape[1])
+
+    def loss(self, x0, generator=None):
+        """Training loss of a batch x0 (B, L): t ~ U{1..T}/T per sample, mask, denoise, mean ELBO."""
+        t = torch.randint(1, self.T + 1, (len(x0),), generator=generator, device=x0.device) / self.T
+        xt, masked = self.mask_tokens(x0, t, self.mask_id, generator)
+        return self.weighted_elbo(self(xt), x0, masked, t).mean()
+
+    @torch.no_grad()
+    def sample(self, n, steps=256, temp=0.9, schedule="seed", generator=None, device=None, on_step=None):
+        """Reverse process: start fully masked; in `steps` denoiser calls unmask every token exactly
+        once, drawing it from Categorical(logits / temp) and keeping it. Returns ids (n, L) long.
+        schedule "seed": at step k (0-based) each still-masked token is unmasked with probability
+          1 / (steps - k) (the seed's sampler with steps = 256: a uniformly random order);
+        "linear" / "cosine": a random order too, but exactly L*(1 - s) resp. L*cos(pi/2 s) tokens
+          stay masked after a fraction s of the steps (cosine: few tokens first, many at the end,
+          as MaskGIT). `generator` (on `device`) makes it reproducible; on_step(k, ids) observes."""
+        device = device or self.pos.device
+        was_training = self.training
+        self.eval()
+        L = self.seq_len
+        x = torch.full((n, L), self.mask_id, dtype=torch.long, device=device)
+        if schedule != "seed":  # random order; position order[:, j] is unmasked j-th from the end
+            order = torch.rand((n, L), generator=generator, device=device).argsort(1)
+            frac = torch.linspace(0, 1, steps + 1)[1:]
+            left = (1 - frac) if schedule == "linear" else torch.cos(math.pi / 2 * frac)
+            left = (left * L).floor().long().tolist()
+            left[-1] = 0
+        for k in range(steps):
+            still = x == self.mask_id
+            if schedule == "seed":
+                change = still & (torch.rand((n, L), generator=generator, device=device) < 1 / (steps - k))
+            else:
+                prev = L if k == 0 else left[k - 1]
+                change = torch.zeros_like(still)
+                change.scatter_(1, order[:, left[k]:prev], True)
+            if change.any():
+                with utils.autocast(torch.device(device)):
+                    logits = self(x)[change].float() / temp
+                x[change] = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+            if on_step:
+                on_step(k, x)
+        self.train(was_training)
+        return x
 
 
 # ======================================================================== registration (stage 5)
