@@ -17,6 +17,7 @@ memoriser') instead of sampling. --benchmark: seconds per pair of both modes sid
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -57,7 +58,8 @@ def load_models(diffusion, vqae_path=None, preset=None, device=None):
         raise utils.DataError(f"{vqae_path}: VQ-AE token grid {'x'.join(map(str, grid))} with {vqae.num_codes} "
                               f"codes does not match the diffusion model's {'x'.join(map(str, cfg['grid_shape']))} "
                               f"with {cfg['num_codes']}")
-    if ck.get("vqae_fingerprint") not in (None, codebook_fingerprint(vqae)):
+    fp = ck.get("vqae_fingerprint")
+    if fp is not None and not math.isclose(fp, codebook_fingerprint(vqae), rel_tol=1e-6):
         raise utils.DataError(f"{vqae_path}: not the VQ-AE whose tokens trained {diffusion} (codebook differs)")
     return model, ck, vqae, vcfg, vqae_path
 

@@ -53,7 +53,10 @@ def load_tokens(path, preset):
     if not isinstance(d, dict) or not {"tokens", "grid_shape"} <= set(d):
         raise utils.DataError(f"{path}: not a token file (no 'tokens' / 'grid_shape')")
     tokens, grid = d["tokens"].long().reshape(len(d["tokens"]), -1), tuple(int(g) for g in d["grid_shape"])
-    codes = int(d.get("num_codes") or d["config"]["model"]["num_codes"])
+    codes = d.get("num_codes") or (d.get("config") or {}).get("model", {}).get("num_codes")
+    if not codes:
+        raise utils.DataError(f"{path}: codebook size unknown (no 'num_codes')")
+    codes = int(codes)
     want = PRESETS[preset]
     if grid != tuple(want["grid"]) or tokens.shape[1] != np.prod(grid):
         raise utils.DataError(f"{path}: token grid {'x'.join(map(str, grid))} does not match the '{preset}' "
@@ -88,7 +91,7 @@ def load_diffusion(path, device=None):
 
 def codebook_fingerprint(vqae):
     """A number that identifies a VQ-AE's codebook (tokens only mean something with their decoder)."""
-    return round(float(vqae.codebook.weight.detach().double().abs().sum()), 6)
+    return float(vqae.codebook.weight.detach().cpu().double().abs().sum())
 
 
 @torch.no_grad()

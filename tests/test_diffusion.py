@@ -110,6 +110,8 @@ def ckpts(tmp_path_factory):
     torch.manual_seed(0)
     vq = VQAE(**TINY_VQAE)
     utils.save_checkpoint(str(d / "vqae.pth"), "vqae", {"preset": "demo", "factor": 4, "model": TINY_VQAE}, vq.state_dict())
+    utils.save_checkpoint(str(d / "vqae_b.pth"), "vqae", {"preset": "demo", "factor": 4, "model": TINY_VQAE},
+                          VQAE(**TINY_VQAE).state_dict())  # same shapes, other weights
     other = dict(TINY_VQAE, num_codes=32)
     utils.save_checkpoint(str(d / "vqae32.pth"), "vqae", {"preset": "demo", "factor": 4, "model": other},
                           VQAE(**other).state_dict())
@@ -142,6 +144,8 @@ def test_train_then_synthesise(ckpts, run, tmp_path):
     p = run("synthesise.py", 2, "--diffusion", out, "--out", tmp_path / "s", "--steps", 4)
     assert p.returncode == 0, p.stderr
     assert utils.find_pairs(str(tmp_path / "s")) == ["case_0000", "case_0001"]
+    with pytest.raises(utils.DataError, match="not the VQ-AE whose tokens trained"):  # same grid, other codebook
+        synthesise.main(["1", "--diffusion", str(out), "--vqae", str(ckpts / "vqae_b.pth"), "--out", str(tmp_path / "t")])
 
 
 def test_synthesise_files_seed_and_resume(ckpts, tmp_path, capsys):
