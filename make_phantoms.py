@@ -47,7 +47,7 @@ def random_tree(rng, generations=9, root_length=20.0, shrink=(0.8, 0.92), r0=6.5
         segs.append((a, b, np.full(len(a), 1 + r0 * decay ** g)))
         np.add.at(crowd, cell(b), 1)
         # `tries` candidates per child: turned 20-50 degrees from the parent in a random plane (the two
-        # children to opposite sides), a little away from the hilum; the first in the emptiest cell wins
+        # children to opposite sides), a little away from the hilum; the one in the least crowded cell wins
         n, sgn = len(a), np.array([-1.0, 1.0]).reshape(1, 2, 1, 1)
         ortho = unit(np.cross(d[:, None, None], rng.normal(size=(n, 1, tries, 3))))
         ang = np.deg2rad(rng.uniform(20, 50, (n, 2, tries, 1)))

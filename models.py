@@ -117,22 +117,25 @@ class TokenTransformer(nn.Module):
     (need_weights=False, as TransformerEncoderLayer asks) unless the layer takes its inference
     "fast path", whose CPU kernel computes attention as bmm-softmax-bmm (slower here: 283 vs 255 ms
     per forward at the cpu preset) - so forward() switches that path off. SDPA then picks the fused
-    flash kernel (CUDA; on CPU too, except in training, where PyTorch's CPU flash kernel has no
-    attention dropout and SDPA falls back to its math backend). tests/test_diffusion.py checks the
-    kernels with torch.profiler.
+    flash kernel (CUDA; on CPU too, except in training with attention dropout, which PyTorch's CPU
+    flash kernel lacks: SDPA falls back to its math backend, 2x slower - hence attn_dropout=0 in
+    the cpu preset). tests/test_diffusion.py checks the kernels with torch.profiler.
     """
 
     T = 256  # diffusion time steps (the seed's)
 
-    def __init__(self, num_codes=1024, seq_len=3328, dim=512, layers=12, heads=16, ff=1024, dropout=0.1):
+    def __init__(self, num_codes=1024, seq_len=3328, dim=512, layers=12, heads=16, ff=1024, dropout=0.1,
+                 attn_dropout=None):
         super().__init__()
         self.kwargs = dict(num_codes=num_codes, seq_len=seq_len, dim=dim, layers=layers, heads=heads, ff=ff,
-                           dropout=dropout)
+                           dropout=dropout, attn_dropout=attn_dropout)
         self.num_codes = self.mask_id = num_codes
         self.seq_len = seq_len
         self.tok = nn.Embedding(num_codes + 1, dim)
         self.pos = nn.Parameter(torch.empty(1, seq_len, dim))
         layer = nn.TransformerEncoderLayer(dim, heads, ff, dropout, activation="gelu", batch_first=True)
+        if attn_dropout is not None:  # None: PyTorch's default, the residual/feed-forward dropout
+            layer.self_attn.dropout = attn_dropout
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_codes, bias=False)

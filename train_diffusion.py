@@ -29,9 +29,9 @@ PRESETS = {
                   val_repeats=4, model={}),
     # 8x7x8 tokens of the cpu VQ-AE (64x52x64 padded to 64x56x64, stride 8); sized by validation loss
     "cpu": dict(grid=(8, 7, 8), codes=None, samples=48000, lr=5e-4, warmup=200, every=250, val_repeats=16,
-                model=dict(dim=192, layers=4, heads=6, ff=384)),
+                model=dict(dim=192, layers=4, heads=6, ff=384, attn_dropout=0.0)),
     "demo": dict(grid=(8, 7, 8), codes=None, samples=1600, lr=1e-3, warmup=20, every=50, val_repeats=4,
-                 model=dict(dim=64, layers=2, heads=4, ff=128)),
+                 model=dict(dim=64, layers=2, heads=4, ff=128, attn_dropout=0.0)),
 }
 LOG_HEADER = ["iter", "loss", "val_loss", "lr", "seconds"]
 

@@ -95,6 +95,8 @@ def test_attention_runs_on_sdpa_kernels():
         return {e.key for e in p.key_averages()}
 
     assert "aten::scaled_dot_product_attention" in kernels(lambda: model.loss(x).backward())
+    no_attn_dropout = TokenTransformer(num_codes=16, seq_len=56, dim=32, layers=1, heads=2, ff=32, attn_dropout=0.0)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in kernels(lambda: no_attn_dropout.loss(x).backward())
     model.eval()
     with torch.no_grad():
         k = kernels(lambda: model(x))
