@@ -91,16 +91,26 @@ class VQAE(nn.Module):
         zq, loss, ids = self.encode(x)
         return self.decode(zq), loss, ids
 
+    CLASS_WEIGHTS = (1.0, 2.5)  # the paper's cross-entropy weights (background, vessel)
+
     @staticmethod
-    def pair_probs(logits, size=None):
+    def pair_probs(logits, size=None, calibrate=True):
         """Logits (B, 4, ...) -> vessel probabilities (fixed, moving), each (B, H, W, D), cropped to
-        `size` (e.g. utils.grid_shape(factor), undoing utils.pad_to_multiple) when given."""
+        `size` (e.g. utils.grid_shape(factor), undoing utils.pad_to_multiple) when given.
+
+        The class-weighted CE is minimised by the softmax s = w1 q / (w1 q + w0 (1 - q)) where q is
+        the true vessel probability (or soft occupancy target), so the raw softmax over-states
+        vessels (s > 0.5 already at q = 0.29). calibrate=True inverts that map,
+        q = w0 s / (w1 - (w1 - w0) s): outputs are then occupancies on the scale of the real data,
+        and q > 0.5 is the matching threshold (the seed thresholds the raw softmax)."""
         if size is not None:
             logits = utils.crop_to(logits, size)
         logits = logits.float()
-        return logits[:, :2].softmax(1)[:, 1], logits[:, 2:].softmax(1)[:, 1]
-
-
+        s = logits[:, :2].softmax(1)[:, 1], logits[:, 2:].softmax(1)[:, 1]
+        if not calibrate:
+            return s
+        w0, w1 = VQAE.CLASS_WEIGHTS
+        return tuple(w0 * p / (w1 - (w1 - w0) * p) for p in s)
 
 
 # ======================================================================== absorbing diffusion (stage 3-4)

@@ -11,6 +11,7 @@ matches all registration stages). --preset demo without --data makes phantom pai
 """
 import argparse
 import glob
+import inspect
 import json
 import os
 import shutil
@@ -44,10 +45,15 @@ class Stages:
         self.path = os.path.join(out, "stages.json")
         self.done = json.load(open(self.path)) if os.path.exists(self.path) else {}
 
-    def __call__(self, name, outputs, fn, argv):
+    def __call__(self, name, outputs, fn, argv, preset=None, inputs=()):
+        # the record: command line, the stage's preset table (editing a preset re-runs the stage) and
+        # the modification times of the files it reads (a re-made checkpoint re-runs what uses it)
+        table = getattr(inspect.getmodule(fn), "PRESETS", {}).get(preset)
         argv = [str(a) for a in argv]
+        record = {"argv": argv, "preset": json.loads(json.dumps(table, default=str)),
+                  "inputs": {i: os.path.getmtime(i) for i in inputs}}
         forced = any(name.startswith(f) for f in self.force)
-        if not forced and self.done.get(name) == argv and all(os.path.exists(o) for o in outputs):
+        if not forced and self.done.get(name) == record and all(os.path.exists(o) for o in outputs):
             print(f"[pipeline] {name}: done, skipped")
             return
         for o in outputs:  # stale or forced: start clean
@@ -56,7 +62,7 @@ class Stages:
         t = time.time()
         fn(argv)
         self.times[name] = time.time() - t
-        self.done[name] = argv
+        self.done[name] = record
         utils.write_json(self.path, self.done)
 
 
@@ -138,26 +144,27 @@ def main(argv=None):
     lms = a.landmarks or os.path.join(a.val, "landmarks")
     f = lambda name: os.path.join(out, name)  # noqa: E731
     run("vqae", [f("vqae.pth")], train_vqae.main,
-        [p["vqae_batch"], "--preset", P, "--data", a.data, "--val", a.val, "--out", f("vqae.pth")])
+        [p["vqae_batch"], "--preset", P, "--data", a.data, "--val", a.val, "--out", f("vqae.pth")], P)
     run("tokens", [f("tokens.pth")], infer_vqae.main,
-        [f("vqae.pth"), "--data", a.data, "--out", f("tokens.pth"), "--augment", p["augment"]])
+        [f("vqae.pth"), "--data", a.data, "--out", f("tokens.pth"), "--augment", p["augment"]], P, [f("vqae.pth")])
     run("diffusion", [f("diffusion.pth")], train_diffusion.main,
-        [p["diff_batch"], f("tokens.pth"), "--vqae", f("vqae.pth"), "--preset", P, "--out", f("diffusion.pth")])
+        [p["diff_batch"], f("tokens.pth"), "--vqae", f("vqae.pth"), "--preset", P, "--out", f("diffusion.pth")], P, [f("tokens.pth")])
     n = a.num_synth or p["num_synth"]
     run("synth", [f("synth")], synthesise.main,
-        [n, "--preset", P, "--diffusion", f("diffusion.pth"), "--vqae", f("vqae.pth"), "--out", f("synth")])
+        [n, "--preset", P, "--diffusion", f("diffusion.pth"), "--vqae", f("vqae.pth"), "--out", f("synth")], P, [f("diffusion.pth"), f("vqae.pth")])
     folders = {"real": a.data, "synth": f("synth"), "mix": mix_folder(a.data, f("synth"), f("mix"))}
+    reads = {"real": [a.data], "synth": [f("synth")], "mix": [a.data, f("synth")]}  # mix/ only holds links
     iters = ["--iters", a.reg_iters] if a.reg_iters else []
     ev = ["--data", a.val, "--landmarks", lms, "--overwrite"]
     run("eval_none", [f("eval_none.json")], evaluate_registration.main,
-        [p["tta"], "none", "--preset", P, "--out", f("eval_none"), *ev])
+        [p["tta"], "none", "--preset", P, "--out", f("eval_none"), *ev], P)
     for r, folder in folders.items():
         for s in range(a.seeds):
             ck = f(f"reg_{r}_s{s}.pth")
             run(f"reg_{r}_s{s}", [ck], train_registration.main,
-                [p["reg_batch"], folder, "--preset", P, "--seed", s, "--out", ck, *iters])
+                [p["reg_batch"], folder, "--preset", P, "--seed", s, "--out", ck, *iters], P, reads[r])
             run(f"eval_{r}_s{s}", [f(f"eval_{r}_s{s}.json")], evaluate_registration.main,
-                [p["tta"], ck, "--out", f(f"eval_{r}_s{s}"), *ev])
+                [p["tta"], ck, "--out", f(f"eval_{r}_s{s}"), *ev], P, [ck])
     run.times["total"] = time.time() - t0
     report(out, a.seeds, run.times, P)
 

@@ -30,12 +30,12 @@ PRESETS = {
     # strides by 2: a full-resolution stage costs ~5x the time on 2 CPU cores for little Dice.
     # restart: every N iterations, codes unused since the last restart are moved onto encoder outputs
     # (not in the paper; without it the codebook collapses to ~12 codes within 200 iterations here).
-    "cpu": dict(factor=4, patch=None, samples=6000, lr=5e-4, ckpt_every=250, val_every=250, restart=50,
+    "cpu": dict(factor=4, patch=None, samples=24000, lr=5e-4, ckpt_every=250, val_every=250, restart=50,
                 model=dict(channels=(32, 64, 128, 128, 128), strides=(2, 2, 2, 1, 1), num_codes=512)),
     "demo": dict(factor=4, patch=None, samples=600, lr=2e-3, ckpt_every=100, val_every=50, restart=25,
                  model=dict(channels=(16, 32, 32, 32), strides=(2, 2, 2, 1), num_codes=128)),
 }
-CLASS_WEIGHTS, AUG_STD, CB_WEIGHT = (1.0, 2.5), 0.05, 0.1
+AUG_STD, CB_WEIGHT = 0.05, 0.1
 LOG_HEADER = ["iter", "loss", "codebook_loss", "dice_fixed", "dice_moving", "codes_used", "perplexity", "lr",
               "codes_restarted", "val_dice_fixed", "val_dice_moving", "val_codes_used", "seconds"]
 
@@ -92,11 +92,11 @@ def sample_batch(data, batch, patch, generator):
 def recon_loss(logits, x):
     """0.5 CE(fixed) + 0.5 CE(moving), class weights (1, 2.5). Soft (pooled) targets t are used as
     class probabilities, so the decoder learns the occupancy the registration net reads. With the
-    weights its optimum is 2.5t / (1 + 1.5t), not t (at convergence p > 0.5 where t > 0.29: Dice
-    ceiling 0.77 against t > 0.5 on the val pairs), but unweighted CE stays blurry far longer
-    (measured: train Dice 0.06 vs 0.25 after 300 iterations), so the paper's weights are kept."""
+    weights its optimum is 2.5t / (1 + 1.5t), not t, which VQAE.pair_probs inverts; unweighted CE
+    stays blurry far longer (measured: train Dice 0.06 vs 0.25 after 300 iterations), so the
+    paper's weights are kept."""
     soft = bool(((x > 0) & (x < 1)).any())
-    w = torch.tensor(CLASS_WEIGHTS, device=logits.device)
+    w = torch.tensor(VQAE.CLASS_WEIGHTS, device=logits.device)
     loss = 0
     for c in (0, 1):
         lg, t = logits[:, 2 * c:2 * c + 2].float(), x[:, c]
