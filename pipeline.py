@@ -147,8 +147,12 @@ def main(argv=None):
         [p["vqae_batch"], "--preset", P, "--data", a.data, "--val", a.val, "--out", f("vqae.pth")], P)
     run("tokens", [f("tokens.pth")], infer_vqae.main,
         [f("vqae.pth"), "--data", a.data, "--out", f("tokens.pth"), "--augment", p["augment"]], P, [f("vqae.pth")])
+    # validation pairs' tokens: held-out reconstruction Dice and the diffusion model's validation loss
+    run("tokens_val", [f("tokens_val.pth")], infer_vqae.main,
+        [f("vqae.pth"), "--data", a.val, "--out", f("tokens_val.pth")], P, [f("vqae.pth")])
     run("diffusion", [f("diffusion.pth")], train_diffusion.main,
-        [p["diff_batch"], f("tokens.pth"), "--vqae", f("vqae.pth"), "--preset", P, "--out", f("diffusion.pth")], P, [f("tokens.pth")])
+        [p["diff_batch"], f("tokens.pth"), "--val", f("tokens_val.pth"), "--vqae", f("vqae.pth"), "--preset", P,
+         "--out", f("diffusion.pth")], P, [f("tokens.pth"), f("tokens_val.pth")])
     n = a.num_synth or p["num_synth"]
     run("synth", [f("synth")], synthesise.main,
         [n, "--preset", P, "--diffusion", f("diffusion.pth"), "--vqae", f("vqae.pth"), "--out", f("synth")], P, [f("diffusion.pth"), f("vqae.pth")])

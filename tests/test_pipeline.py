@@ -37,7 +37,7 @@ def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys):
     argv = ["--preset", "demo", "--out", out, "--seeds", "1", "--num-synth", "4"]
     pipeline.main(argv)
     first = stages_run(capsys.readouterr().out)
-    assert first[:5] == ["phantoms_train", "phantoms_val", "vqae", "tokens", "diffusion"]
+    assert first[:6] == ["phantoms_train", "phantoms_val", "vqae", "tokens", "tokens_val", "diffusion"]
     for name in ("results.md", "eval_none.csv", "eval_real_s0.json", "eval_synth_s0.json", "eval_mix_s0.json",
                  "synth/manifest.json"):
         assert os.path.exists(os.path.join(out, name)), name
