@@ -41,9 +41,11 @@ class Stages:
     """Runs a stage unless its outputs exist with the same command line (kept in stages.json)."""
 
     def __init__(self, out, force):
-        self.out, self.force, self.times = out, force, {}
-        self.path = os.path.join(out, "stages.json")
+        self.out, self.force = out, force
+        self.path, self.times_path = os.path.join(out, "stages.json"), os.path.join(out, "times.json")
         self.done = json.load(open(self.path)) if os.path.exists(self.path) else {}
+        # seconds per stage, kept across resumed runs (the table reports every stage's share)
+        self.times = json.load(open(self.times_path)) if os.path.exists(self.times_path) else {}
 
     def __call__(self, name, outputs, fn, argv, preset=None, inputs=()):
         # the record: command line, the stage's preset table (editing a preset re-runs the stage) and
@@ -64,6 +66,7 @@ class Stages:
         self.times[name] = time.time() - t
         self.done[name] = record
         utils.write_json(self.path, self.done)
+        utils.write_json(self.times_path, self.times)
 
 
 def mix_folder(real, synth, out):
@@ -83,10 +86,34 @@ def sign_flip_p(d, rounds=20000, seed=0):
     return float((np.abs((flips * d).mean(1)) >= abs(d.mean()) - 1e-12).mean())
 
 
-def report(out, seeds, times, preset):
-    """results.md: the paper-style table (mean +- sd over seeds) and a per-case comparison."""
+def figures(out, evals, real, synth, factor, n=4):
+    """results_tre.png: per-landmark TRE box plots per row (net, tta; seeds pooled);
+    results_pairs.png: MIPs of real training pairs next to synthetic ones (fixed blue, moving orange)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    for i, k in enumerate(("net", "tta")):
+        data = [np.concatenate([np.genfromtxt(f[:-5] + ".csv", delimiter=",", names=True, dtype=None,
+                                              encoding=None)[k] for f in files]) for files in evals.values()]
+        ax[i].boxplot(data, showfliers=False)
+        ax[i].set_xticks(range(1, len(data) + 1), [r.replace(" / ", "/\n").replace(" + ", " +\n") for r in evals],
+                         fontsize=7)
+        ax[i].set_title(f"TRE after the {'net alone' if k == 'net' else 'net + TTA'} (mm)")
+    utils.save_figure(fig, os.path.join(out, "results_tre.png"))
+    fig, ax = plt.subplots(2, n, figsize=(3 * n, 6.2))
+    for row, folder in enumerate((real, synth)):
+        for j, c in enumerate(utils.find_pairs(folder)[:n]):
+            pair = [utils.framed_volume(os.path.join(folder, f"{c}_{k}.nii.gz"), factor).numpy() for k in (1, 2)]
+            ax[row, j].imshow(utils.mip_rgb(*pair)), ax[row, j].axis("off")
+            ax[row, j].set_title(f"{'real' if row == 0 else 'synthetic'} {c}", fontsize=8)
+    utils.save_figure(fig, os.path.join(out, "results_pairs.png"))
+
+
+def report(out, seeds, times, preset, real=None, synth=None):
+    """results.md: the paper-style table (mean +- sd over seeds), a per-case comparison, figures."""
     evals = {"initial / TTA only": [os.path.join(out, "eval_none.json")]}
     evals.update({ROWS[r]: [os.path.join(out, f"eval_{r}_s{s}.json") for s in range(seeds)] for r in ROWS})
+    evals = {k: [f for f in v if os.path.exists(f)] for k, v in evals.items()}  # a partial run: rows so far
     cols = [f"tre_{k}_{q}" for k in ("net", "tta") for q in ("mean", "p25", "p50", "p75")] + ["dice_tta", "folding_pct"]
     lines = [f"# Results ({preset} preset)", "", "TRE in mm (mean over landmarks; mean ± sd over seeds); "
              "`net` = registration net alone, `tta` = after test-time adaptation.", "",
@@ -94,24 +121,36 @@ def report(out, seeds, times, preset):
     first = json.load(open(evals["initial / TTA only"][0]))
     lines.append("| initial | " + f"{first['tre_initial_mean']:.2f} (Dice {first['dice_initial']:.3f})" + " |" * len(cols))
     for name, files in evals.items():
+        if not files:
+            lines.append(f"| {name} | not run yet |" + " |" * (len(cols) - 1))
+            continue
         js = [json.load(open(f)) for f in files]
         cells = [f"{np.mean([j[c] for j in js]):.2f} ± {np.std([j[c] for j in js]):.2f}" if len(js) > 1
                  else f"{js[0][c]:.2f}" for c in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        partial = f" ({len(js)} of {seeds} seeds)" if name in ROWS.values() and len(js) < seeds else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + partial + " |")
     per_case = {}
     for r in ("real", "synth"):
-        rows = [np.genfromtxt(os.path.join(out, f"eval_{r}_s{s}.csv"), delimiter=",", names=True, dtype=None,
-                              encoding=None) for s in range(seeds)]
+        csvs = [os.path.join(out, f"eval_{r}_s{s}.csv") for s in range(seeds)]
+        rows = [np.genfromtxt(c, delimiter=",", names=True, dtype=None, encoding=None) for c in csvs
+                if os.path.exists(c)]
+        if not rows:
+            break
         cases = sorted(set(rows[0]["case"]))
         per_case[r] = {k: np.array([np.mean([x[k][x["case"] == c].mean() for x in rows]) for c in cases])
                        for k in ("net", "tta")}
-    lines += ["", f"Per case, synthetic vs real ({len(cases)} cases, TRE averaged over seeds):", ""]
-    for k in ("net", "tta"):
+    for k in ("net", "tta") if len(per_case) == 2 else ():
+        if k == "net":
+            lines += ["", f"Per case, synthetic vs real ({len(cases)} cases, TRE averaged over seeds):", ""]
         d = per_case["synth"][k] - per_case["real"][k]
         lines.append(f"- {k}: synthetic better in {(d < 0).sum()}/{len(d)} cases, mean difference {d.mean():+.2f} mm, "
                      f"paired sign-flip permutation p = {sign_flip_p(d):.3f}")
-    lines += ["", "Wall time per stage (this run; skipped stages not counted):", ""]
-    lines += [f"- {k}: {v / 60:.1f} min" for k, v in times.items()]
+    total = sum(times.values())
+    lines += ["", f"Wall time per stage (summed over resumed runs): total {total / 60:.1f} min", ""]
+    lines += [f"- {k}: {v / 60:.1f} min ({100 * v / max(total, 1e-9):.0f} %)" for k, v in times.items()]
+    if real and synth:
+        figures(out, {k: v for k, v in evals.items() if v}, real, synth, train_registration.PRESETS[preset]["factor"])
+    lines += ["", "Figures: `results_tre.png` (TRE box plots per row), `results_pairs.png` (real vs synthetic pairs).", ""]
     md = "\n".join(lines) + "\n"
     with utils.atomic_path(os.path.join(out, "results.md")) as tmp:
         open(tmp, "w").write(md)
@@ -132,7 +171,6 @@ def main(argv=None):
     out = a.out or os.path.join("results", P)
     os.makedirs(out, exist_ok=True)
     run = Stages(out, a.force)
-    t0 = time.time()
     if a.data is None:
         if P != "demo":
             raise utils.DataError("--data is required for the cpu and paper presets")
@@ -169,8 +207,7 @@ def main(argv=None):
                 [p["reg_batch"], folder, "--preset", P, "--seed", s, "--out", ck, *iters], P, reads[r])
             run(f"eval_{r}_s{s}", [f(f"eval_{r}_s{s}.json")], evaluate_registration.main,
                 [p["tta"], ck, "--out", f(f"eval_{r}_s{s}"), *ev], P, [ck])
-    run.times["total"] = time.time() - t0
-    report(out, a.seeds, run.times, P)
+    report(out, a.seeds, run.times, P, a.data, f("synth"))
 
 
 if __name__ == "__main__":
