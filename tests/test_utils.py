@@ -78,6 +78,16 @@ def test_warp_compose_and_resize():
     assert torch.allclose(big[:, 0], torch.tensor(4.0))  # same physical shift in finer voxels
 
 
+def test_warp_and_exp_match_monai():
+    """utils.warp / exp_velocity are grid_sample written out for speed; they must equal MONAI's."""
+    from monai.networks.blocks import DVF2DDF, Warp
+    g = torch.Generator().manual_seed(0)
+    img, ddf = torch.rand(2, 2, 9, 7, 11, generator=g), torch.randn(2, 3, 9, 7, 11, generator=g) * 3
+    assert torch.allclose(utils.warp(img, ddf), Warp("bilinear", "border")(img, ddf), atol=1e-5)
+    assert torch.equal(utils.warp(img, ddf.round(), nearest=True), Warp("nearest", "zeros")(img, ddf.round()))
+    assert torch.allclose(utils.exp_velocity(ddf, 7), DVF2DDF(7, padding_mode="border")(ddf), atol=1e-4)
+
+
 def test_checkpoints_refuse_other_kind_config_and_truncation(tmp_path):
     p = str(tmp_path / "a.pth")
     utils.save_checkpoint(p, "regnet", {"preset": "cpu", "factor": 4}, {"w": torch.ones(3)})
