@@ -28,7 +28,7 @@ PRESETS = {
     "paper": dict(grid=PAPER_GRID, codes=PAPER_CODES, samples=15000 * 8, lr=1e-4, warmup=500, every=1000,
                   val_repeats=4, model={}),
     # 8x7x8 tokens of the cpu VQ-AE (64x52x64 padded to 64x56x64, stride 8); 750 iterations of batch 32
-    # (~1 s each on 2 cores: the 2-hour budget of the whole cpu experiment; ~110 passes over 210 grids)
+    # (~1.5 s each on 2 cores, 18 min: within the 2-hour budget of the whole cpu experiment; ~110 passes over 210 grids)
     "cpu": dict(grid=(8, 7, 8), codes=None, samples=24000, lr=5e-4, warmup=200, every=250, val_repeats=16,
                 model=dict(dim=192, layers=4, heads=6, ff=384, attn_dropout=0.0)),
     "demo": dict(grid=(8, 7, 8), codes=None, samples=1600, lr=1e-3, warmup=20, every=50, val_repeats=4,

@@ -28,7 +28,7 @@ PRESETS = {
     "paper": dict(factor=1, patch=128, samples=SAMPLES, lr=5e-4, ckpt_every=3500, val_every=3500, model={}),
     # quarter res 64x52x64 padded to 64x56x64; stride 8 -> 8x7x8 = 448 tokens. The first layer already
     # strides by 2: a full-resolution stage costs ~5x the time on 2 CPU cores for little Dice.
-    # samples 24000 = 12000 iterations of batch 2 at ~7 it/s: ~28 min on 2 idle cores (the issue's budget);
+    # samples 24000 = 12000 iterations of batch 2 at ~10 it/s: ~19 min on 2 idle cores (issue budget 30 min);
     # validation Dice was still rising at 3000 iterations (0.03) and flattens near 0.16 by 12000.
     # restart: every N iterations, codes unused since the last restart are moved onto encoder outputs
     # (not in the paper; without it the codebook collapses to ~12 codes within 200 iterations here).
