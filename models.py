@@ -230,19 +230,20 @@ class RegistrationNet(nn.Module):
 
     exp_at="input" is the seed: the smoothed velocity is upsampled to the input grid and squared
     there (12 squarings on ~1.7 M voxels at half resolution). exp_at="velocity" integrates and
-    composes on the smooth velocity's own coarse grid and upsamples only the final fields: the
-    velocity is a heavily averaged field, so the result is nearly the same at a fraction of the cost.
+    composes on the smooth velocity's own coarse grid (coarsened further by `exp_coarsen`) and
+    upsamples only the final fields: the velocity is a heavily averaged field, so the result is
+    nearly the same at a fraction of the cost (measured in benchmark_registration.py).
     """
 
     def __init__(self, channels=(8, 16, 32, 64, 64, 64), strides=(2, 2, 1, 2, 1), max_velocity=0.35,
-                 pool_strides=(2, 2, 1, 1), pool_kernel=7, squarings=12, exp_at="input"):
+                 pool_strides=(2, 2, 1, 1), pool_kernel=7, squarings=12, exp_at="input", exp_coarsen=1):
         super().__init__()
         assert exp_at in ("input", "velocity")
         self.unets = nn.ModuleList(UNet(spatial_dims=3, in_channels=2, out_channels=3, channels=channels,
                                         strides=strides) for _ in range(2))
         self.multiple = math.prod(strides)
         self.max_velocity, self.pool_strides, self.pool_kernel = max_velocity, pool_strides, pool_kernel
-        self.squarings, self.exp_at = squarings, exp_at
+        self.squarings, self.exp_at, self.exp_coarsen = squarings, exp_at, exp_coarsen
 
     def velocity(self, step, a, b):
         """Antisymmetric smooth velocity of step 0/1: v(a, b) = -v(b, a), in normalised units
@@ -262,6 +263,9 @@ class RegistrationNet(nn.Module):
         """Normalised velocity -> ddf (voxel units) on the grid chosen by exp_at."""
         if self.exp_at == "input":
             v = F.interpolate(v, size=size, mode="trilinear", align_corners=False)
+        elif self.exp_coarsen > 1:  # factor 2 on even sizes = the mean of 2x2x2 neighbours
+            v = F.interpolate(v, size=[math.ceil(n / self.exp_coarsen) for n in v.shape[2:]],
+                              mode="trilinear", align_corners=False)
         scale = torch.tensor(v.shape[2:], dtype=v.dtype, device=v.device).view(1, 3, 1, 1, 1) / 2
         return utils.exp_velocity(v * scale, self.squarings)
 

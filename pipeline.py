@@ -52,8 +52,10 @@ class Stages:
         # the modification times of the files it reads (a re-made checkpoint re-runs what uses it)
         table = getattr(inspect.getmodule(fn), "PRESETS", {}).get(preset)
         argv = [str(a) for a in argv]
-        record = {"argv": argv, "preset": json.loads(json.dumps(table, default=str)),
-                  "inputs": {i: os.path.getmtime(i) for i in inputs}}
+        # paths as absolute paths, so `../data` and `/abs/data` for the same folder are the same run
+        record = {"argv": [os.path.abspath(a) if os.sep in a else a for a in argv],
+                  "preset": json.loads(json.dumps(table, default=str)),
+                  "inputs": {os.path.abspath(i): os.path.getmtime(i) for i in inputs}}
         forced = any(name.startswith(f) for f in self.force)
         if not forced and self.done.get(name) == record and all(os.path.exists(o) for o in outputs):
             print(f"[pipeline] {name}: done, skipped")

@@ -32,7 +32,7 @@ def stages_run(out):
     return re.findall(r"\[pipeline\] (\w+): (?!done)", out)
 
 
-def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys):
+def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "res")
     argv = ["--preset", "demo", "--out", out, "--seeds", "1", "--num-synth", "4"]
     pipeline.main(argv)
@@ -48,6 +48,11 @@ def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys):
 
     # nothing changed: every stage is skipped
     pipeline.main(argv)
+    assert stages_run(capsys.readouterr().out) == []
+
+    # the same folder spelled as a relative path is the same run (nothing deleted, nothing re-run)
+    monkeypatch.chdir(tmp_path)
+    pipeline.main(["--preset", "demo", "--out", "res", "--seeds", "1", "--num-synth", "4"])
     assert stages_run(capsys.readouterr().out) == []
 
     # a deleted output re-runs its stage and the stage that reads it (checkpoint time changed), nothing else
