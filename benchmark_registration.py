@@ -39,12 +39,15 @@ def main(argv=None):
     ids, pairs = utils.load_pairs(a.data, cfg["factor"])
     utils.seed_all(0)
     fast = build_net(cfg)
-    seed, mid = build_net({**cfg, "exp_at": "input"}), build_net({**cfg, "exp_coarsen": 1})
+    seed = build_net({**cfg, "exp_at": "input", "exp_coarsen": 1})
+    mid = build_net({**cfg, "exp_at": "velocity", "exp_coarsen": 1})
     seed.load_state_dict(fast.state_dict())
     mid.load_state_dict(fast.state_dict())
     nets = {f"{a.preset} preset": fast, "exp on the velocity grid": mid, "seed-style (exp at input grid)": seed}
     x = pairs[torch.arange(a.batch) % len(ids)]
-    print(f"input {tuple(x.shape)}, velocity grid {tuple(fast.velocity(0, x[:, :1], x[:, 1:]).shape[2:])}")
+    grid = fast.velocity(0, x[:, :1], x[:, 1:]).shape[2:]
+    print(f"input {tuple(x.shape)}, velocity grid {tuple(grid)}, {a.preset} preset integrates on "
+          f"{tuple(-(-n // fast.exp_coarsen) for n in grid)}")
 
     times = {k: [] for k in nets}
     for step in range(a.steps + 1):  # interleaved, so machine noise hits both alike; step 0 = warm-up

@@ -238,7 +238,7 @@ class RegistrationNet(nn.Module):
     def __init__(self, channels=(8, 16, 32, 64, 64, 64), strides=(2, 2, 1, 2, 1), max_velocity=0.35,
                  pool_strides=(2, 2, 1, 1), pool_kernel=7, squarings=12, exp_at="input", exp_coarsen=1):
         super().__init__()
-        assert exp_at in ("input", "velocity")
+        assert exp_at in ("input", "velocity") and (exp_at == "velocity" or exp_coarsen == 1)
         self.unets = nn.ModuleList(UNet(spatial_dims=3, in_channels=2, out_channels=3, channels=channels,
                                         strides=strides) for _ in range(2))
         self.multiple = math.prod(strides)
