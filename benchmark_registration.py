@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import utils
-from train_registration import PRESETS, build_net, config_of, optimise, registration_loss
+from train_registration import PRESETS, build_net, config_of, optimise, train_step
 
 
 def main(argv=None):
@@ -50,11 +50,13 @@ def main(argv=None):
           f"{tuple(-(-n // fast.exp_coarsen) for n in grid)}")
 
     times = {k: [] for k in nets}
+    cpu = torch.device("cpu")
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    opts = {k: [torch.optim.Adam(u.parameters(), lr=0.0) for u in net.unets] for k, net in nets.items()}  # weights stay
     for step in range(a.steps + 1):  # interleaved, so machine noise hits both alike; step 0 = warm-up
         for k, net in nets.items():
             t = time.perf_counter()
-            loss, _ = registration_loss(net, x[:, :1], x[:, 1:], PRESETS[a.preset]["reg"])
-            loss.backward()
+            train_step(net, opts[k], scaler, x[:, :1], x[:, 1:], PRESETS[a.preset]["reg"], cpu)
             if step:
                 times[k].append(time.perf_counter() - t)
     for k, v in times.items():
@@ -68,13 +70,13 @@ def main(argv=None):
     for k, net in nets.items():
         tta = copy.deepcopy(net)
         t = time.perf_counter()
-        optimise(tta, lambda i: (fixed, moving), a.tta, PRESETS[a.preset]["tta_lr"], PRESETS[a.preset]["reg"],
-                 torch.device("cpu"), desc=k[:10])
+        _, (v1, v2) = optimise(tta, lambda i: (fixed, moving), a.tta, PRESETS[a.preset]["tta_lr"],
+                               PRESETS[a.preset]["reg"], cpu, desc=k[:10])
         with torch.no_grad():
-            fields[k] = tta(fixed, moving)[0]
+            fields[k] = tta.fields(v1, v2, fixed.shape[2:])
         print(f"{k:36s} TTA {a.tta} it on {case}: TRE {utils.tre(fields[k], *lms).mean():.2f} mm "
               f"(initial {utils.tre(None, *lms).mean():.2f}), {time.perf_counter() - t:.1f} s")
-    d = (fields[list(nets)[0]] - fields[list(nets)[-1]]).norm(dim=1) * cfg["factor"]
+    d = (fields[list(nets)[0]][0] - fields[list(nets)[-1]][0]).norm(dim=1) * cfg["factor"]
     print(f"difference of the {a.preset} preset's and the seed-style adapted fields: mean {d.mean():.3f} mm, "
           f"max {d.max():.3f} mm")
     tf, ts = np.median(times[list(nets)[0]]), np.median(times[list(nets)[-1]])

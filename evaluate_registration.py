@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import utils
-from train_registration import PRESETS, build_net, config_of, optimise
+from train_registration import LOSSES, PRESETS, build_net, config_of, optimise
 
 KEYS = ("initial", "net", "tta")
 
@@ -38,31 +38,35 @@ def native_factor(path):
     return utils.frame_factor(nib.load(path).shape[:3]) or 1
 
 
-def evaluate_pair(net, cfg, data, case, lms, iter_tta, tta_lr, device):
-    """Register one pair without and with test-time adaptation; returns metrics and fields."""
+def evaluate_pair(net, cfg, data, case, lms, iter_tta, tta_lr, device, loss="per-step", direction="reference"):
+    """Register one pair without and with test-time adaptation; returns metrics and fields.
+    As the reference: the net alone under autocast; TTA adapts a copy of both UNets with the training
+    loss and is measured on the fields of its last iteration's forward pass (before that update)."""
     paths = [os.path.join(data, f"{case}_{k}.nii.gz") for k in (1, 2)]
     fixed, moving = (utils.framed_volume(p, cfg["factor"])[None, None].to(device) for p in paths)
+    size = fixed.shape[2:]
     t = time.time()
     net.eval()
-    with torch.no_grad():
-        ddf_net = net(fixed, moving)[0]
-    ddf_tta = ddf_net
-    if iter_tta > 0:  # adapt a copy of both UNets to this very pair (Adam, the training loss)
+    with torch.no_grad(), utils.autocast(device):
+        fields_net = [d.float() for d in net(fixed, moving)]
+    fields_tta = fields_net
+    if iter_tta > 0:
         tta = copy.deepcopy(net).train()
-        optimise(tta, lambda i: (fixed, moving), iter_tta, tta_lr, PRESETS[cfg["preset"]]["reg"], device, desc=case)
+        _, (v1, v2) = optimise(tta, lambda i: (fixed, moving), iter_tta, tta_lr, PRESETS[cfg["preset"]]["reg"],
+                               device, desc=case, loss=loss)
         with torch.no_grad():
-            ddf_tta = tta(fixed, moving)[0]
+            fields_tta = tta.fields(v1, v2, size)
     seconds = time.time() - t
     res = {"case": case, "seconds": seconds}
-    for k, ddf in zip(KEYS, (None, ddf_net, ddf_tta)):
-        res[k] = utils.tre(ddf, *lms)
+    for k, fields in zip(KEYS, (None, fields_net, fields_tta)):
+        res[k] = utils.tre(fields, *lms, direction=direction)
     # Dice of the vessel masks at the finest resolution the files offer (1 mm for real scans)
     f0 = native_factor(paths[0])
     fm, mm = (utils.framed_volume(p, f0)[None, None] for p in paths)
-    for k, ddf in zip(KEYS, (None, ddf_net, ddf_tta)):
-        warped = mm if ddf is None else utils.warp(mm, utils.resize_ddf(ddf.cpu(), fm.shape[2:]))
+    for k, fields in zip(KEYS, (None, fields_net, fields_tta)):
+        warped = mm if fields is None else utils.warp(mm, utils.resize_ddf(fields[0].cpu(), fm.shape[2:]))
         res[f"dice_{k}"] = utils.dice(fm, warped)
-    res["folding_pct"], res["std_logjac"] = utils.jacobian_stats(ddf_tta.cpu())
+    res["folding_pct"], res["std_logjac"] = utils.jacobian_stats(fields_tta[0].cpu())
     res["mips"] = (fm[0, 0].numpy(), mm[0, 0].numpy(), warped[0, 0].numpy())  # warped = after TTA
     return res
 
@@ -84,7 +88,8 @@ def figure(results, path, n=3):
     utils.save_figure(fig, path)
 
 
-def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset="cpu", overwrite=False, seed=0, log=print):
+def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset="cpu", overwrite=False, seed=0, log=print,
+             loss="per-step", direction="reference", device=None):
     """Evaluate every pair of `data` against `landmarks`; writes out.csv/json/png, returns summary."""
     landmarks = landmarks or os.path.join(data, "landmarks")
     for ext in (".csv", ".json", ".png"):
@@ -92,16 +97,18 @@ def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset="cpu", ove
     cases = utils.find_pairs(data)
     lms = {c: utils.read_landmarks(os.path.join(landmarks, f"{c}.csv")) for c in cases}  # check all first
     net, cfg = load_model(ckpt, preset, seed)
-    device = utils.get_device()
+    device = utils.get_device(device)
     net.to(device)
     results = []
     for c in cases:
-        results.append(evaluate_pair(net, cfg, data, c, lms[c], iter_tta, PRESETS[cfg["preset"]]["tta_lr"], device))
+        results.append(evaluate_pair(net, cfg, data, c, lms[c], iter_tta, PRESETS[cfg["preset"]]["tta_lr"], device,
+                                     loss, direction))
         r = results[-1]
         log(f"{c}: TRE {r['initial'].mean():6.2f} -> net {r['net'].mean():6.2f} -> tta {r['tta'].mean():6.2f} mm"
             f"  Dice {r['dice_initial']:.3f} -> {r['dice_tta']:.3f}  ({r['seconds']:.1f} s)")
     rows = [[r["case"], i, *(f"{r[k][i]:.4f}" for k in KEYS)] for r in results for i in range(len(r["initial"]))]
-    summ = {"checkpoint": ckpt, "preset": cfg["preset"], "iter_tta": iter_tta}
+    summ = {"checkpoint": ckpt, "preset": cfg["preset"], "iter_tta": iter_tta, "tta_loss": loss,
+            "tre_direction": direction}
     for k in KEYS:
         s = utils.summary(np.concatenate([r[k] for r in results]))
         summ.update({f"tre_{k}_{q}": v for q, v in s.items()})
@@ -136,8 +143,14 @@ def main(argv=None):
     ap.add_argument("--out", default="eval", help="output prefix")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--loss", choices=LOSSES, default="per-step", help="test-time adaptation loss (see train_registration.py)")
+    ap.add_argument("--tre-direction", choices=utils.TRE_DIRECTIONS, default="reference",
+                    help="reference: moving landmarks mapped to fixed, the reference's sampling (paper_tre_val.csv); "
+                         "fixed: fixed landmarks mapped to moving (Lung250M-4B / Learn2Reg)")
+    ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
     a = ap.parse_args(argv)
-    evaluate(a.iter_tta, a.ckpt, a.data, a.landmarks, a.out, a.preset, a.overwrite, a.seed)
+    evaluate(a.iter_tta, a.ckpt, a.data, a.landmarks, a.out, a.preset, a.overwrite, a.seed, loss=a.loss,
+             direction=a.tre_direction, device=a.device)
 
 
 if __name__ == "__main__":

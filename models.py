@@ -94,15 +94,16 @@ class VQAE(nn.Module):
     CLASS_WEIGHTS = (1.0, 2.5)  # the paper's cross-entropy weights (background, vessel)
 
     @staticmethod
-    def pair_probs(logits, size=None, calibrate=True):
+    def pair_probs(logits, size=None, calibrate=False):
         """Logits (B, 4, ...) -> vessel probabilities (fixed, moving), each (B, H, W, D), cropped to
         `size` (e.g. utils.grid_shape(factor), undoing utils.pad_to_multiple) when given.
 
         The class-weighted CE is minimised by the softmax s = w1 q / (w1 q + w0 (1 - q)) where q is
         the true vessel probability (or soft occupancy target), so the raw softmax over-states
-        vessels (s > 0.5 already at q = 0.29). calibrate=True inverts that map,
+        vessels (s > 0.5 already at q = 0.29). The default is the raw softmax, what the reference
+        implementation writes and thresholds; calibrate=True inverts that map,
         q = w0 s / (w1 - (w1 - w0) s): outputs are then occupancies on the scale of the real data,
-        and q > 0.5 is the matching threshold (the seed thresholds the raw softmax)."""
+        and q > 0.5 is the matching threshold."""
         if size is not None:
             logits = utils.crop_to(logits, size)
         logits = logits.float()
@@ -143,14 +144,20 @@ class TokenTransformer(nn.Module):
         self.seq_len = seq_len
         self.tok = nn.Embedding(num_codes + 1, dim)
         self.pos = nn.Parameter(torch.empty(1, seq_len, dim))
-        layer = nn.TransformerEncoderLayer(dim, heads, ff, dropout, activation="gelu", batch_first=True)
-        if attn_dropout is not None:  # None: PyTorch's default, the residual/feed-forward dropout
-            layer.self_attn.dropout = attn_dropout
-        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        # independently initialised layers (PyTorch's default init), as the reference builds them;
+        # nn.TransformerEncoder would deep-copy one layer, so all would start identical
+        self.blocks = nn.Sequential(*[self._layer(dim, heads, ff, dropout, attn_dropout) for _ in range(layers)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_codes, bias=False)
         for w in (self.tok.weight, self.pos, self.head.weight):
             nn.init.normal_(w, 0.0, 0.02)
+
+    @staticmethod
+    def _layer(dim, heads, ff, dropout, attn_dropout):
+        layer = nn.TransformerEncoderLayer(dim, heads, ff, dropout, activation="gelu", batch_first=True)
+        if attn_dropout is not None:  # None: PyTorch's default, the residual/feed-forward dropout
+            layer.self_attn.dropout = attn_dropout
+        return layer
 
     def forward(self, ids):
         """ids (B, L) -> logits (B, L, K)."""
@@ -211,10 +218,12 @@ class TokenTransformer(nn.Module):
                 prev = L if k == 0 else left[k - 1]
                 change = torch.zeros_like(still)
                 change.scatter_(1, order[:, left[k]:prev], True)
-            if change.any():
-                with utils.autocast(torch.device(device)):
-                    logits = self(x)[change].float() / temp
-                x[change] = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+            # draw at every position and keep the draws where `change`, as the reference: no
+            # data-dependent shapes, so no host synchronisation inside the loop on a GPU
+            with utils.autocast(torch.device(device)):
+                logits = self(x).float() / temp
+            draw = torch.multinomial(logits.softmax(-1).flatten(0, 1), 1, generator=generator).view(n, L)
+            x = torch.where(change, draw, x)
             if on_step:
                 on_step(k, x)
         self.train(was_training)
@@ -238,7 +247,8 @@ class RegistrationNet(nn.Module):
     def __init__(self, channels=(8, 16, 32, 64, 64, 64), strides=(2, 2, 1, 2, 1), max_velocity=0.35,
                  pool_strides=(2, 2, 1, 1), pool_kernel=7, squarings=12, exp_at="input", exp_coarsen=1):
         super().__init__()
-        assert exp_at in ("input", "velocity") and (exp_at == "velocity" or exp_coarsen == 1)
+        if exp_at not in ("input", "velocity") or (exp_at == "input" and exp_coarsen != 1):
+            raise ValueError(f"exp_at={exp_at!r} with exp_coarsen={exp_coarsen}: coarsening needs exp_at='velocity'")
         self.unets = nn.ModuleList(UNet(spatial_dims=3, in_channels=2, out_channels=3, channels=channels,
                                         strides=strides) for _ in range(2))
         self.multiple = math.prod(strides)
@@ -266,17 +276,32 @@ class RegistrationNet(nn.Module):
         elif self.exp_coarsen > 1:  # factor 2 on even sizes = the mean of 2x2x2 neighbours
             v = F.interpolate(v, size=[math.ceil(n / self.exp_coarsen) for n in v.shape[2:]],
                               mode="trilinear", align_corners=False)
-        scale = torch.tensor(v.shape[2:], dtype=v.dtype, device=v.device).view(1, 3, 1, 1, 1) / 2
-        return utils.exp_velocity(v * scale, self.squarings)
+        return utils.exp_velocity(utils.scale_channels(v, [n / 2 for n in v.shape[2:]]), self.squarings)
+
+    def halfway(self, v, fixed, moving):
+        """Warp both images half-way along the velocity v of a step (the reference's mid-step
+        warp): fixed by exp(-v/2), moving by exp(v/2); image warps pad with zeros, as the reference."""
+        size = fixed.shape[2:]
+        fixed_h = utils.warp(fixed, utils.resize_ddf(self.exp(-v / 2, size), size), padding="zeros")
+        moving_h = utils.warp(moving, utils.resize_ddf(self.exp(v / 2, size), size), padding="zeros")
+        return fixed_h, moving_h
+
+    def step_velocity(self, step, fixed, moving):
+        """Velocity of step 0/1 whose field exp(v) warps the moving image onto the fixed one: the
+        argument order of the reference's `field_bwd` (unet(moving, fixed) - unet(fixed, moving)),
+        so the reference's trained UNet weights mean the same here."""
+        return self.velocity(step, moving, fixed)
+
+    def fields(self, v1, v2, size):
+        """Both steps' velocities -> (ddf, ddf_inv) of half(step 1) o step 2 o half(step 1),
+        upsampled to `size`."""
+        half, half_inv = self.exp(v1 / 2, size), self.exp(-v1 / 2, size)
+        psi, psi_inv = self.exp(v2, size), self.exp(-v2, size)
+        ddf = utils.compose(half, utils.compose(psi, half))
+        ddf_inv = utils.compose(half_inv, utils.compose(psi_inv, half_inv))
+        return utils.resize_ddf(ddf, size), utils.resize_ddf(ddf_inv, size)
 
     def forward(self, fixed, moving):
-        size = fixed.shape[2:]
-        up = lambda d: utils.resize_ddf(d, size)  # noqa: E731  (identity when exp_at="input")
-        v1 = self.velocity(0, fixed, moving)
-        half, half_inv = self.exp(v1 / 2, size), self.exp(-v1 / 2, size)
-        # step 2 registers the two images warped half-way towards each other
-        v2 = self.velocity(1, utils.warp(fixed, up(half_inv)), utils.warp(moving, up(half)))
-        psi, psi_inv = self.exp(v2, size), self.exp(-v2, size)
-        ddf = utils.compose(half, utils.compose(psi, half))  # half(step 1) o step 2 o half(step 1)
-        ddf_inv = utils.compose(half_inv, utils.compose(psi_inv, half_inv))
-        return up(ddf), up(ddf_inv)
+        v1 = self.step_velocity(0, fixed, moving)
+        v2 = self.step_velocity(1, *self.halfway(v1, fixed, moving))  # step 2 sees the half-way pair
+        return self.fields(v1, v2, fixed.shape[2:])

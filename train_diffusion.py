@@ -24,9 +24,12 @@ from models import TokenTransformer, VQAE
 PAPER_GRID, PAPER_CODES = (16, 13, 16), 1024
 # grid: token grid the preset's VQ-AE produces; codes None = the tokens file's codebook size.
 # samples: iterations x batch (paper: 15000 * 8 // BATCH_SIZE iterations); val_repeats: draws per val grid
+# reference_batches: the reference's training details - batches of distinct grids (randperm), the
+# warm-up lr = base * i / warmup from i = 0, and the loss divided by ln2 * K * L (K times smaller than
+# bits per token; Adam sees the scale only through its eps). Logs always show bits per token.
 PRESETS = {
     "paper": dict(grid=PAPER_GRID, codes=PAPER_CODES, samples=15000 * 8, lr=1e-4, warmup=500, every=1000,
-                  val_repeats=4, model={}),
+                  val_repeats=4, reference_batches=True, model={}),
     # 8x7x8 tokens of the cpu VQ-AE (64x52x64 padded to 64x56x64, stride 8); 750 iterations of batch 32
     # (~1.5 s each on 2 cores, 18 min: within the 2-hour budget of the whole cpu experiment; ~110 passes over 210 grids)
     "cpu": dict(grid=(8, 7, 8), codes=None, samples=24000, lr=5e-4, warmup=200, every=250, val_repeats=16,
@@ -102,9 +105,12 @@ def val_loss(model, tokens, repeats, seed=1234, batch=16):
     model.eval()
     gen = torch.Generator(dev).manual_seed(seed)
     data = tokens.repeat(repeats, 1)
-    total = sum(model.loss(x, gen).item() * len(x) for x in data.split(batch))
+    total = 0
+    with utils.autocast(dev):  # as training
+        for x in data.split(batch):
+            total = total + model.loss(x, gen) * len(x)
     model.train(was)
-    return total / len(data)
+    return float(total) / len(data)
 
 
 def figure(model, vqae, grid, size, rows, path, seed=0):
@@ -129,30 +135,53 @@ def figure(model, vqae, grid, size, rows, path, seed=0):
     utils.save_figure(fig, path)
 
 
+def diffusion_step(model, opt, scaler, sched, x0, loss_scale=1.0):
+    """One training iteration on token grids x0 (B, L) -> loss in bits per token, on the device
+    (no host synchronisation; a non-finite loss is skipped by the GradScaler on CUDA)."""
+    with utils.autocast(x0.device):
+        loss = model.loss(x0)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss * loss_scale).backward()
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    return loss.detach()
+
+
 def train(preset, tokens, out, batch, grid, codes, iters=None, val=None, vqae=None, seed=0, resume=False,
           overwrite=False, device=None, extra=None):
     """Train on token grids (N, L); `val` (M, L) or None; `vqae` (model) for figures; `extra` is
     stored in the checkpoint (its 'factor': the VQ-AE's). Returns the model."""
     p, config = PRESETS[preset], model_config(preset, grid, codes)
-    device = device or utils.get_device()
+    device = utils.get_device(device)
     iters = iters or p["samples"] // batch
+    utils.seed_all(seed)
     model = build(config).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=p["lr"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / p["warmup"]))  # linear warm-up
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    ref = p.get("reference_batches", False)
+    warm = p["warmup"]
+    if ref:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, i / warm))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     start, rows = 0, []
     if resume and os.path.exists(out):
         ck = utils.load_checkpoint(out, "diffusion", config)  # other preset / grid / codebook -> one-line error
-        model.load_state_dict(ck["state"]), opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"]), scaler.load_state_dict(ck["scaler"])
+        model.load_state_dict(ck["state"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        utils.load_scaler_state(scaler, ck["scaler"])
         start, rows, iters = ck["iteration"], ck["log"], ck["iters"]
     else:
         utils.check_output(out, overwrite)
     utils.seed_all(seed + start)
     gen = torch.Generator().manual_seed(seed + start)
-    tokens, val = tokens.to(device), (None if val is None else val.to(device))
+    tokens = tokens.to(device)
+    val = None if val is None else val.to(device)
     base, size = os.path.splitext(out)[0], utils.grid_shape((extra or {}).get("factor", 4))
     extra = {**(extra or {}), "vqae_fingerprint": codebook_fingerprint(vqae) if vqae is not None else None}
+    loss_scale = 1 / codes if ref else 1.0
 
     def save(it):
         utils.save_checkpoint(out, "diffusion", config, model.state_dict(), optimizer=opt.state_dict(),
@@ -164,20 +193,21 @@ def train(preset, tokens, out, batch, grid, codes, iters=None, val=None, vqae=No
     t0, run = time.time() - (rows[-1][-1] if rows else 0), []
     bar = tqdm(range(start, iters), desc=f"diffusion {preset}", initial=start, total=iters)
     for it in bar:
-        x0 = tokens[torch.randint(len(tokens), (batch,), generator=gen).to(device)]
-        with utils.autocast(device):
-            loss = model.loss(x0)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt), scaler.update(), sched.step()
-        run.append(loss.item())
-        if not np.isfinite(run[-1]):
-            raise RuntimeError(f"loss became {run[-1]} at iteration {it + 1}")
-        bar.set_postfix(loss=f"{np.mean(run[-50:]):.4f}")
-        if (it + 1) % p["every"] == 0 or it + 1 == iters:  # log, validate, checkpoint, figure
+        if ref and batch <= len(tokens):
+            idx = torch.randperm(len(tokens), generator=gen)[:batch]
+        else:
+            idx = torch.randint(len(tokens), (batch,), generator=gen)
+        x0 = tokens[idx.to(device, non_blocking=True)]
+        run.append(diffusion_step(model, opt, scaler, sched, x0, loss_scale))
+        if (it + 1) % p["every"] == 0 or it + 1 == iters:  # log, validate, checkpoint, figure (host syncs)
+            losses = torch.stack(run).float()
+            finite = torch.isfinite(losses)
+            if not bool(finite.any()) or (device.type != "cuda" and not bool(finite.all())):
+                raise RuntimeError(f"diffusion loss not finite before iteration {it + 1}")
             v = val_loss(model, val, p["val_repeats"]) if val is not None else ""
-            rows.append([it + 1, float(np.mean(run)), v, sched.get_last_lr()[0], round(time.time() - t0, 1)])
+            rows.append([it + 1, float(losses[finite].mean()), v, sched.get_last_lr()[0], round(time.time() - t0, 1)])
             run = []
+            bar.set_postfix(loss=f"{rows[-1][1]:.4f}")
             if v != "":
                 tqdm.write(f"iter {it + 1}: train {rows[-1][1]:.4f}  val {v:.4f} bits/token")
             save(it + 1)
@@ -196,6 +226,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="continue from --out")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
     a = ap.parse_args(argv)
     if a.batch_size < 1 or (a.iters is not None and a.iters < 1):
         raise utils.DataError("BATCH_SIZE and --iters must be positive")
@@ -211,7 +242,7 @@ def main(argv=None):
     if a.vqae:
         from infer_vqae import load_vqae
 
-        vqae, vcfg = load_vqae(a.vqae)
+        vqae, vcfg = load_vqae(a.vqae, device=utils.get_device(a.device))
         factor = vcfg["factor"]
         if vqae.token_grid(utils.grid_shape(factor)) != grid or vqae.num_codes != codes:
             raise utils.DataError(f"{a.vqae}: VQ-AE grid / codebook differ from the tokens in {a.tokens}")
@@ -219,9 +250,9 @@ def main(argv=None):
           + (f", {len(val)} validation grids" if val is not None else ""))
     extra = {"tokens": os.path.abspath(a.tokens), "case_ids": ids, "factor": factor,
              "vqae": a.vqae and os.path.abspath(a.vqae)}
-    train(a.preset, tokens, out, a.batch_size, grid, codes, a.iters, val, vqae, a.seed, a.resume, a.overwrite,
-          extra=extra)
-    print(f"wrote {out}")
+    model = train(a.preset, tokens, out, a.batch_size, grid, codes, a.iters, val, vqae, a.seed, a.resume, a.overwrite,
+          device=a.device, extra=extra)
+    print(f"wrote {out}{utils.peak_memory(model.pos.device)}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ DATA_FOLDER holds case_XXX_1 / case_XXX_2 .nii.gz pairs: original scans (binaris
 synthetic / phantom volumes already on the pooled frame grid (soft probabilities in [0, 1]).
 """
 import argparse
+import math
 import os
 import time
 
@@ -17,6 +18,8 @@ from tqdm import tqdm
 import utils
 from models import RegistrationNet
 
+LOG_EVERY = 10  # iterations between host synchronisations (progress bar, finiteness check)
+LOSSES = ("per-step", "composed")
 # factor: input = frame average-pooled by it. net: RegistrationNet kwargs. iters None = seed rule.
 PRESETS = {
     # the seed: half resolution, smooth velocity squared 12x at input resolution
@@ -45,53 +48,98 @@ def build_net(config):
 
 
 def smoothness(ddf):
-    """Squared finite differences (diffusion regulariser) of a ddf in normalised units (the seed's)."""
-    u = ddf * 2 / torch.tensor(ddf.shape[2:], dtype=ddf.dtype, device=ddf.device).view(1, 3, 1, 1, 1)
+    """Squared finite differences (diffusion regulariser) of a ddf in normalised units (the reference's)."""
+    u = utils.scale_channels(ddf, [2 / n for n in ddf.shape[2:]])
     return sum((u.diff(dim=d) ** 2).mean() for d in (2, 3, 4))
 
 
-def registration_loss(net, fixed, moving, reg):
-    """L1(moving, warped fixed) + L1(fixed, warped moving) + reg x smoothness of both fields."""
-    ddf, ddf_inv = net(fixed, moving)
-    sim = F.l1_loss(utils.warp(moving, ddf), fixed) + F.l1_loss(utils.warp(fixed, ddf_inv), moving)
-    return sim + reg * (smoothness(ddf) + smoothness(ddf_inv)), (ddf, ddf_inv)
+def pair_loss(fixed, moving, ddf, ddf_inv, reg):
+    """L1(fixed, warped moving) + L1(moving, warped fixed) + reg x smoothness of both fields."""
+    sim = F.l1_loss(utils.warp(moving, ddf, padding="zeros"), fixed)
+    sim = sim + F.l1_loss(utils.warp(fixed, ddf_inv, padding="zeros"), moving)
+    return sim + reg * (smoothness(ddf) + smoothness(ddf_inv))
 
 
-def optimise(net, batches, iters, lr, reg, device, desc="train", on_step=None, start=0, opt_state=None):
-    """Adam on both UNets (one optimiser per UNet, as the seed). `batches(i)` -> (fixed, moving).
-    Used for training and for test-time adaptation alike."""
+def step_loss(net, step, fixed, moving, reg, device):
+    """The reference's loss of one step: its UNet's full fields on the pair it sees -> (loss, v)."""
+    with utils.autocast(device):
+        v = net.step_velocity(step, fixed, moving)  # UNet in fp16 on CUDA; the fields in fp32
+    size = fixed.shape[2:]
+    ddf, ddf_inv = (utils.resize_ddf(net.exp(w, size), size) for w in (v, -v))
+    return pair_loss(fixed, moving, ddf, ddf_inv, reg), v
+
+
+def train_step(net, opts, scaler, fixed, moving, reg, device, loss="per-step"):
+    """One iteration on a batch (B, 1, H, W, D) each -> (summed loss (0-dim tensor, no host sync),
+    v1, v2 detached: net.fields(v1, v2, size) are the fields this iteration computed).
+    "per-step" (the reference): UNet 1 is optimised on its own full fields, then the pair is warped
+    half-way by step 1 and detached, and UNet 2 is optimised on that pair with its own loss.
+    "composed": one loss on the composed field half(step 1) o step 2 o half(step 1), gradients
+    through both UNets (this project's earlier method, kept as an option)."""
+    if loss == "composed":
+        with utils.autocast(device):
+            v1 = net.step_velocity(0, fixed, moving)
+            v2 = net.step_velocity(1, *net.halfway(v1, fixed, moving))
+        total = pair_loss(fixed, moving, *net.fields(v1, v2, fixed.shape[2:]), reg)
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        for o in opts:
+            scaler.step(o)
+        scaler.update()
+        return total.detach(), v1.detach(), v2.detach()
+    total, vs = 0, []
+    for step, o in enumerate(opts):
+        loss_k, v = step_loss(net, step, fixed, moving, reg, device)
+        o.zero_grad(set_to_none=True)
+        scaler.scale(loss_k).backward()
+        scaler.step(o)  # with a GradScaler (CUDA) a non-finite step is skipped, as in the reference
+        scaler.update()
+        total = total + loss_k.detach()
+        vs.append(v.detach())
+        if step == 0:
+            with torch.no_grad():
+                fixed, moving = net.halfway(vs[0], fixed, moving)
+    return total, vs[0], vs[1]
+
+
+def optimise(net, batches, iters, lr, reg, device, desc="train", on_step=None, start=0, opt_state=None,
+             loss="per-step"):
+    """Adam on both UNets (one optimiser per UNet, as the reference). `batches(i)` -> (fixed, moving).
+    Used for training and for test-time adaptation alike. Returns (optimisers, (v1, v2) of the
+    last iteration's forward pass, i.e. before its update, as the reference evaluates TTA)."""
     opts = [torch.optim.Adam(u.parameters(), lr=lr) for u in net.unets]
     if opt_state:
         for o, s in zip(opts, opt_state):
             o.load_state_dict(s)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     bar = tqdm(range(start, iters), desc=desc, initial=start, total=iters, leave=False, disable=iters - start < 2)
+    last = None
     for i in bar:
         fixed, moving = batches(i)
-        with utils.autocast(device):
-            loss, _ = registration_loss(net, fixed, moving, reg)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        for o in opts:
-            scaler.step(o)
-        scaler.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        total, *last = train_step(net, opts, scaler, fixed, moving, reg, device, loss)
         if on_step:
-            on_step(i + 1, opts, loss.item())
-    return opts
+            on_step(i + 1, opts, total)
+        if (i + 1) % LOG_EVERY == 0 or i + 1 == iters:  # the only host synchronisation
+            value = total.item()
+            if device.type != "cuda" and not math.isfinite(value):
+                raise RuntimeError(f"registration loss became {value} at iteration {i + 1}")
+            bar.set_postfix(loss=f"{value:.4f}")
+    return opts, last
 
 
-def train(batch_size, data, preset="cpu", iters=None, out=None, seed=0, resume=False, overwrite=False, log=print):
+def train(batch_size, data, preset="cpu", iters=None, out=None, seed=0, resume=False, overwrite=False, log=print,
+          loss="per-step", device=None):
     """Train on all pairs of `data`; returns the checkpoint path."""
     p, cfg = PRESETS[preset], config_of(preset)
     iters = iters or p["iters"] or 2500 // batch_size * 4
     out = out or f"regnets_state_{os.path.basename(os.path.normpath(data))}.pth"
     if not resume:
         utils.check_output(out, overwrite)
-    ids, pairs = utils.load_pairs(data, p["factor"])  # (N, 2, H, W, D), kept in memory
+    ids, pairs = utils.load_pairs(data, p["factor"])  # (N, 2, H, W, D)
+    device = utils.get_device(device)
+    pairs = utils.to_device_if_fits(pairs.half(), device)  # exact for masks pooled by 2 or 4; fp16 maps as the reference
     utils.seed_all(seed)
-    device = utils.get_device()
     net, start, opt_state = build_net(cfg).to(device), 0, None
     if resume and os.path.exists(out):
         ck = utils.load_checkpoint(out, "regnet", cfg)
@@ -101,24 +149,30 @@ def train(batch_size, data, preset="cpu", iters=None, out=None, seed=0, resume=F
     gen = torch.Generator().manual_seed(seed * 100003 + start)  # fresh draws after a resume
 
     def batches(i):
-        idx = torch.randint(len(ids), (batch_size,), generator=gen)
-        x = pairs[idx].to(device)
+        # distinct pairs in a batch (the reference's randperm) when there are enough
+        if batch_size <= len(ids):
+            idx = torch.randperm(len(ids), generator=gen)[:batch_size]
+        else:
+            idx = torch.randint(len(ids), (batch_size,), generator=gen)
+        x = pairs[idx.to(pairs.device)].to(device, non_blocking=True).float()
         return x[:, :1], x[:, 1:]
 
-    def on_step(i, opts, loss):
+    def on_step(i, opts, total):
         if i % p["ckpt_every"] == 0 or i == iters:
-            utils.save_checkpoint(out, "regnet", cfg, net.state_dict(), iteration=i, loss=loss,
+            utils.save_checkpoint(out, "regnet", cfg, net.state_dict(), iteration=i, loss=float(total),
                                   optimisers=[o.state_dict() for o in opts], rng=torch.get_rng_state(),
-                                  data=os.path.abspath(data), cases=ids, seed=seed, batch_size=batch_size)
+                                  data=os.path.abspath(data), cases=ids, seed=seed, batch_size=batch_size,
+                                  loss_scheme=loss)
 
     t = time.time()
-    log(f"train_registration: {len(ids)} pairs from {data} at {pairs.shape[2:]}, preset {preset}, "
-        f"{iters} iterations of batch {batch_size} on {device}")
+    log(f"train_registration: {len(ids)} pairs from {data} at {tuple(pairs.shape[2:])}, preset {preset}, "
+        f"{iters} iterations of batch {batch_size} ({loss} loss) on {device}")
     optimise(net, batches, iters, p["lr"], p["reg"], device, desc=f"train {preset}", on_step=on_step,
-             start=start, opt_state=opt_state)
+             start=start, opt_state=opt_state, loss=loss)
     if start >= iters:
         log(f"{out} already holds {start} >= {iters} iterations")
-    log(f"wrote {out} ({time.time() - t:.0f} s, {(time.time() - t) / max(iters - start, 1):.2f} s/iteration)")
+    log(f"wrote {out} ({time.time() - t:.0f} s, {(time.time() - t) / max(iters - start, 1):.2f} s/iteration"
+        f"{utils.peak_memory(device)})")
     return out
 
 
@@ -132,10 +186,13 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--loss", choices=LOSSES, default="per-step",
+                    help="per-step: each UNet its own loss (the reference); composed: one loss on the composed field")
+    ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
     a = ap.parse_args(argv)
     if a.batch_size < 1:
         raise utils.DataError(f"BATCH_SIZE must be >= 1, got {a.batch_size}")
-    train(a.batch_size, a.data, a.preset, a.iters, a.out, a.seed, a.resume, a.overwrite)
+    train(a.batch_size, a.data, a.preset, a.iters, a.out, a.seed, a.resume, a.overwrite, loss=a.loss, device=a.device)
 
 
 if __name__ == "__main__":

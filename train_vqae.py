@@ -10,6 +10,7 @@ loss = 0.5 CE(fixed) + 0.5 CE(moving) with class weights (1, 2.5) + 0.1 codebook
 Writes CKPT (kind 'vqae': preset, model kwargs and data factor in its config), CKPT.csv, CKPT.png.
 """
 import argparse
+import functools
 import math
 import os
 import time
@@ -38,6 +39,7 @@ PRESETS = {
                  model=dict(channels=(16, 32, 32, 32), strides=(2, 2, 2, 1), num_codes=128)),
 }
 AUG_STD, CB_WEIGHT = 0.05, 0.1
+LOG_EVERY = 10  # iterations between log rows: the only host-device synchronisation of the loop
 LOG_HEADER = ["iter", "loss", "codebook_loss", "dice_fixed", "dice_moving", "codes_used", "perplexity", "lr",
               "codes_restarted", "val_dice_fixed", "val_dice_moving", "val_codes_used", "seconds"]
 
@@ -73,17 +75,20 @@ def load_data(folder, factor):
 
 def augment(x, std=AUG_STD, generator=None):
     """One random affine per pair (identity 3x4 + N(0, std)), the same for fixed and moving,
-    nearest-neighbour resampling (the paper's choice: keeps masks binary)."""
-    theta = torch.eye(3, 4).repeat(len(x), 1, 1)
-    theta = (theta + std * torch.randn(theta.shape, generator=generator)).to(x.device)
+    nearest-neighbour resampling (the reference's choice: keeps masks binary). Drawn on x's device
+    (`generator` must live there), so a GPU step needs no host-to-device copy."""
+    theta = torch.eye(3, 4, device=x.device).repeat(len(x), 1, 1)
+    theta = theta + std * torch.randn(theta.shape, generator=generator, device=x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 def sample_batch(data, batch, patch, generator):
-    idx = torch.randint(len(data), (batch,), generator=generator)
+    """Random pairs (and patches) of `data` (N, 2, H, W, D), on data's device. The draws come from
+    a CPU `generator` and index by Python ints: no host-device synchronisation."""
+    idx = torch.randint(len(data), (batch,), generator=generator).tolist()
     if patch is None:
-        return data[idx]
+        return torch.stack([data[i] for i in idx])
     out = []
     for i in idx:  # same patch location in fixed and moving (they are the two channels)
         c = [int(torch.randint(s - patch + 1, (1,), generator=generator)) for s in data.shape[-3:]]
@@ -91,20 +96,40 @@ def sample_batch(data, batch, patch, generator):
     return torch.stack(out)
 
 
-def recon_loss(logits, x):
-    """0.5 CE(fixed) + 0.5 CE(moving), class weights (1, 2.5). Soft (pooled) targets t are used as
-    class probabilities, so the decoder learns the occupancy the registration net reads. With the
-    weights its optimum is 2.5t / (1 + 1.5t), not t, which VQAE.pair_probs inverts; unweighted CE
-    stays blurry far longer (measured: train Dice 0.06 vs 0.25 after 300 iterations), so the
-    paper's weights are kept."""
-    soft = bool(((x > 0) & (x < 1)).any())
-    w = torch.tensor(VQAE.CLASS_WEIGHTS, device=logits.device)
+@functools.lru_cache(maxsize=8)
+def class_weights(device):
+    return torch.tensor(VQAE.CLASS_WEIGHTS, device=device)
+
+
+def recon_loss(logits, x, soft):
+    """0.5 CE(fixed) + 0.5 CE(moving), class weights (1, 2.5). soft (pooled) targets t are used as
+    class probabilities, so the decoder learns the occupancy the registration net reads; binary
+    (1 mm) masks as class labels, as the reference. With the weights the optimum of soft targets is
+    2.5t / (1 + 1.5t), not t, which VQAE.pair_probs(calibrate=True) inverts."""
+    w = class_weights(logits.device)
     loss = 0
     for c in (0, 1):
         lg, t = logits[:, 2 * c:2 * c + 2].float(), x[:, c]
         tgt = torch.stack([1 - t, t], 1) if soft else (t > 0.5).long()
         loss = loss + 0.5 * F.cross_entropy(lg, tgt, weight=w)
     return loss
+
+
+def vqae_step(model, opt, scaler, sched, x, soft):
+    """One training iteration on a batch x (B, 2, H, W, D) -> (loss, codebook loss, logits, ids),
+    all still on the device (no host synchronisation). A non-finite loss: the GradScaler skips
+    the step on CUDA, as in the reference; the caller checks on the CPU."""
+    xp, size = utils.pad_to_multiple(x, model.stride)
+    with utils.autocast(x.device):
+        logits, cb, ids = model(xp)
+        logits = utils.crop_to(logits, size)
+        loss = recon_loss(logits, x, soft) + CB_WEIGHT * cb
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    return loss.detach(), cb.detach(), logits.detach(), ids
 
 
 def codebook_stats(ids, num_codes):
@@ -126,7 +151,7 @@ def reconstruct(model, pairs, keep_probs=False):
         xp, size = utils.pad_to_multiple(x, model.stride)
         with utils.autocast(dev):
             zq, _, t = model.encode(xp)
-            fp, mp = VQAE.pair_probs(model.decode(zq), size)
+            fp, mp = VQAE.pair_probs(model.decode(zq), size, calibrate=True)
         ids.append(t[0].cpu())
         dices.append([utils.dice(fp[0], x[0, 0]), utils.dice(mp[0], x[0, 1])])
         if keep_probs:
@@ -155,24 +180,31 @@ def plot_log(rows, path):
 def train(preset, data, out, batch, iters=None, val=None, seed=0, resume=False, overwrite=False, device=None):
     """Train on `data` (N, 2, H, W, D) at the preset's factor; `val` likewise or None. Returns the model."""
     p, config = PRESETS[preset], model_config(preset)
-    device = device or utils.get_device()
+    device = utils.get_device(device)
     iters = iters or p["samples"] // batch
+    utils.seed_all(seed)
     model = build(config).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=p["lr"])
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=max(1, iters // 7), T_mult=2)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     start, rows = 0, []
     if resume and os.path.exists(out):
         ck = utils.load_checkpoint(out, "vqae", config)  # another preset -> one-line error
-        model.load_state_dict(ck["state"]), opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"]), scaler.load_state_dict(ck["scaler"])
+        model.load_state_dict(ck["state"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        utils.load_scaler_state(scaler, ck["scaler"])
         start, rows, iters = ck["iteration"], ck["log"], ck["iters"]
     else:
         utils.check_output(out, overwrite)
     utils.seed_all(seed + start)
-    gen = torch.Generator().manual_seed(seed + start)
+    gen = torch.Generator().manual_seed(seed + start)  # batch and patch draws (CPU)
+    aug_gen = torch.Generator(device).manual_seed(seed + start)  # augmentation, drawn on the device
+    soft = bool(((data > 0) & (data < 1)).any())  # pooled occupancies (cpu/demo) or binary 1 mm masks
+    data = utils.to_device_if_fits(data, device)
     base = os.path.splitext(out)[0]
-    seen = torch.zeros(model.num_codes, dtype=torch.bool)  # codes used since the last restart
+    seen = torch.zeros(model.num_codes, dtype=torch.bool, device=device)  # codes used since the last restart
+    log_every = p.get("log_every", LOG_EVERY)
 
     def save(it):
         utils.save_checkpoint(out, "vqae", config, model.state_dict(), optimizer=opt.state_dict(),
@@ -182,26 +214,26 @@ def train(preset, data, out, batch, iters=None, val=None, seed=0, resume=False, 
         plot_log(rows, base + ".png")
 
     t0 = time.time() - (rows[-1][-1] if rows else 0)
+    bad = 0  # consecutive logged non-finite losses
     bar = tqdm(range(start, iters), desc=f"vqae {preset}", initial=start, total=iters)
     for it in bar:
-        x = augment(sample_batch(data, batch, p["patch"], gen).to(device), generator=gen)
-        xp, size = utils.pad_to_multiple(x, model.stride)
-        with utils.autocast(device):
-            logits, cb, ids = model(xp)
-            logits = utils.crop_to(logits, size)
-            loss = recon_loss(logits, x) + CB_WEIGHT * cb
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt), scaler.update(), sched.step()
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"loss became {loss.item()} at iteration {it + 1}")
-        fp, mp = VQAE.pair_probs(logits.detach())
-        used, ppl = codebook_stats(ids, model.num_codes)
-        seen[ids.unique().cpu()] = True
+        x = augment(sample_batch(data, batch, p["patch"], gen).to(device, non_blocking=True), generator=aug_gen)
+        loss, cb, logits, ids = vqae_step(model, opt, scaler, sched, x, soft)
+        seen[ids.reshape(-1)] = True
         restarted = ""
         if p.get("restart") and (it + 1) % p["restart"] == 0 and it + 1 <= 0.8 * iters:  # settle at the end
             restarted = model.restart_codes(~seen)
             seen[:] = False
+        if (it + 1) % log_every and it + 1 != iters and not restarted:
+            continue  # the logging below synchronises with the device
+        if not math.isfinite(loss.item()):
+            bad += 1
+            if device.type != "cuda" or bad >= 10:  # without a GradScaler nothing skips the step
+                raise RuntimeError(f"VQ-AE loss became {loss.item()} at iteration {it + 1}")
+            continue
+        bad = 0
+        fp, mp = VQAE.pair_probs(logits, calibrate=True)
+        used, ppl = codebook_stats(ids, model.num_codes)
         row = [it + 1, loss.item(), cb.item(), utils.dice(fp, x[:, 0]), utils.dice(mp, x[:, 1]), used, ppl,
                sched.get_last_lr()[0], restarted, "", "", ""]
         if val is not None and ((it + 1) % p["val_every"] == 0 or it + 1 == iters):
@@ -226,6 +258,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--resume", action="store_true", help="continue from --out")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
     a = ap.parse_args(argv)
     if a.batch_size < 1 or (a.iters is not None and a.iters < 1):
         raise utils.DataError("BATCH_SIZE and --iters must be positive")
@@ -238,8 +271,8 @@ def main(argv=None):
     patch = PRESETS[a.preset]["patch"]
     if patch and any(s < patch for s in data.shape[-3:]):
         raise utils.DataError(f"{a.data}: volumes {tuple(data.shape[-3:])} smaller than the {patch}^3 patch")
-    train(a.preset, data, out, a.batch_size, a.iters, val, a.seed, a.resume, a.overwrite)
-    print(f"wrote {out}")
+    model = train(a.preset, data, out, a.batch_size, a.iters, val, a.seed, a.resume, a.overwrite, a.device)
+    print(f"wrote {out}{utils.peak_memory(model.codebook.weight.device)}")
 
 
 if __name__ == "__main__":

@@ -51,8 +51,43 @@ def seed_all(seed):
     torch.manual_seed(seed)
 
 
-def get_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def get_device(name=None):
+    """torch.device of `name` (e.g. 'cuda:1'), else CUDA when present, else the CPU. On CUDA it also
+    sets what the reference implementation sets in every script: cuDNN autotuning (the input shapes
+    never change within a run) and TF32-class matmuls ('medium' also allows bf16 passes)."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DataError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None:
+            torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("medium")
+    return device
+
+
+def to_device_if_fits(x, device, share=0.25):
+    """x on `device` when it takes at most `share` of the GPU's free memory (no per-iteration
+    host-to-device copies of the data set), else left in (pinned) host memory."""
+    if device.type != "cuda":
+        return x
+    if x.nbytes <= share * torch.cuda.mem_get_info(device)[0]:
+        return x.to(device)
+    return x.pin_memory()
+
+
+def peak_memory(device):
+    """', peak GPU memory X GiB' on CUDA (torch.cuda.max_memory_allocated), '' elsewhere."""
+    if torch.device(device).type != "cuda":
+        return ""
+    return f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
+
+
+def load_scaler_state(scaler, state):
+    """Restore a GradScaler; a checkpoint written without CUDA holds an empty state, which
+    GradScaler.load_state_dict refuses: a CUDA run resumed from it starts a fresh scale instead."""
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
 
 
 def autocast(device):
@@ -137,15 +172,25 @@ def load_volume(path):
     return a
 
 
-def framed_volume(path, factor):
+# The reference implementation cuts one oversize training scan (Lung250M-4B case_035, 451 slices)
+# to its first 280 slices before framing: the frame alone would keep ~71 % of its vessels, the cut
+# ~93 %. Written as a rule on the depth (no scan in Lung250M-4B lies between 354 and 450 slices).
+DEEP_SCAN, DEPTH_CUT = 400, 280
+
+
+def framed_volume(path, factor, cut_deep=False):
     """A vessel volume at frame/`factor` resolution, values in [0, 1] (float32 tensor).
     Original-size scans are binarised (> 0) and framed first; volumes that already have the
-    pooled-frame shape (synthetic pairs, phantoms) are taken as soft maps in [0, 1]."""
+    pooled-frame shape (synthetic pairs, phantoms) are taken as soft maps in [0, 1].
+    cut_deep: a scan deeper than DEEP_SCAN slices is cut to its first DEPTH_CUT first (training
+    data only: landmarks are given in the uncut frame)."""
     a = load_volume(path)
     if a.min() < 0:
         raise DataError(f"{path}: negative voxel values (expected a mask or probabilities)")
     f0 = frame_factor(a.shape)
     if f0 is None:  # an original scan: binarise, frame, then pool
+        if cut_deep and a.shape[2] > DEEP_SCAN:
+            a = a[:, :, :DEPTH_CUT]
         v, f0 = to_frame(torch.from_numpy((a > 0).astype(np.float32))), 1
     else:  # already framed: probabilities stay soft, label maps are binarised
         v = torch.from_numpy(a if a.max() <= 1 else (a > 0).astype(np.float32))
@@ -173,13 +218,15 @@ def find_pairs(folder):
 
 
 def load_pairs(folder, factor, ids=None, progress=True):
-    """All pairs of a folder as one (N, 2, H, W, D) tensor at frame/`factor`; channel 0 fixed."""
+    """All pairs of a folder as one (N, 2, H, W, D) tensor at frame/`factor`; channel 0 fixed.
+    For training and generation: oversize scans are cut as the reference does (framed_volume)."""
     from tqdm import tqdm
 
     ids = ids or find_pairs(folder)
     vols = []
     for c in tqdm(ids, desc=f"load {os.path.basename(folder.rstrip('/'))}", disable=not progress, leave=False):
-        vols.append(torch.stack([framed_volume(os.path.join(folder, f"{c}_{k}.nii.gz"), factor) for k in (1, 2)]))
+        vols.append(torch.stack([framed_volume(os.path.join(folder, f"{c}_{k}.nii.gz"), factor, cut_deep=True)
+                                 for k in (1, 2)]))
     return ids, torch.stack(vols)
 
 
@@ -229,14 +276,16 @@ def _identity_grid(shape, device, dtype):
     return grid, torch.tensor([2 / max(n - 1, 1) for n in reversed(shape)], device=device, dtype=dtype)
 
 
-def warp(img, ddf, nearest=False):
-    """img (B, C, H, W, D) sampled at x + ddf(x): bilinear with border padding, or nearest with
-    zeros. Same result as MONAI's `Warp` (tests/test_utils.py), which rebuilds its grid every call
-    and normalises it by in-place slice writes whose backward zero-fills full-size tensors: on a
-    2-core CPU that overhead was 20-30 % of a registration training step (torch.profiler, batch 4 at 4 mm)."""
+def warp(img, ddf, nearest=False, padding=None):
+    """img (B, C, H, W, D) sampled at x + ddf(x): bilinear with border padding (fields), or nearest
+    with zeros; padding="zeros" for images, as the reference implementation warps its vessel maps.
+    Same result as MONAI's `Warp` (tests/test_utils.py); written out on a cached identity grid
+    because MONAI's normalises its grid with in-place slice writes whose backward zero-fills
+    full-size tensors (see benchmark_registration.py for the step time)."""
     grid, scale = _identity_grid(tuple(ddf.shape[2:]), ddf.device, ddf.dtype)
+    padding = padding or ("zeros" if nearest else "border")
     return F.grid_sample(img, grid + ddf.movedim(1, -1).flip(-1) * scale, align_corners=True,
-                         mode="nearest" if nearest else "bilinear", padding_mode="zeros" if nearest else "border")
+                         mode="nearest" if nearest else "bilinear", padding_mode=padding)
 
 
 def compose(a, b):
@@ -258,30 +307,48 @@ def resize_ddf(ddf, size):
     voxel size); align_corners=False matches the avg-pooling convention above."""
     if tuple(ddf.shape[-3:]) == tuple(size):
         return ddf
-    scale = torch.tensor([s / t for s, t in zip(size, ddf.shape[-3:])], dtype=ddf.dtype, device=ddf.device)
     out = F.interpolate(ddf, size=size, mode="trilinear", align_corners=False)
-    return out * scale.view(1, 3, 1, 1, 1)
+    return scale_channels(out, [s / t for s, t in zip(size, ddf.shape[-3:])])
+
+
+def scale_channels(x, factors):
+    """Channel c of x (B, C, ...) times the Python number factors[c]: no small tensor is built
+    and copied to the device on every call (each such copy synchronises with a GPU)."""
+    return torch.cat([x[:, c:c + 1] * f for c, f in enumerate(factors)], 1)
 
 
 # ---------------------------------------------------------------------------- metrics
-def displace_points(ddf, pts):
+TRE_DIRECTIONS = ("reference", "fixed")
+
+
+def displace_points(ddf, pts, reference_sampling=False):
     """Map frame points (N, 3) through a ddf on any pooled grid of the frame: returns pts + u(pts)
-    in 1 mm frame voxels. ddf: (1, 3, h, w, d)."""
+    in 1 mm frame voxels. ddf: (1, 3, h, w, d). reference_sampling: sample u at the normalised
+    coordinate p / (N/2) - 1, as the reference implementation does (half a 1 mm voxel below the
+    voxel centre (2p + 1) / N - 1 used otherwise)."""
     size = torch.tensor(ddf.shape[-3:], dtype=torch.float64)
-    scale = torch.tensor(FRAME, dtype=torch.float64) / size
+    frame = torch.tensor(FRAME, dtype=torch.float64)
     p = torch.as_tensor(pts, dtype=torch.float64)
-    norm = (2 * p + 1) / torch.tensor(FRAME, dtype=torch.float64) - 1  # align_corners=False
+    norm = (2 * p + (0 if reference_sampling else 1)) / frame - 1  # align_corners=False
     grid = norm.flip(-1).view(1, -1, 1, 1, 3).to(ddf)
     u = F.grid_sample(ddf, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    u = u.view(3, -1).T.double().cpu() * scale
+    u = u.view(3, -1).T.double().cpu() * frame / size
     return (p + u).numpy()
 
 
-def tre(ddf, fixed_pts, moving_pts):
-    """Per-landmark TRE (mm): |fixed + u(fixed) - moving|, u the fixed->moving ddf (data README).
-    ddf=None gives the initial TRE |fixed - moving|."""
-    mapped = fixed_pts if ddf is None else displace_points(ddf, fixed_pts)
-    return np.linalg.norm(mapped - moving_pts, axis=1)
+def tre(fields, fixed_pts, moving_pts, direction="reference"):
+    """Per-landmark TRE (mm). fields = (ddf, ddf_inv) of a registration (ddf: fixed -> moving), or
+    None for the initial TRE |fixed - moving|. direction "reference": the moving landmarks mapped
+    by the moving -> fixed field ddf_inv with the reference's sampling, compared with the fixed
+    ones (the convention of paper_tre_val.csv); "fixed": fixed landmarks mapped by ddf, compared
+    with the moving ones (Lung250M-4B / Learn2Reg)."""
+    if fields is None:
+        return np.linalg.norm(fixed_pts - moving_pts, axis=1)
+    if direction == "reference":
+        return np.linalg.norm(displace_points(fields[1], moving_pts, reference_sampling=True) - fixed_pts, axis=1)
+    if direction == "fixed":
+        return np.linalg.norm(displace_points(fields[0], fixed_pts) - moving_pts, axis=1)
+    raise ValueError(f"direction must be one of {TRE_DIRECTIONS}, got {direction!r}")
 
 
 def summary(values):

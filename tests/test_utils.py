@@ -48,8 +48,24 @@ def test_tre_convention_on_known_translation():
         size = utils.grid_shape(factor) if factor > 1 else (32, 26, 32)
         f = factor if factor > 1 else 8
         ddf = torch.tensor(shift / f, dtype=torch.float32).view(1, 3, 1, 1, 1).expand(1, 3, *size).contiguous()
-        assert np.allclose(utils.tre(ddf, fixed, moving), 0, atol=1e-4)
-        assert np.allclose(utils.tre(ddf * 0.5, fixed, moving), np.linalg.norm(shift) / 2, atol=1e-4)
+        for direction in utils.TRE_DIRECTIONS:  # a constant field: both directions, both samplings agree
+            assert np.allclose(utils.tre((ddf, -ddf), fixed, moving, direction), 0, atol=1e-4)
+            assert np.allclose(utils.tre((ddf * 0.5, -ddf * 0.5), fixed, moving, direction),
+                               np.linalg.norm(shift) / 2, atol=1e-4)
+
+
+def test_tre_directions_differ_by_the_reference_sampling():
+    """A field varying along i: the reference samples ddf_inv at p - 0.5 (1 mm voxels), so its TRE
+    differs from exact sampling by the field's slope x 0.5 voxel; `fixed` maps the other landmarks."""
+    size = (64, 52, 64)  # 4 mm grid
+    i = torch.arange(size[0], dtype=torch.float32)
+    inv = torch.zeros(1, 3, *size)
+    inv[0, 0] = (0.02 * i).view(-1, 1, 1)  # u_i(x) = 0.02 * (4 mm voxel index) in 4 mm voxels
+    moving = np.array([[100.0, 80.0, 120.0]])
+    fixed = utils.displace_points(inv, moving)  # exact: where ddf_inv sends the moving landmark
+    ref = utils.tre((torch.zeros_like(inv), inv), fixed, moving, "reference")
+    assert abs(ref[0] - 0.02 * 0.5) < 1e-4  # slope 0.02 mm per mm x the half-voxel (0.5 mm) offset
+    assert utils.tre((-inv, inv), moving, moving, "fixed")[0] > 0.1
 
 
 def test_summary_dice_and_jacobian():

@@ -109,7 +109,8 @@ def test_training_on_phantoms_raises_dice_and_tokens_round_trip(pairs, tmp_path)
     loaded, cfg = infer_vqae.load_vqae(ck, device=torch.device("cpu"))
     assert cfg == train_vqae.model_config("demo")
     with torch.no_grad():
-        fp, mp = VQAE.pair_probs(loaded.decode_tokens(tok.reshape(len(tok), -1), tok.shape[1:]), data.shape[-3:])
+        fp, mp = VQAE.pair_probs(loaded.decode_tokens(tok.reshape(len(tok), -1), tok.shape[1:]), data.shape[-3:],
+                                 calibrate=True)
     assert torch.allclose(torch.stack([fp, mp], 1), probs, atol=1e-4)
     assert torch.equal(infer_vqae.encode_pairs(loaded, data), tok)
     # stage 2 script: token file + augmented copies
