@@ -58,8 +58,10 @@ def evaluate_pair(net, cfg, data, case, lms, iter_tta, tta_lr, device, loss="per
             fields_tta = tta.fields(v1, v2, size)
     seconds = time.time() - t
     res = {"case": case, "seconds": seconds}
+    other = [d for d in utils.TRE_DIRECTIONS if d != direction][0]
     for k, fields in zip(KEYS, (None, fields_net, fields_tta)):
         res[k] = utils.tre(fields, *lms, direction=direction)
+        res[f"{k}_{other}"] = utils.tre(fields, *lms, direction=other)  # the other convention, for comparison
     # Dice of the vessel masks at the finest resolution the files offer (1 mm for real scans)
     f0 = native_factor(paths[0])
     fm, mm = (utils.framed_volume(p, f0)[None, None] for p in paths)
@@ -113,6 +115,8 @@ def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset="cpu", ove
         s = utils.summary(np.concatenate([r[k] for r in results]))
         summ.update({f"tre_{k}_{q}": v for q, v in s.items()})
         summ[f"dice_{k}"] = float(np.mean([r[f"dice_{k}"] for r in results]))
+        other = [d for d in utils.TRE_DIRECTIONS if d != direction][0]
+        summ[f"tre_{k}_mean_{other}_direction"] = float(np.concatenate([r[f"{k}_{other}"] for r in results]).mean())
     for k in ("folding_pct", "std_logjac", "seconds"):
         summ[k if k != "seconds" else "seconds_per_pair"] = float(np.mean([r[k] for r in results]))
     summ.update(num_pairs=len(results), num_landmarks=len(rows))
@@ -130,6 +134,9 @@ def table(s):
                       for k in KEYS]
     lines.append(f"{s['num_pairs']} pairs, {s['num_landmarks']} landmarks; folding {s['folding_pct']:.3f} %, "
                  f"std log|J| {s['std_logjac']:.3f}, {s['seconds_per_pair']:.1f} s per pair")
+    other = [d for d in utils.TRE_DIRECTIONS if d != s["tre_direction"]][0]
+    lines.append(f"TRE direction {s['tre_direction']}; in the {other} direction: net "
+                 f"{s[f'tre_net_mean_{other}_direction']:.2f}, tta {s[f'tre_tta_mean_{other}_direction']:.2f} mm")
     return "\n".join(lines)
 
 
