@@ -262,6 +262,7 @@ class RegistrationNet(nn.Module):
         x, size = utils.pad_to_multiple(x, self.multiple)  # MONAI UNet needs sizes divisible by its stride
         o_ab, o_ba = utils.crop_to(self.unets[step](x), size).float().chunk(2)
         v = (torch.tanh(o_ab) - torch.tanh(o_ba)) * self.max_velocity
+        v = v.flip(1)  # the reference reads the UNet's channels as grid_sample's (x, y, z) = axes (D, W, H)
         k, p = self.pool_kernel, self.pool_kernel // 2
         for s in self.pool_strides:  # the seed's smoothing: avg-pool 7 (stride 2, 2, then 1, 1),
             for ax in range(3):      # computed as three exact 1D box filters (7 instead of 343 taps)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 import utils
 from models import TokenTransformer, VQAE
 
-PAPER_GRID, PAPER_CODES = (16, 13, 16), 1024
+PAPER_GRID, PAPER_CODES, PAPER_BATCH = (16, 13, 16), 1024, 8
 # grid: token grid the preset's VQ-AE produces; codes None = the tokens file's codebook size.
 # samples: iterations x batch (paper: 15000 * 8 // BATCH_SIZE iterations); val_repeats: draws per val grid
 # reference_batches: the reference's training details - batches of distinct grids (randperm), the
