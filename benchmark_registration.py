@@ -29,6 +29,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tta", type=int, default=30)
+    ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
     a = ap.parse_args(argv)
     if a.data is None:
         import make_phantoms
@@ -44,19 +45,24 @@ def main(argv=None):
     seed.load_state_dict(fast.state_dict())
     mid.load_state_dict(fast.state_dict())
     nets = {f"{a.preset} preset": fast, "exp on the velocity grid": mid, "seed-style (exp at input grid)": seed}
+    dev = utils.get_device(a.device)  # times on the GPU when there is one
+    for net in (fast, mid, seed):
+        net.to(dev)
+    pairs = pairs.to(dev)
     x = pairs[torch.arange(a.batch) % len(ids)]
     grid = fast.velocity(0, x[:, :1], x[:, 1:]).shape[2:]
     print(f"input {tuple(x.shape)}, velocity grid {tuple(grid)}, {a.preset} preset integrates on "
           f"{tuple(-(-n // fast.exp_coarsen) for n in grid)}")
 
     times = {k: [] for k in nets}
-    cpu = torch.device("cpu")
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
     opts = {k: [torch.optim.Adam(u.parameters(), lr=0.0) for u in net.unets] for k, net in nets.items()}  # weights stay
     for step in range(a.steps + 1):  # interleaved, so machine noise hits both alike; step 0 = warm-up
         for k, net in nets.items():
+            utils.synchronize(dev)
             t = time.perf_counter()
-            train_step(net, opts[k], scaler, x[:, :1], x[:, 1:], PRESETS[a.preset]["reg"], cpu)
+            train_step(net, opts[k], scaler, x[:, :1], x[:, 1:], PRESETS[a.preset]["reg"], dev)
+            utils.synchronize(dev)
             if step:
                 times[k].append(time.perf_counter() - t)
     for k, v in times.items():
@@ -71,9 +77,10 @@ def main(argv=None):
         tta = copy.deepcopy(net)
         t = time.perf_counter()
         _, (v1, v2) = optimise(tta, lambda i: (fixed, moving), a.tta, PRESETS[a.preset]["tta_lr"],
-                               PRESETS[a.preset]["reg"], cpu, desc=k[:10])
+                               PRESETS[a.preset]["reg"], dev, desc=k[:10])
         with torch.no_grad():
-            fields[k] = tta.fields(v1, v2, fixed.shape[2:])
+            fields[k] = [f.cpu() for f in tta.fields(v1, v2, fixed.shape[2:])]
+        utils.synchronize(dev)
         print(f"{k:36s} TTA {a.tta} it on {case}: TRE {utils.tre(fields[k], *lms).mean():.2f} mm "
               f"(initial {utils.tre(None, *lms).mean():.2f}), {time.perf_counter() - t:.1f} s")
     d = (fields[list(nets)[0]][0] - fields[list(nets)[-1]][0]).norm(dim=1) * cfg["factor"]

@@ -149,7 +149,7 @@ def diffusion_step(model, opt, scaler, sched, x0, loss_scale=1.0):
 
 
 def train(preset, tokens, out, batch, grid, codes, iters=None, val=None, vqae=None, seed=0, resume=False,
-          overwrite=False, device=None, extra=None):
+          overwrite=False, device=None, extra=None, compile=False):
     """Train on token grids (N, L); `val` (M, L) or None; `vqae` (model) for figures; `extra` is
     stored in the checkpoint (its 'factor': the VQ-AE's). Returns the model."""
     p, config = PRESETS[preset], model_config(preset, grid, codes)
@@ -157,6 +157,7 @@ def train(preset, tokens, out, batch, grid, codes, iters=None, val=None, vqae=No
     iters = iters or p["samples"] // batch
     utils.seed_all(seed)
     model = build(config).to(device)
+    utils.compile_modules([model], compile)
     opt = torch.optim.Adam(model.parameters(), lr=p["lr"])
     ref = p.get("reference_batches", False)
     warm = p["warmup"]
@@ -227,6 +228,8 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from --out")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the network(s) in place, as the reference does (checkpoints unchanged)")
     a = ap.parse_args(argv)
     if a.batch_size < 1 or (a.iters is not None and a.iters < 1):
         raise utils.DataError("BATCH_SIZE and --iters must be positive")
@@ -251,7 +254,7 @@ def main(argv=None):
     extra = {"tokens": os.path.abspath(a.tokens), "case_ids": ids, "factor": factor,
              "vqae": a.vqae and os.path.abspath(a.vqae)}
     model = train(a.preset, tokens, out, a.batch_size, grid, codes, a.iters, val, vqae, a.seed, a.resume, a.overwrite,
-          device=a.device, extra=extra)
+          device=a.device, extra=extra, compile=a.compile)
     print(f"wrote {out}{utils.peak_memory(model.pos.device)}")
 
 

@@ -129,7 +129,7 @@ def optimise(net, batches, iters, lr, reg, device, desc="train", on_step=None, s
 
 
 def train(batch_size, data, preset="cpu", iters=None, out=None, seed=0, resume=False, overwrite=False, log=print,
-          loss="per-step", device=None):
+          loss="per-step", device=None, compile=False):
     """Train on all pairs of `data`; returns the checkpoint path."""
     p, cfg = PRESETS[preset], config_of(preset)
     iters = iters or p["iters"] or 2500 // batch_size * 4
@@ -141,6 +141,7 @@ def train(batch_size, data, preset="cpu", iters=None, out=None, seed=0, resume=F
     pairs = utils.to_device_if_fits(pairs.half(), device)  # exact for masks pooled by 2 or 4; fp16 maps as the reference
     utils.seed_all(seed)
     net, start, opt_state = build_net(cfg).to(device), 0, None
+    utils.compile_modules(net.unets, compile)
     if resume and os.path.exists(out):
         ck = utils.load_checkpoint(out, "regnet", cfg)
         net.load_state_dict(ck["state"])
@@ -189,10 +190,13 @@ def main(argv=None):
     ap.add_argument("--loss", choices=LOSSES, default="per-step",
                     help="per-step: each UNet its own loss (the reference); composed: one loss on the composed field")
     ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the network(s) in place, as the reference does (checkpoints unchanged)")
     a = ap.parse_args(argv)
     if a.batch_size < 1:
         raise utils.DataError(f"BATCH_SIZE must be >= 1, got {a.batch_size}")
-    train(a.batch_size, a.data, a.preset, a.iters, a.out, a.seed, a.resume, a.overwrite, loss=a.loss, device=a.device)
+    train(a.batch_size, a.data, a.preset, a.iters, a.out, a.seed, a.resume, a.overwrite, loss=a.loss, device=a.device,
+          compile=a.compile)
 
 
 if __name__ == "__main__":

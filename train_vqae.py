@@ -177,13 +177,15 @@ def plot_log(rows, path):
     utils.save_figure(fig, path)
 
 
-def train(preset, data, out, batch, iters=None, val=None, seed=0, resume=False, overwrite=False, device=None):
+def train(preset, data, out, batch, iters=None, val=None, seed=0, resume=False, overwrite=False, device=None,
+          compile=False):
     """Train on `data` (N, 2, H, W, D) at the preset's factor; `val` likewise or None. Returns the model."""
     p, config = PRESETS[preset], model_config(preset)
     device = utils.get_device(device)
     iters = iters or p["samples"] // batch
     utils.seed_all(seed)
     model = build(config).to(device)
+    utils.compile_modules([model], compile)
     opt = torch.optim.Adam(model.parameters(), lr=p["lr"])
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=max(1, iters // 7), T_mult=2)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
@@ -259,6 +261,8 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from --out")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the network(s) in place, as the reference does (checkpoints unchanged)")
     a = ap.parse_args(argv)
     if a.batch_size < 1 or (a.iters is not None and a.iters < 1):
         raise utils.DataError("BATCH_SIZE and --iters must be positive")
@@ -271,7 +275,8 @@ def main(argv=None):
     patch = PRESETS[a.preset]["patch"]
     if patch and any(s < patch for s in data.shape[-3:]):
         raise utils.DataError(f"{a.data}: volumes {tuple(data.shape[-3:])} smaller than the {patch}^3 patch")
-    model = train(a.preset, data, out, a.batch_size, a.iters, val, a.seed, a.resume, a.overwrite, a.device)
+    model = train(a.preset, data, out, a.batch_size, a.iters, val, a.seed, a.resume, a.overwrite, a.device,
+                  a.compile)
     print(f"wrote {out}{utils.peak_memory(model.codebook.weight.device)}")
 
 

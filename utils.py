@@ -76,6 +76,20 @@ def to_device_if_fits(x, device, share=0.25):
     return x.pin_memory()
 
 
+def compile_modules(modules, enabled):
+    """torch.compile each module in place (nn.Module.compile): the state_dict keys stay the same,
+    so checkpoints of compiled and eager runs are interchangeable."""
+    if enabled:
+        for m in modules:
+            m.compile()
+
+
+def synchronize(device):
+    """Wait for the GPU's queued work (for timing); nothing to wait for on a CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def peak_memory(device):
     """', peak GPU memory X GiB' on CUDA (torch.cuda.max_memory_allocated), '' elsewhere."""
     if torch.device(device).type != "cuda":

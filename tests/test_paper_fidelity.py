@@ -240,6 +240,15 @@ def test_registration_activation_estimate_at_paper_batch():
     assert per_step <= 12 * 2 ** 30 < estimate_memory.registration(8, "composed")
 
 
+def test_compile_keeps_checkpoint_keys():
+    """--compile compiles in place: a compiled model's state_dict loads into an eager one."""
+    net = RegistrationNet(channels=(4, 8, 8, 8, 8, 8))
+    keys = list(net.state_dict())
+    utils.compile_modules(net.unets, True)
+    assert list(net.state_dict()) == keys
+    RegistrationNet(channels=(4, 8, 8, 8, 8, 8)).load_state_dict(net.state_dict())
+
+
 def test_meta_catches_a_host_sync():
     """The premise of the tests above: a host synchronisation on a meta tensor fails."""
     with pytest.raises(RuntimeError):
