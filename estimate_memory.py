@@ -70,7 +70,7 @@ def diffusion(batch):
 def registration(batch, loss):
     net = RegistrationNet().to(META)  # the paper configuration
     fixed = torch.zeros(batch, 1, *utils.grid_shape(train_registration.PRESETS["paper"]["factor"]), device=META)
-    reg = train_registration.PRESETS["paper"]["reg"]
+    reg = train_registration.REG
     with SavedBytes(net.parameters()) as s:
         if loss == "composed":
             v1 = net.step_velocity(0, fixed, fixed)
@@ -90,14 +90,14 @@ def main(argv=None):
     ap.add_argument("--vqae-batch", type=int, default=8)
     ap.add_argument("--diffusion-batch", type=int, default=train_diffusion.PAPER_BATCH)
     ap.add_argument("--registration-batch", type=int, default=8)
-    a = ap.parse_args(argv)
-    if min(a.vqae_batch, a.diffusion_batch, a.registration_batch) < 1:
+    args = ap.parse_args(argv)
+    if min(args.vqae_batch, args.diffusion_batch, args.registration_batch) < 1:
         raise utils.DataError("batch sizes must be >= 1")
-    rows = [(f"VQ-AE batch {a.vqae_batch} of 128^3 patches", vqae(a.vqae_batch)),
-            (f"diffusion batch {a.diffusion_batch} of 3328 tokens (math attention: meta saves the 3328^2 attention "
-             f"maps; CUDA's flash kernel does not)", diffusion(a.diffusion_batch)),
-            (f"registration composed batch {a.registration_batch}", registration(a.registration_batch, "composed")),
-            (f"registration per-step batch {a.registration_batch}", registration(a.registration_batch, "per-step"))]
+    rows = [(f"VQ-AE batch {args.vqae_batch} of 128^3 patches", vqae(args.vqae_batch)),
+            (f"diffusion batch {args.diffusion_batch} of 3328 tokens (math attention: meta saves the 3328^2 attention "
+             f"maps; CUDA's flash kernel does not)", diffusion(args.diffusion_batch)),
+            (f"registration composed batch {args.registration_batch}", registration(args.registration_batch, "composed")),
+            (f"registration per-step batch {args.registration_batch}", registration(args.registration_batch, "per-step"))]
     print("saved activations of one training step (fp32 on meta; an upper bound for fp16 autocast):")
     for name, b in rows:
         print(f"{name}: {b / GIB:.1f} GiB")

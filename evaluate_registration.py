@@ -1,10 +1,11 @@
 """Stage 6: evaluate a registration net on pairs with landmarks: TRE, Dice, folding, time.
 
-    python evaluate_registration.py ITER_TTA CKPT [--preset cpu] [--data FOLDER]
-                                    [--landmarks FOLDER] [--out PREFIX] [--overwrite]
+    python evaluate_registration.py [ITER_TTA] [CKPT] [--preset cpu] [--data FOLDER] [--landmarks FOLDER]
+                                    [--out PREFIX] [--seed S] [--overwrite] [--loss per-step|composed]
+                                    [--tre-direction reference|fixed] [--device D]
 
-CKPT = none evaluates an untrained net, i.e. pure instance optimisation (the "no training data"
-baseline). Writes PREFIX.csv (per landmark), PREFIX.json (summary) and PREFIX.png (MIPs).
+CKPT = none evaluates an untrained net of --preset, i.e. pure instance optimisation (the "no
+training data" baseline); a checkpoint names its own preset. Writes PREFIX.csv (per landmark), PREFIX.json (summary) and PREFIX.png (MIPs).
 """
 import argparse
 import copy
@@ -16,21 +17,21 @@ import numpy as np
 import torch
 
 import utils
-from train_registration import LOSSES, PRESETS, build_net, config_of, optimise
+from models import RegistrationNet
+from train_registration import LOSSES, PRESETS, REG, TTA_LR, config_of, optimise
 
 KEYS = ("initial", "net", "tta")
 
 
 def load_model(ckpt, preset, seed=0):
-    """(net, config) from a checkpoint, or an untrained net of `preset` for CKPT = none."""
+    """A trained net from its checkpoint (which names its preset), or an untrained net of `preset`
+    for CKPT = none."""
     if ckpt == "none":
         utils.seed_all(seed)
-        cfg = config_of(preset)
-        return build_net(cfg), cfg
-    ck = utils.load_checkpoint(ckpt, "regnet")
-    net = build_net(ck["config"])
-    net.load_state_dict(ck["state"])
-    return net, ck["config"]
+        net = RegistrationNet.build(config_of(preset))
+        net.config = config_of(preset)
+        return net
+    return RegistrationNet.from_checkpoint(ckpt, device=torch.device("cpu"))
 
 
 def native_factor(path):
@@ -38,12 +39,12 @@ def native_factor(path):
     return utils.frame_factor(nib.load(path).shape[:3]) or 1
 
 
-def evaluate_pair(net, cfg, data, case, lms, iter_tta, tta_lr, device, loss="per-step", direction="reference"):
+def evaluate_pair(net, data, case, lms, iter_tta, device, loss="per-step", direction="reference"):
     """Register one pair without and with test-time adaptation; returns metrics and fields.
     As the reference: the net alone under autocast; TTA adapts a copy of both UNets with the training
     loss and is measured on the fields of its last iteration's forward pass (before that update)."""
     paths = [os.path.join(data, f"{case}_{k}.nii.gz") for k in (1, 2)]
-    fixed, moving = (utils.framed_volume(p, cfg["factor"])[None, None].to(device) for p in paths)
+    fixed, moving = (utils.framed_volume(p, net.config["factor"])[None, None].to(device) for p in paths)
     size = fixed.shape[2:]
     t = time.time()
     net.eval()
@@ -52,8 +53,7 @@ def evaluate_pair(net, cfg, data, case, lms, iter_tta, tta_lr, device, loss="per
     fields_tta = fields_net
     if iter_tta > 0:
         tta = copy.deepcopy(net).train()
-        _, (v1, v2) = optimise(tta, lambda i: (fixed, moving), iter_tta, tta_lr, PRESETS[cfg["preset"]]["reg"],
-                               device, desc=case, loss=loss)
+        _, (v1, v2) = optimise(tta, lambda i: (fixed, moving), iter_tta, TTA_LR, REG, device, desc=case, loss=loss)
         with torch.no_grad():
             fields_tta = tta.fields(v1, v2, size)
     seconds = time.time() - t
@@ -64,12 +64,15 @@ def evaluate_pair(net, cfg, data, case, lms, iter_tta, tta_lr, device, loss="per
         res[f"{k}_{other}"] = utils.tre(fields, *lms, direction=other)  # the other convention, for comparison
     # Dice of the vessel masks at the finest resolution the files offer (1 mm for real scans)
     f0 = native_factor(paths[0])
-    fm, mm = (utils.framed_volume(p, f0)[None, None] for p in paths)
+    fixed_mask, moving_mask = (utils.framed_volume(p, f0)[None, None] for p in paths)
     for k, fields in zip(KEYS, (None, fields_net, fields_tta)):
-        warped = mm if fields is None else utils.warp(mm, utils.resize_ddf(fields[0].cpu(), fm.shape[2:]))
-        res[f"dice_{k}"] = utils.dice(fm, warped)
+        if fields is None:
+            warped = moving_mask
+        else:
+            warped = utils.warp(moving_mask, utils.resize_ddf(fields[0].cpu(), fixed_mask.shape[2:]))
+        res[f"dice_{k}"] = utils.dice(fixed_mask, warped)
     res["folding_pct"], res["std_logjac"] = utils.jacobian_stats(fields_tta[0].cpu())
-    res["mips"] = (fm[0, 0].numpy(), mm[0, 0].numpy(), warped[0, 0].numpy())  # warped = after TTA
+    res["mips"] = (fixed_mask[0, 0].numpy(), moving_mask[0, 0].numpy(), warped[0, 0].numpy())  # warped = after TTA
     return res
 
 
@@ -90,26 +93,33 @@ def figure(results, path, n=3):
     utils.save_figure(fig, path)
 
 
-def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset="cpu", overwrite=False, seed=0, log=print,
+def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, overwrite=False, seed=0, log=print,
              loss="per-step", direction="reference", device=None):
     """Evaluate every pair of `data` against `landmarks`; writes out.csv/json/png, returns summary."""
     landmarks = landmarks or os.path.join(data, "landmarks")
-    for ext in (".csv", ".json", ".png"):
-        utils.check_output(out + ext, overwrite)
+    if iter_tta < 0:
+        raise utils.DataError(f"ITER_TTA must be >= 0, got {iter_tta}")
+    utils.check_seed(seed)
+    utils.check_output([out + ext for ext in (".csv", ".json", ".png")], overwrite)
     cases = utils.find_pairs(data)
     lms = {c: utils.read_landmarks(os.path.join(landmarks, f"{c}.csv")) for c in cases}  # check all first
-    net, cfg = load_model(ckpt, preset, seed)
+    for c in cases:  # and every volume, so a broken file never ends a run after hours of work
+        for k in (1, 2):
+            utils.load_volume(os.path.join(data, f"{c}_{k}.nii.gz"))
+    net = load_model(ckpt, preset or "cpu", seed)
+    if preset is not None and net.config["preset"] != preset:
+        log(f"note: {ckpt} is a '{net.config['preset']}' checkpoint; its preset is used, not --preset {preset}")
     device = utils.get_device(device)
     net.to(device)
     results = []
     for c in cases:
-        results.append(evaluate_pair(net, cfg, data, c, lms[c], iter_tta, PRESETS[cfg["preset"]]["tta_lr"], device,
-                                     loss, direction))
+        results.append(evaluate_pair(net, data, c, lms[c], iter_tta, device, loss, direction))
         r = results[-1]
         log(f"{c}: TRE {r['initial'].mean():6.2f} -> net {r['net'].mean():6.2f} -> tta {r['tta'].mean():6.2f} mm"
             f"  Dice {r['dice_initial']:.3f} -> {r['dice_tta']:.3f}  ({r['seconds']:.1f} s)")
-    rows = [[r["case"], i, *(f"{r[k][i]:.4f}" for k in KEYS)] for r in results for i in range(len(r["initial"]))]
-    summ = {"checkpoint": ckpt, "preset": cfg["preset"], "iter_tta": iter_tta, "tta_loss": loss,
+    rows = [{"case": r["case"], "landmark": i, **{k: f"{r[k][i]:.4f}" for k in KEYS}}
+            for r in results for i in range(len(r["initial"]))]
+    summ = {"checkpoint": ckpt, "preset": net.config["preset"], "iter_tta": iter_tta, "tta_loss": loss,
             "tre_direction": direction}
     for k in KEYS:
         s = utils.summary(np.concatenate([r[k] for r in results]))
@@ -144,7 +154,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("iter_tta", type=int, nargs="?", default=50)
     ap.add_argument("ckpt", nargs="?", default="regnets_state_dilated_vessels.pth")
-    ap.add_argument("--preset", choices=PRESETS, default="cpu", help="net and resolution for CKPT = none")
+    ap.add_argument("--preset", choices=PRESETS, help="net and resolution for CKPT = none (default cpu); "
+                    "a checkpoint brings its own")
     ap.add_argument("--data", default="dilated_vessels")
     ap.add_argument("--landmarks", help="folder of case_XXX.csv (default DATA/landmarks)")
     ap.add_argument("--out", default="eval", help="output prefix")

@@ -41,7 +41,10 @@ def random_tree(rng, generations=9, root_length=20.0, shrink=(0.8, 0.92), r0=6.5
     d = unit(np.concatenate([trunks * s for s in mirror]) + rng.normal(0, 0.15, h.shape))
     length, segs = np.full(len(a), root_length), []  # segs: (start, end, radius) per generation
     crowd = np.zeros([s // 8 for s in utils.FRAME])  # branch ends per 8 mm cell: steers children to gaps
-    cell = lambda p: tuple(np.clip(p // 8, 0, np.array(crowd.shape) - 1).astype(int).T)  # noqa: E731
+
+    def cell(p):
+        return tuple(np.clip(p // 8, 0, np.array(crowd.shape) - 1).astype(int).T)
+
     for g in range(generations):
         b = a + d * length[:, None]
         segs.append((a, b, np.full(len(a), 1 + r0 * decay ** g)))

@@ -1,5 +1,6 @@
 """One class per paper component. Each no-argument constructor builds the paper configuration;
-the other presets pass keyword arguments (their tables live in the stage scripts).
+the other presets pass keyword arguments (their tables live in the stage scripts). Every class
+loads itself from its checkpoint: Class.from_checkpoint(path).
 
   VQAE             paired 3D VQ-autoencoder           (B, 2, H, W, D) masks  <-> (B, h, w, d) token ids
   TokenTransformer absorbing-diffusion denoiser        (B, L) ids (mask = K)  ->  (B, L, K) logits
@@ -7,6 +8,7 @@ the other presets pass keyword arguments (their tables live in the stage scripts
 """
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -14,9 +16,57 @@ from monai.networks.nets import AutoEncoder, UNet
 
 import utils
 
+# ======================================================================== checkpoints
+def model_config(preset, factor, model_kwargs, **more):
+    """The config every checkpoint stores next to its weights: {preset, factor (the data's frame
+    pooling), model: constructor kwargs, ...}. Tuples become lists (what torch.load gives back)."""
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in model_kwargs.items()}
+    return {"preset": preset, "factor": factor, "model": kwargs, **more}
+
+
+class Checkpointed(nn.Module):
+    """A network that rebuilds itself from a checkpoint written by utils.save_checkpoint with its
+    `kind` and a model_config: Class.from_checkpoint(path) -> the model in eval mode, with
+    .config (the config), .saved (the checkpoint's other entries, weights and optimiser left out)
+    and .path."""
+
+    kind = None
+    TRAINING_STATE = ("state", "optimizer", "optimisers", "scheduler", "scaler", "rng")
+
+    @classmethod
+    def build(cls, config):
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()})
+
+    def load_weights(self, state, path):
+        """load_state_dict, with a mismatch reported as one line naming the file."""
+        try:
+            self.load_state_dict(state)
+        except RuntimeError:
+            raise utils.DataError(f"{path}: weights do not match the stored model config")
+
+    @classmethod
+    def from_checkpoint(cls, path, device=None, preset=None):
+        """preset: refuse a checkpoint of another preset."""
+        ck = utils.load_checkpoint(path, cls.kind)
+        cfg = ck["config"]
+        if not isinstance(cfg, dict) or not {"preset", "factor", "model"} <= set(cfg):
+            raise utils.DataError(f"{path}: checkpoint config lacks preset / factor / model (an older layout?)")
+        if preset is not None and cfg["preset"] != preset:
+            raise utils.DataError(f"{path}: is a '{cfg['preset']}' {cls.kind} checkpoint, expected '{preset}'")
+        try:
+            model = cls.build(cfg)
+        except TypeError as e:
+            raise utils.DataError(f"{path}: model config does not build a {cls.__name__} ({e})")
+        model.load_weights(ck["state"], path)
+        model.config = cfg
+        model.saved = {k: v for k, v in ck.items() if k not in cls.TRAINING_STATE}
+        model.path = path
+        return model.to(device or utils.get_device()).eval()
+
+
 # ======================================================================== VQ-AE (stage 1-2)
 
-class VQAE(nn.Module):
+class VQAE(Checkpointed):
     """Paired 3D VQ-autoencoder (stage 1-2): fixed + moving vessel masks as two input channels ->
     one grid of discrete tokens -> 4 output logits (channels 0-1: fixed background/vessel,
     2-3: moving background/vessel; a softmax over each pair gives the probabilities).
@@ -30,6 +80,8 @@ class VQAE(nn.Module):
     with the loss ||sg[z_q] - z||^2 + beta ||z_q - sg[z]||^2 (beta = 0.25 on the codebook term:
     the ordering of taming-transformers' 'legacy' quantiser) and a uniform(+-1/K) initialisation.
     """
+
+    kind = "vqae"
 
     def __init__(self, channels=(48, 48, 64, 64, 128, 192, 256, 384), strides=(1, 2, 1, 2, 1, 2, 1, 2),
                  num_codes=1024, beta=0.25):
@@ -91,6 +143,32 @@ class VQAE(nn.Module):
         zq, loss, ids = self.encode(x)
         return self.decode(zq), loss, ids
 
+    def fingerprint(self):
+        """A number that identifies the codebook (tokens only mean something with their decoder)."""
+        return float(self.codebook.weight.detach().cpu().double().abs().sum())
+
+    @torch.no_grad()
+    def reconstruct(self, pairs, keep_probs=False):
+        """Whole pairs (N, 2, H, W, D), one at a time -> token ids (N, h, w, d), Dice (N, 2) [fixed,
+        moving] of the reconstruction (calibrated, threshold 0.5) and, if asked, the probabilities
+        (N, 2, H, W, D) on the CPU."""
+        was_training = self.training
+        self.eval()
+        dev = self.codebook.weight.device
+        ids, dices, probs = [], [], []
+        for x in pairs:
+            x = x[None].to(dev).float()
+            xp, size = utils.pad_to_multiple(x, self.stride)
+            with utils.autocast(dev):
+                zq, _, t = self.encode(xp)
+                fixed, moving = VQAE.pair_probs(self.decode(zq), size, calibrate=True)
+            ids.append(t[0].cpu())
+            dices.append([utils.dice(fixed[0], x[0, 0]), utils.dice(moving[0], x[0, 1])])
+            if keep_probs:
+                probs.append(torch.stack([fixed[0], moving[0]]).cpu())
+        self.train(was_training)
+        return torch.stack(ids), np.array(dices), (torch.stack(probs) if keep_probs else None)
+
     CLASS_WEIGHTS = (1.0, 2.5)  # the paper's cross-entropy weights (background, vessel)
 
     @staticmethod
@@ -115,7 +193,7 @@ class VQAE(nn.Module):
 
 
 # ======================================================================== absorbing diffusion (stage 3-4)
-class TokenTransformer(nn.Module):
+class TokenTransformer(Checkpointed):
     """Absorbing-diffusion denoiser over VQ token grids (Austin et al. 2021; Bond-Taylor et al.,
     "Unleashing Transformers", 2022): a bidirectional transformer that predicts the original code
     at every position of a partly masked grid.
@@ -126,20 +204,19 @@ class TokenTransformer(nn.Module):
     GELU, dropout 0.1; embeddings and head N(0, 0.02), the layers PyTorch's default init.
     Attention always runs through F.scaled_dot_product_attention: nn.MultiheadAttention calls it
     (need_weights=False, as TransformerEncoderLayer asks) unless the layer takes its inference
-    "fast path", whose CPU kernel computes attention as bmm-softmax-bmm (slower here: 283 vs 255 ms
-    per forward at the cpu preset) - so forward() switches that path off. SDPA then picks the fused
-    flash kernel (CUDA; on CPU too, except in training with attention dropout, which PyTorch's CPU
-    flash kernel lacks: SDPA falls back to its math backend, 2x slower - hence attn_dropout=0 in
-    the cpu preset). tests/test_diffusion.py checks the kernels with torch.profiler.
+    "fast path", whose CPU kernel computes attention as bmm-softmax-bmm, slower than SDPA's fused
+    kernel - so forward() switches that path off. SDPA then picks the fused flash kernel (CUDA; on
+    CPU too, except in training with attention dropout, which PyTorch's CPU flash kernel lacks:
+    SDPA falls back to its math backend - hence attn_dropout=0 in the cpu preset).
+    tests/test_diffusion.py checks both with SDPA's backend switch.
     """
 
-    T = 256  # diffusion time steps (the seed's)
+    kind = "diffusion"
+    T = 256  # diffusion time steps (the reference implementation's)
 
     def __init__(self, num_codes=1024, seq_len=3328, dim=512, layers=12, heads=16, ff=1024, dropout=0.1,
                  attn_dropout=None):
         super().__init__()
-        self.kwargs = dict(num_codes=num_codes, seq_len=seq_len, dim=dim, layers=layers, heads=heads, ff=ff,
-                           dropout=dropout, attn_dropout=attn_dropout)
         self.num_codes = self.mask_id = num_codes
         self.seq_len = seq_len
         self.tok = nn.Embedding(num_codes + 1, dim)
@@ -177,9 +254,9 @@ class TokenTransformer(nn.Module):
 
     @staticmethod
     def weighted_elbo(logits, x0, masked, t):
-        """The seed's weighted ELBO ('reweighted_elbo' of Unleashing Transformers), per sample:
+        """The reference implementation's weighted ELBO ('reweighted_elbo' of Unleashing Transformers), per sample:
         sum over masked tokens of CE(logits, x0), times (1 - t), / (ln 2 * L): bits per token.
-        (The seed divides by ln 2 * K * L, the shape of its permuted logits: K times smaller.)
+        (The reference divides by ln 2 * K * L, the shape of its permuted logits: K times smaller.)
         logits (B, L, K), x0 (B, L), masked (B, L) bool, t (B,) -> (B,)."""
         ce = F.cross_entropy(logits.float().transpose(1, 2), x0.long(), reduction="none")
         return (ce * masked).sum(1) * (1 - t) / (math.log(2) * x0.shape[1])
@@ -191,11 +268,11 @@ class TokenTransformer(nn.Module):
         return self.weighted_elbo(self(xt), x0, masked, t).mean()
 
     @torch.no_grad()
-    def sample(self, n, steps=256, temp=0.9, schedule="seed", generator=None, device=None, on_step=None):
+    def sample(self, n, steps=256, temp=0.9, schedule="reference", generator=None, device=None, on_step=None):
         """Reverse process: start fully masked; in `steps` denoiser calls unmask every token exactly
         once, drawing it from Categorical(logits / temp) and keeping it. Returns ids (n, L) long.
-        schedule "seed": at step k (0-based) each still-masked token is unmasked with probability
-          1 / (steps - k) (the seed's sampler with steps = 256: a uniformly random order);
+        schedule "reference": at step k (0-based) each still-masked token is unmasked with probability
+          1 / (steps - k) (the reference's sampler with steps = 256: a uniformly random order);
         "linear" / "cosine": a random order too, but exactly L*(1 - s) resp. L*cos(pi/2 s) tokens
           stay masked after a fraction s of the steps (cosine: few tokens first, many at the end,
           as MaskGIT). `generator` (on `device`) makes it reproducible; on_step(k, ids) observes."""
@@ -204,7 +281,7 @@ class TokenTransformer(nn.Module):
         self.eval()
         L = self.seq_len
         x = torch.full((n, L), self.mask_id, dtype=torch.long, device=device)
-        if schedule != "seed":  # random order; position order[:, j] is unmasked j-th from the end
+        if schedule != "reference":  # random order; position order[:, j] is unmasked j-th from the end
             order = torch.rand((n, L), generator=generator, device=device).argsort(1)
             frac = torch.linspace(0, 1, steps + 1)[1:]
             left = (1 - frac) if schedule == "linear" else torch.cos(math.pi / 2 * frac)
@@ -212,7 +289,7 @@ class TokenTransformer(nn.Module):
             left[-1] = 0
         for k in range(steps):
             still = x == self.mask_id
-            if schedule == "seed":
+            if schedule == "reference":
                 change = still & (torch.rand((n, L), generator=generator, device=device) < 1 / (steps - k))
             else:
                 prev = L if k == 0 else left[k - 1]
@@ -231,18 +308,25 @@ class TokenTransformer(nn.Module):
 
 
 # ======================================================================== registration (stage 5)
-class RegistrationNet(nn.Module):
+def _along(axis, value, other):
+    """A 3-tuple with `value` at `axis` and `other` elsewhere (per-axis pooling arguments)."""
+    return tuple(value if i == axis else other for i in range(3))
+
+
+class RegistrationNet(Checkpointed):
     """Two-step inverse-consistent registration ("Inverse Consistency by Construction", Greer et
-    al. 2023), as in the seed. forward(fixed, moving), each (B, 1, H, W, D) in [0, 1], returns
+    al. 2023), as in the reference implementation. forward(fixed, moving), each (B, 1, H, W, D) in [0, 1], returns
     (ddf, ddf_inv), each (B, 3, H, W, D) in voxels of the input grid: warp(moving, ddf) ~ fixed and
     ddf_inv is its exact inverse, because swapping the inputs negates every velocity.
 
-    exp_at="input" is the seed: the smoothed velocity is upsampled to the input grid and squared
+    exp_at="input" is the reference implementation: the smoothed velocity is upsampled to the input grid and squared
     there (12 squarings on ~1.7 M voxels at half resolution). exp_at="velocity" integrates and
     composes on the smooth velocity's own coarse grid (coarsened further by `exp_coarsen`) and
     upsamples only the final fields: the velocity is a heavily averaged field, so the result is
     nearly the same at a fraction of the cost (measured in benchmark_registration.py).
     """
+
+    kind = "regnet"
 
     def __init__(self, channels=(8, 16, 32, 64, 64, 64), strides=(2, 2, 1, 2, 1), max_velocity=0.35,
                  pool_strides=(2, 2, 1, 1), pool_kernel=7, squarings=12, exp_at="input", exp_coarsen=1):
@@ -257,17 +341,16 @@ class RegistrationNet(nn.Module):
 
     def velocity(self, step, a, b):
         """Antisymmetric smooth velocity of step 0/1: v(a, b) = -v(b, a), in normalised units
-        (2 = the whole volume, as the seed's grid_sample grids) on the pooled grid."""
+        (2 = the whole volume, as the reference's grid_sample grids) on the pooled grid."""
         x = torch.cat([torch.cat([a, b], 1), torch.cat([b, a], 1)])  # both orders in one batch
         x, size = utils.pad_to_multiple(x, self.multiple)  # MONAI UNet needs sizes divisible by its stride
         o_ab, o_ba = utils.crop_to(self.unets[step](x), size).float().chunk(2)
         v = (torch.tanh(o_ab) - torch.tanh(o_ba)) * self.max_velocity
         v = v.flip(1)  # the reference reads the UNet's channels as grid_sample's (x, y, z) = axes (D, W, H)
         k, p = self.pool_kernel, self.pool_kernel // 2
-        for s in self.pool_strides:  # the seed's smoothing: avg-pool 7 (stride 2, 2, then 1, 1),
+        for s in self.pool_strides:  # the reference's smoothing: avg-pool 7 (stride 2, 2, then 1, 1),
             for ax in range(3):      # computed as three exact 1D box filters (7 instead of 343 taps)
-                one = lambda a, b: tuple(a if i == ax else b for i in range(3))  # noqa: E731
-                v = F.avg_pool3d(v, one(k, 1), stride=one(s, 1), padding=one(p, 0))
+                v = F.avg_pool3d(v, _along(ax, k, 1), stride=_along(ax, s, 1), padding=_along(ax, p, 0))
         return v
 
     def exp(self, v, size):

@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -28,17 +29,35 @@ import train_registration
 import train_vqae
 import utils
 
-# batch sizes per stage, synthetic pairs, TTA iterations, phantoms made for the demo
+# TTA iterations, augmented token copies per pair, phantoms made for the demo. Batch sizes and the
+# number of synthetic pairs come from each stage's own preset table.
 PRESETS = {
-    "paper": dict(vqae_batch=8, diff_batch=8, reg_batch=8, num_synth=256, tta=50, augment=0),
-    "cpu": dict(vqae_batch=2, diff_batch=32, reg_batch=2, num_synth=256, tta=50, augment=20),
-    "demo": dict(vqae_batch=2, diff_batch=16, reg_batch=2, num_synth=32, tta=10, augment=4, n_train=6, n_val=3),
+    "paper": dict(tta=50, augment=0),
+    "cpu": dict(tta=50, augment=20),
+    "demo": dict(tta=10, augment=4, n_train=6, n_val=3),
 }
 ROWS = {"real": "real training pairs", "synth": "synthetic pairs", "mix": "real + synthetic pairs"}
 
 
+def contents(path):
+    """What a stage reads, for its record: size and modification time of every file below `path`
+    (links followed), so editing, adding or removing any input file re-runs the stage."""
+    if not os.path.isdir(path):
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime]
+    found = {}
+    for root, _, files in os.walk(path, followlinks=True):
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            if os.path.exists(full):  # a dangling link is not an input
+                st = os.stat(full)
+                found[os.path.relpath(full, path)] = [st.st_size, st.st_mtime]
+    return found
+
+
 class Stages:
-    """Runs a stage unless its outputs exist with the same command line (kept in stages.json)."""
+    """Runs a stage unless its outputs exist from a complete run with the same record (kept in
+    stages.json). A training stage killed midway is resumed from its checkpoint (--resume)."""
 
     def __init__(self, out, force):
         self.out, self.force = out, force
@@ -47,37 +66,54 @@ class Stages:
         # seconds per stage, kept across resumed runs (the table reports every stage's share)
         self.times = json.load(open(self.times_path)) if os.path.exists(self.times_path) else {}
 
-    def __call__(self, name, outputs, fn, argv, preset=None, inputs=()):
+    def __call__(self, name, outputs, fn, argv, preset=None, inputs=(), resume=None):
+        """resume: the arguments that continue an interrupted run of the stage (None: it restarts)."""
         # the record: command line, the stage's preset table (editing a preset re-runs the stage) and
-        # the modification times of the files it reads (a re-made checkpoint re-runs what uses it)
+        # the contents of the files it reads (a changed input or re-made checkpoint re-runs it)
         table = getattr(inspect.getmodule(fn), "PRESETS", {}).get(preset)
         argv = [str(a) for a in argv]
         # paths as absolute paths, so `../data` and `/abs/data` for the same folder are the same run
         record = {"argv": [os.path.abspath(a) if os.sep in a else a for a in argv],
                   "preset": json.loads(json.dumps(table, default=str)),
-                  "inputs": {os.path.abspath(i): os.path.getmtime(i) for i in inputs}}
+                  "inputs": {os.path.abspath(i): contents(i) for i in inputs}}
         forced = any(name.startswith(f) for f in self.force)
-        if not forced and self.done.get(name) == record and all(os.path.exists(o) for o in outputs):
+        previous = self.done.get(name, {})
+        same = {k: v for k, v in previous.items() if k != "complete"} == record
+        if not forced and same and previous.get("complete", True) and all(os.path.exists(o) for o in outputs):
             print(f"[pipeline] {name}: done, skipped")
             return
-        for o in outputs:  # stale or forced: start clean
-            shutil.rmtree(o) if os.path.isdir(o) else (os.path.exists(o) and os.remove(o))
+        if resume is not None and not forced and same and not previous.get("complete", True):
+            argv = argv + resume  # killed midway: continue from its last checkpoint
+        else:
+            for o in outputs:  # stale or forced: start clean
+                if os.path.isdir(o):
+                    shutil.rmtree(o)
+                elif os.path.exists(o):
+                    os.remove(o)
         print(f"[pipeline] {name}: {fn.__module__}.py {' '.join(argv)}")
+        self.done[name] = {**record, "complete": False}
+        utils.write_json(self.path, self.done)
         t = time.time()
         fn(argv)
         self.times[name] = time.time() - t
-        self.done[name] = record
+        self.done[name] = {**record, "complete": True}
         utils.write_json(self.path, self.done)
         utils.write_json(self.times_path, self.times)
 
 
 def mix_folder(real, synth, out):
-    """real + synthetic pairs in one folder of symbolic links (names do not collide)."""
+    """real + synthetic pairs in one folder of symbolic links (real_*, synth_*: names never collide),
+    rebuilt on every run so it always mirrors the two folders."""
+    if os.path.isdir(out):
+        for f in os.listdir(out):
+            path = os.path.join(out, f)
+            if not os.path.islink(path):
+                raise utils.DataError(f"{out}: holds {f}, which is not a link this pipeline made")
+            os.remove(path)
     os.makedirs(out, exist_ok=True)
-    for f in glob.glob(os.path.join(real, "case_*_[12].nii.gz")) + glob.glob(os.path.join(synth, "case_*_[12].nii.gz")):
-        link = os.path.join(out, os.path.basename(f))
-        if not os.path.exists(link):
-            os.symlink(os.path.abspath(f), link)
+    for prefix, folder in (("real", real), ("synth", synth)):
+        for f in glob.glob(os.path.join(folder, "case_*_[12].nii.gz")):
+            os.symlink(os.path.abspath(f), os.path.join(out, f"{prefix}_{os.path.basename(f)}"))
     return out
 
 
@@ -106,7 +142,8 @@ def figures(out, evals, real, synth, factor, n=4):
     for row, folder in enumerate((real, synth)):
         for j, c in enumerate(utils.find_pairs(folder)[:n]):
             pair = [utils.framed_volume(os.path.join(folder, f"{c}_{k}.nii.gz"), factor).numpy() for k in (1, 2)]
-            ax[row, j].imshow(utils.mip_rgb(*pair)), ax[row, j].axis("off")
+            ax[row, j].imshow(utils.mip_rgb(*pair))
+            ax[row, j].axis("off")
             ax[row, j].set_title(f"{'real' if row == 0 else 'synthetic'} {c}", fontsize=8)
     utils.save_figure(fig, os.path.join(out, "results_pairs.png"))
 
@@ -162,54 +199,74 @@ def report(out, seeds, times, preset, real=None, synth=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=PRESETS, default="demo")
-    ap.add_argument("--data"), ap.add_argument("--val"), ap.add_argument("--landmarks")
+    ap.add_argument("--data")
+    ap.add_argument("--val")
+    ap.add_argument("--landmarks")
     ap.add_argument("--out")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--num-synth", type=int)
     ap.add_argument("--reg-iters", type=int, help="override the registration preset's iterations")
     ap.add_argument("--force", nargs="*", default=[], metavar="STAGE")
-    a = ap.parse_args(argv)
-    p, P = PRESETS[a.preset], a.preset
-    out = a.out or os.path.join("results", P)
+    args = ap.parse_args(argv)
+    utils.check_positive({"--seeds": args.seeds, "--num-synth": args.num_synth, "--reg-iters": args.reg_iters})
+    preset = args.preset
+    p = PRESETS[preset]
+    out = args.out or os.path.join("results", preset)
     os.makedirs(out, exist_ok=True)
-    run = Stages(out, a.force)
-    if a.data is None:
-        if P != "demo":
+    run = Stages(out, args.force)
+    data, val = args.data, args.val
+    if data is None:
+        if preset != "demo":
             raise utils.DataError("--data is required for the cpu and paper presets")
-        a.data, a.val = os.path.join(out, "phantoms_train"), os.path.join(out, "phantoms_val")
-        run("phantoms_train", [a.data], make_phantoms.main, [a.data, p["n_train"], "--seed", 0])
-        run("phantoms_val", [a.val], make_phantoms.main, [a.val, p["n_val"], "--seed", 1000])
-    if a.val is None:
+        data = os.path.join(out, "phantoms_train")
+        val = os.path.join(out, "phantoms_val")
+        run("phantoms_train", [data], make_phantoms.main, [data, p["n_train"], "--seed", 0])
+        run("phantoms_val", [val], make_phantoms.main, [val, p["n_val"], "--seed", 1000])
+    if val is None:
         raise utils.DataError("--val is required with --data")
-    lms = a.landmarks or os.path.join(a.val, "landmarks")
-    f = lambda name: os.path.join(out, name)  # noqa: E731
-    run("vqae", [f("vqae.pth")], train_vqae.main,
-        [p["vqae_batch"], "--preset", P, "--data", a.data, "--val", a.val, "--out", f("vqae.pth")], P)
-    run("tokens", [f("tokens.pth")], infer_vqae.main,
-        [f("vqae.pth"), "--data", a.data, "--out", f("tokens.pth"), "--augment", p["augment"]], P, [f("vqae.pth")])
+    lms = args.landmarks or os.path.join(val, "landmarks")
+    train_ids = utils.find_pairs(data)  # every input checked before the first stage runs
+    for c in utils.find_pairs(val):
+        utils.read_landmarks(os.path.join(lms, f"{c}.csv"))
+        if c in train_ids and os.path.samefile(os.path.join(data, f"{c}_1.nii.gz"), os.path.join(val, f"{c}_1.nii.gz")):
+            print(f"[pipeline] warning: {c} is both a training and a validation pair", file=sys.stderr)
+
+    def path(name):
+        return os.path.join(out, name)
+
+    run("vqae", utils.log_paths(path("vqae.pth")), train_vqae.main,
+        [train_vqae.PRESETS[preset]["batch"], "--preset", preset, "--data", data, "--val", val, "--out", path("vqae.pth")],
+        preset, [data, val], resume=["--resume"])
+    run("tokens", utils.log_paths(path("tokens.pth")), infer_vqae.main,
+        [path("vqae.pth"), "--data", data, "--out", path("tokens.pth"), "--augment", p["augment"]], preset,
+        [path("vqae.pth"), data])
     # validation pairs' tokens: held-out reconstruction Dice and the diffusion model's validation loss
-    run("tokens_val", [f("tokens_val.pth")], infer_vqae.main,
-        [f("vqae.pth"), "--data", a.val, "--out", f("tokens_val.pth")], P, [f("vqae.pth")])
-    run("diffusion", [f("diffusion.pth")], train_diffusion.main,
-        [p["diff_batch"], f("tokens.pth"), "--val", f("tokens_val.pth"), "--vqae", f("vqae.pth"), "--preset", P,
-         "--out", f("diffusion.pth")], P, [f("tokens.pth"), f("tokens_val.pth")])
-    n = a.num_synth or p["num_synth"]
-    run("synth", [f("synth")], synthesise.main,
-        [n, "--preset", P, "--diffusion", f("diffusion.pth"), "--vqae", f("vqae.pth"), "--out", f("synth")], P, [f("diffusion.pth"), f("vqae.pth")])
-    folders = {"real": a.data, "synth": f("synth"), "mix": mix_folder(a.data, f("synth"), f("mix"))}
-    reads = {"real": [a.data], "synth": [f("synth")], "mix": [a.data, f("synth")]}  # mix/ only holds links
-    iters = ["--iters", a.reg_iters] if a.reg_iters else []
-    ev = ["--data", a.val, "--landmarks", lms, "--overwrite"]
-    run("eval_none", [f("eval_none.json")], evaluate_registration.main,
-        [p["tta"], "none", "--preset", P, "--out", f("eval_none"), *ev], P)
+    run("tokens_val", utils.log_paths(path("tokens_val.pth")), infer_vqae.main,
+        [path("vqae.pth"), "--data", val, "--out", path("tokens_val.pth")], preset, [path("vqae.pth"), val])
+    run("diffusion", utils.log_paths(path("diffusion.pth")), train_diffusion.main,
+        [train_diffusion.PRESETS[preset]["batch"], path("tokens.pth"), "--val", path("tokens_val.pth"), "--vqae",
+         path("vqae.pth"), "--preset", preset, "--out", path("diffusion.pth")], preset,
+        [path("tokens.pth"), path("tokens_val.pth"), path("vqae.pth")], resume=["--resume"])
+    n = synthesise.PRESETS[preset]["num_pairs"] if args.num_synth is None else args.num_synth
+    run("synth", [path("synth")], synthesise.main,
+        [n, "--preset", preset, "--diffusion", path("diffusion.pth"), "--vqae", path("vqae.pth"), "--out", path("synth")],
+        preset, [path("diffusion.pth"), path("vqae.pth")], resume=[])  # synthesise.py keeps complete pairs
+    folders = {"real": data, "synth": path("synth"), "mix": mix_folder(data, path("synth"), path("mix"))}
+    reads = {"real": [data], "synth": [path("synth")], "mix": [data, path("synth")]}  # mix/ only holds links
+    iters = ["--iters", args.reg_iters] if args.reg_iters else []
+    ev = ["--data", val, "--landmarks", lms, "--overwrite"]
+    run("eval_none", [path("eval_none.json")], evaluate_registration.main,
+        [p["tta"], "none", "--preset", preset, "--out", path("eval_none"), *ev], preset, [val, lms])
+    reg_batch = train_registration.PRESETS[preset]["batch"]
     for r, folder in folders.items():
-        for s in range(a.seeds):
-            ck = f(f"reg_{r}_s{s}.pth")
+        for s in range(args.seeds):
+            ck = path(f"reg_{r}_s{s}.pth")
             run(f"reg_{r}_s{s}", [ck], train_registration.main,
-                [p["reg_batch"], folder, "--preset", P, "--seed", s, "--out", ck, *iters], P, reads[r])
-            run(f"eval_{r}_s{s}", [f(f"eval_{r}_s{s}.json")], evaluate_registration.main,
-                [p["tta"], ck, "--out", f(f"eval_{r}_s{s}"), *ev], P, [ck])
-    report(out, a.seeds, run.times, P, a.data, f("synth"))
+                [reg_batch, folder, "--preset", preset, "--seed", s, "--out", ck, *iters], preset, reads[r],
+                resume=["--resume"])
+            run(f"eval_{r}_s{s}", [path(f"eval_{r}_s{s}.json")], evaluate_registration.main,
+                [p["tta"], ck, "--out", path(f"eval_{r}_s{s}"), *ev], preset, [ck, val, lms])
+    report(out, args.seeds, run.times, preset, data, path("synth"))
 
 
 if __name__ == "__main__":

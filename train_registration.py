@@ -1,12 +1,12 @@
 """Stage 5: train the two-step inverse-consistent registration net on real or synthetic pairs.
 
-    python train_registration.py BATCH_SIZE DATA_FOLDER [--preset paper|cpu|demo] [--iters N]
-                                 [--out CKPT] [--seed S] [--resume] [--overwrite]
+    python train_registration.py [BATCH_SIZE] DATA_FOLDER [--preset paper|cpu|demo] [--iters N]
+                                 [--out CKPT] [--seed S] [--resume | --overwrite]
+                                 [--loss per-step|composed] [--device D] [--compile]
 
 DATA_FOLDER holds case_XXX_1 / case_XXX_2 .nii.gz pairs: original scans (binarised and framed) or
 synthetic / phantom volumes already on the pooled frame grid (soft probabilities in [0, 1]).
 """
-import argparse
 import math
 import os
 import time
@@ -16,35 +16,29 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import utils
-from models import RegistrationNet
+from models import RegistrationNet, model_config
 
 LOG_EVERY = 10  # iterations between host synchronisations (progress bar, finiteness check)
 LOSSES = ("per-step", "composed")
-# factor: input = frame average-pooled by it. net: RegistrationNet kwargs. iters None = seed rule.
+LR, REG, TTA_LR = 0.015, 0.5, 0.005  # the reference's Adam rates (training, test-time adaptation), smoothness weight
+# factor: input = frame average-pooled by it. model: RegistrationNet kwargs. iters None = the reference's rule.
 PRESETS = {
-    # the seed: half resolution, smooth velocity squared 12x at input resolution
-    "paper": dict(factor=2, lr=0.015, reg=0.5, iters=None, ckpt_every=500, tta_lr=0.005,
-                  net=dict(pool_strides=(2, 2, 1, 1), exp_at="input")),
-    # quarter resolution; one stride-2 pooling keeps the velocity on the seed's physical 8 mm
+    # the reference: half resolution, smooth velocity squared 12x at input resolution
+    "paper": dict(factor=2, batch=8, iters=None, ckpt_every=500, model=dict(pool_strides=(2, 2, 1, 1), exp_at="input")),
+    # quarter resolution; one stride-2 pooling keeps the velocity on the reference's physical 8 mm
     # grid (same smoothing); the smooth result is integrated and composed on a 16 mm grid and only
     # the final fields are upsampled (the cheap path, measured in benchmark_registration.py)
-    "cpu": dict(factor=4, lr=0.015, reg=0.5, iters=300, ckpt_every=100, tta_lr=0.005,
-                net=dict(pool_strides=(2, 1, 1), exp_at="velocity", exp_coarsen=2)),
-    "demo": dict(factor=4, lr=0.015, reg=0.5, iters=60, ckpt_every=50, tta_lr=0.005,
-                 net=dict(pool_strides=(2, 1, 1), exp_at="velocity", exp_coarsen=2)),
+    "cpu": dict(factor=4, batch=2, iters=300, ckpt_every=100,
+                model=dict(pool_strides=(2, 1, 1), exp_at="velocity", exp_coarsen=2)),
+    "demo": dict(factor=4, batch=2, iters=60, ckpt_every=50,
+                 model=dict(pool_strides=(2, 1, 1), exp_at="velocity", exp_coarsen=2)),
 }
 
 
 def config_of(preset):
     """What the checkpoint stores next to the weights: enough to rebuild net and input grid."""
     p = PRESETS[preset]
-    return {"preset": preset, "factor": p["factor"], **{k: list(v) if isinstance(v, tuple) else v
-                                                         for k, v in p["net"].items()}}
-
-
-def build_net(config):
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k not in ("preset", "factor")}
-    return RegistrationNet(**kw)
+    return model_config(preset, p["factor"], p["model"])
 
 
 def smoothness(ddf):
@@ -128,26 +122,38 @@ def optimise(net, batches, iters, lr, reg, device, desc="train", on_step=None, s
     return opts, last
 
 
-def train(batch_size, data, preset="cpu", iters=None, out=None, seed=0, resume=False, overwrite=False, log=print,
-          loss="per-step", device=None, compile=False):
-    """Train on all pairs of `data`; returns the checkpoint path."""
+def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, overwrite=False, loss="per-step",
+          device=None, compile=False, log=print):
+    """Train on all pairs of the folder `data`; returns the net."""
     p, cfg = PRESETS[preset], config_of(preset)
+    utils.check_positive({"BATCH_SIZE": batch_size, "--iters": iters})
+    utils.check_seed(seed)
+    ck = None
+    if resume and os.path.exists(out):
+        ck = utils.load_checkpoint(out, "regnet", cfg)
+        # a constant learning rate: a larger --iters simply trains on to the new target
+        utils.check_resume(out, ck, data=os.path.abspath(data), batch_size=batch_size, seed=seed, loss_scheme=loss)
+        batch_size = ck["batch_size"]
+        seed = ck["seed"]
+    batch_size = p["batch"] if batch_size is None else batch_size
+    seed = 0 if seed is None else seed
     iters = iters or p["iters"] or 2500 // batch_size * 4
-    out = out or f"regnets_state_{os.path.basename(os.path.normpath(data))}.pth"
     if not resume:
-        utils.check_output(out, overwrite)
+        utils.check_output(out, overwrite, resumable=True)
     ids, pairs = utils.load_pairs(data, p["factor"])  # (N, 2, H, W, D)
     device = utils.get_device(device)
     pairs = utils.to_device_if_fits(pairs.half(), device)  # exact for masks pooled by 2 or 4; fp16 maps as the reference
     utils.seed_all(seed)
-    net, start, opt_state = build_net(cfg).to(device), 0, None
+    net = RegistrationNet.build(cfg).to(device)
     utils.compile_modules(net.unets, compile)
-    if resume and os.path.exists(out):
-        ck = utils.load_checkpoint(out, "regnet", cfg)
-        net.load_state_dict(ck["state"])
-        start, opt_state = ck["iteration"], ck["optimisers"]
-        torch.set_rng_state(ck["rng"])
-    gen = torch.Generator().manual_seed(seed * 100003 + start)  # fresh draws after a resume
+    gen = torch.Generator().manual_seed(seed * 100003)  # batch draws
+    start = 0
+    opt_state = None
+    if ck is not None:
+        net.load_weights(ck["state"], out)
+        utils.set_rng_state(out, ck.get("rng"), [gen])
+        start = ck["iteration"]
+        opt_state = ck["optimisers"]
 
     def batches(i):
         # distinct pairs in a batch (the reference's randperm) when there are enough
@@ -161,42 +167,31 @@ def train(batch_size, data, preset="cpu", iters=None, out=None, seed=0, resume=F
     def on_step(i, opts, total):
         if i % p["ckpt_every"] == 0 or i == iters:
             utils.save_checkpoint(out, "regnet", cfg, net.state_dict(), iteration=i, loss=float(total),
-                                  optimisers=[o.state_dict() for o in opts], rng=torch.get_rng_state(),
+                                  optimisers=[o.state_dict() for o in opts], rng=utils.rng_state([gen]), iters=iters,
                                   data=os.path.abspath(data), cases=ids, seed=seed, batch_size=batch_size,
                                   loss_scheme=loss)
 
     t = time.time()
     log(f"train_registration: {len(ids)} pairs from {data} at {tuple(pairs.shape[2:])}, preset {preset}, "
         f"{iters} iterations of batch {batch_size} ({loss} loss) on {device}")
-    optimise(net, batches, iters, p["lr"], p["reg"], device, desc=f"train {preset}", on_step=on_step,
-             start=start, opt_state=opt_state, loss=loss)
+    optimise(net, batches, iters, LR, REG, device, desc=f"train {preset}", on_step=on_step, start=start,
+             opt_state=opt_state, loss=loss)
     if start >= iters:
         log(f"{out} already holds {start} >= {iters} iterations")
     log(f"wrote {out} ({time.time() - t:.0f} s, {(time.time() - t) / max(iters - start, 1):.2f} s/iteration"
         f"{utils.peak_memory(device)})")
-    return out
+    return net
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("batch_size", type=int)
-    ap.add_argument("data")
-    ap.add_argument("--preset", choices=PRESETS, default="paper")
-    ap.add_argument("--iters", type=int)
-    ap.add_argument("--out")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--resume", action="store_true", help="continue from --out if it exists")
-    ap.add_argument("--overwrite", action="store_true")
+    ap = utils.training_parser(__doc__, PRESETS, "regnets_state_<DATA_FOLDER name>.pth")
+    ap.add_argument("data", help="folder of case_XXX_{1,2}.nii.gz pairs")
     ap.add_argument("--loss", choices=LOSSES, default="per-step",
                     help="per-step: each UNet its own loss (the reference); composed: one loss on the composed field")
-    ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
-    ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the network(s) in place, as the reference does (checkpoints unchanged)")
-    a = ap.parse_args(argv)
-    if a.batch_size < 1:
-        raise utils.DataError(f"BATCH_SIZE must be >= 1, got {a.batch_size}")
-    train(a.batch_size, a.data, a.preset, a.iters, a.out, a.seed, a.resume, a.overwrite, loss=a.loss, device=a.device,
-          compile=a.compile)
+    args = ap.parse_args(argv)
+    out = args.out or f"regnets_state_{os.path.basename(os.path.normpath(args.data))}.pth"
+    train(data=args.data, out=out, preset=args.preset, batch_size=args.batch_size, iters=args.iters, seed=args.seed,
+          resume=args.resume, overwrite=args.overwrite, loss=args.loss, device=args.device, compile=args.compile)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Conventions used everywhere:
   * displacement fields (ddf) are (B, 3, H, W, D) in voxel units of their own grid, channel c along
     spatial axis c: the map is x -> x + ddf(x) (fixed -> moving), MONAI's `Warp` convention.
 """
+import argparse
 import contextlib
 import csv
 import functools
@@ -18,12 +19,13 @@ import os
 import random
 import re
 import sys
+import warnings
 
 import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-
+from tqdm import tqdm
 
 FRAME = (256, 208, 256)
 
@@ -36,7 +38,7 @@ def run_main(main):
     """Run a script's main(); bad input becomes a one-line error instead of a traceback."""
     try:
         main()
-    except (DataError, FileExistsError, FileNotFoundError) as e:
+    except (DataError, OSError) as e:  # OSError: a missing file, a full disk, no permission - named in e
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -45,6 +47,31 @@ def run_main(main):
 
 
 # ---------------------------------------------------------------------------- runtime
+def training_parser(doc, presets, default_out):
+    """The argument parser of a training script (its docstring's first line as description) with
+    the options the three share, same names and meaning. BATCH_SIZE comes first: the script's
+    own positional arguments follow it."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("batch_size", type=int, nargs="?", help="default: the preset's (paper: 8)")
+    ap.add_argument("--preset", choices=sorted(presets), default="paper")
+    ap.add_argument("--iters", type=int, help="default: the preset's")
+    ap.add_argument("--out", help=f"checkpoint (default {default_out})")
+    ap.add_argument("--seed", type=int, help="default 0 (resuming: the checkpoint's)")
+    ap.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the network(s) in place, as the reference does (checkpoints unchanged)")
+    return ap
+
+
+def check_positive(counts):
+    """{name: count or None (not given)} -> a one-line error for the first count below 1."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise DataError(f"{name} must be >= 1, got {value}")
+
+
 def seed_all(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -105,7 +132,7 @@ def load_scaler_state(scaler, state):
 
 
 def autocast(device):
-    """Mixed precision on CUDA (the seed's setting), a no-op on CPU."""
+    """Mixed precision on CUDA (the reference implementation's setting), a no-op on CPU."""
     return torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
 
 
@@ -192,6 +219,21 @@ def load_volume(path):
 DEEP_SCAN, DEPTH_CUT = 400, 280
 
 
+FRAME_LOSS_WARN = 0.1  # framing always crops a few % of some scans' vessels; warn when it crops more
+SCAN_AXES = ("L", "P", "S")  # the orientation of the Lung250M-4B scans, ~1 mm voxels
+
+
+def check_orientation(path):
+    """Warn when an original scan's affine is not the data's convention: landmarks are voxel
+    indices, so the volume is used as stored and never reoriented."""
+    img = nib.load(path)
+    axes = nib.aff2axcodes(img.affine)
+    zooms = img.header.get_zooms()[:3]
+    if axes != SCAN_AXES or any(abs(z - 1) > 0.1 for z in zooms):
+        warnings.warn(f"{path}: orientation {''.join(axes)}, voxels {'x'.join(f'{z:.2f}' for z in zooms)} mm; "
+                      f"expected {''.join(SCAN_AXES)} at ~1 mm - used as stored (landmarks are voxel indices)")
+
+
 def framed_volume(path, factor, cut_deep=False):
     """A vessel volume at frame/`factor` resolution, values in [0, 1] (float32 tensor).
     Original-size scans are binarised (> 0) and framed first; volumes that already have the
@@ -203,9 +245,15 @@ def framed_volume(path, factor, cut_deep=False):
         raise DataError(f"{path}: negative voxel values (expected a mask or probabilities)")
     f0 = frame_factor(a.shape)
     if f0 is None:  # an original scan: binarise, frame, then pool
+        check_orientation(path)
+        vessels = int((a > 0).sum())
         if cut_deep and a.shape[2] > DEEP_SCAN:
             a = a[:, :, :DEPTH_CUT]
         v, f0 = to_frame(torch.from_numpy((a > 0).astype(np.float32))), 1
+        kept = float(v.sum()) / vessels
+        if kept < 1 - FRAME_LOSS_WARN:
+            warnings.warn(f"{path}: {tuple(a.shape)} exceeds the 256x208x256 frame, which keeps "
+                          f"{100 * kept:.0f} % of its vessel voxels")
     else:  # already framed: probabilities stay soft, label maps are binarised
         v = torch.from_numpy(a if a.max() <= 1 else (a > 0).astype(np.float32))
     if factor % f0:
@@ -234,8 +282,6 @@ def find_pairs(folder):
 def load_pairs(folder, factor, ids=None, progress=True):
     """All pairs of a folder as one (N, 2, H, W, D) tensor at frame/`factor`; channel 0 fixed.
     For training and generation: oversize scans are cut as the reference does (framed_volume)."""
-    from tqdm import tqdm
-
     ids = ids or find_pairs(folder)
     vols = []
     for c in tqdm(ids, desc=f"load {os.path.basename(folder.rstrip('/'))}", disable=not progress, leave=False):
@@ -245,12 +291,19 @@ def load_pairs(folder, factor, ids=None, progress=True):
 
 
 def read_landmarks(path):
-    """Landmark CSV (fixed_i,fixed_j,fixed_k,moving_i,moving_j,moving_k; frame voxel indices)
-    -> (fixed, moving) float arrays of shape (N, 3)."""
+    """Landmark CSV (fixed_i,fixed_j,fixed_k,moving_i,moving_j,moving_k; frame voxel indices; the
+    header line may be left out) -> (fixed, moving) float arrays of shape (N, 3)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: landmark file missing")
+    with open(path) as f:
+        first = f.readline()
+    try:  # a header line is optional: skip the first line only when it is not 6 numbers
+        [float(v) for v in first.split(",")]
+        header = 0
+    except ValueError:
+        header = 1
     try:
-        a = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+        a = np.loadtxt(path, delimiter=",", skiprows=header, ndmin=2)
     except ValueError as e:
         raise DataError(f"{path}: not a landmark CSV ({e})")
     if a.shape[1] != 6 or len(a) == 0 or not np.isfinite(a).all():
@@ -280,6 +333,83 @@ def write_landmarks(path, fixed, moving):
                    header="fixed_i,fixed_j,fixed_k,moving_i,moving_j,moving_k")
 
 
+def default_data(preset):
+    """The training pairs read when no folder is given: the user's `dilated_vessels`, or at the
+    demo preset phantom pairs, made on first use."""
+    if preset != "demo":
+        return "dilated_vessels"
+    folder = os.path.join("runs", "demo_phantoms")
+    if not os.path.isdir(folder):
+        import make_phantoms  # the phantom generator is a script of its own; only the demo needs it
+
+        make_phantoms.make_pairs(folder, 8, size=grid_shape(4))
+    return folder
+
+
+AUG_STD = 0.05  # the reference's affine augmentation: identity 3x4 + N(0, 0.05)
+
+
+def augment(x, std=AUG_STD, generator=None):
+    """One random affine per pair of x (B, 2, H, W, D) (identity 3x4 + N(0, std)), the same for
+    fixed and moving, nearest-neighbour resampling (the reference's choice: keeps masks binary).
+    Drawn on x's device (`generator` must live there): a GPU step needs no host-to-device copy."""
+    theta = torch.eye(3, 4, device=x.device).repeat(len(x), 1, 1)
+    theta = theta + std * torch.randn(theta.shape, generator=generator, device=x.device)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+# ---------------------------------------------------------------------------- token files
+# The reference implementation's token file (paper_tokens_97.pth): a plain list of 16x13x16 id
+# tensors of its 1 mm VQ-AE with 1024 codes.
+REFERENCE_TOKENS = dict(grid_shape=(16, 13, 16), num_codes=1024, factor=1)
+
+
+def write_tokens(path, tokens, case_ids, num_codes, config, **extra):
+    """The token file of infer_vqae.py: tokens (N, h, w, d) -> {case_ids, tokens (N, h*w*d) int16
+    (row-major over grid_shape), grid_shape, num_codes, factor, config (the VQ-AE's), **extra}."""
+    d = {"case_ids": list(case_ids), "tokens": tokens.flatten(1).to(torch.int16),
+         "grid_shape": tuple(tokens.shape[1:]), "num_codes": num_codes, "factor": config["factor"],
+         "config": config, **extra}
+    with atomic_path(path) as tmp:
+        torch.save(d, tmp)
+    return d
+
+
+def read_tokens(path):
+    """A token file (write_tokens' or the reference's list) -> dict(tokens (N, L) long, grid_shape,
+    num_codes, factor, case_ids, config: the VQ-AE's, None for the reference's list)."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: token file not found")
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise DataError(f"{path}: not a readable token file")
+    if isinstance(d, (list, tuple)):
+        n = int(np.prod(REFERENCE_TOKENS["grid_shape"]))
+        if not d or any(not torch.is_tensor(t) or t.numel() != n for t in d):
+            raise DataError(f"{path}: expected a list of token tensors of {n} ids")
+        ids = [f"grid_{i:03d}" for i in range(len(d))]
+        d = {"tokens": torch.stack([t.reshape(-1) for t in d]), "case_ids": ids, "config": None, **REFERENCE_TOKENS}
+    if not isinstance(d, dict) or not {"tokens", "grid_shape", "num_codes"} <= set(d):
+        raise DataError(f"{path}: not a token file (needs tokens, grid_shape, num_codes)")
+    factor = d.get("factor") or (d.get("config") or {}).get("factor")
+    if not factor:
+        raise DataError(f"{path}: token file does not say the frame factor of its VQ-AE")
+    if not torch.is_tensor(d["tokens"]) or d["tokens"].numel() == 0:
+        raise DataError(f"{path}: holds no token grids")
+    grid = tuple(int(g) for g in d["grid_shape"])
+    tokens = d["tokens"].long().reshape(len(d["tokens"]), -1)
+    if tokens.shape[1] != np.prod(grid):
+        raise DataError(f"{path}: {tokens.shape[1]} tokens per grid, but the grid {'x'.join(map(str, grid))} "
+                        f"has {np.prod(grid)}")
+    codes = int(d["num_codes"])
+    if tokens.min() < 0 or tokens.max() >= codes:
+        raise DataError(f"{path}: token ids outside [0, {codes})")
+    return {"tokens": tokens, "grid_shape": grid, "num_codes": codes, "factor": int(factor),
+            "case_ids": list(d.get("case_ids", [])), "config": d.get("config")}
+
+
 # ---------------------------------------------------------------------------- warping
 @functools.lru_cache(maxsize=32)
 def _identity_grid(shape, device, dtype):
@@ -293,9 +423,10 @@ def _identity_grid(shape, device, dtype):
 def warp(img, ddf, nearest=False, padding=None):
     """img (B, C, H, W, D) sampled at x + ddf(x): bilinear with border padding (fields), or nearest
     with zeros; padding="zeros" for images, as the reference implementation warps its vessel maps.
-    Same result as MONAI's `Warp` (tests/test_utils.py); written out on a cached identity grid
-    because MONAI's normalises its grid with in-place slice writes whose backward zero-fills
-    full-size tensors (see benchmark_registration.py for the step time)."""
+    Same result as MONAI's `Warp` (tests/test_utils.py). MONAI's caches its voxel grid too, but
+    then adds the ddf, normalises the sum with three in-place per-axis slice writes (whose backward
+    zero-fills full-size gradients) and reorders the axes by a copy; here the ddf is scaled and
+    added to a cached normalised grid in one expression. benchmark_registration.py times both."""
     grid, scale = _identity_grid(tuple(ddf.shape[2:]), ddf.device, ddf.dtype)
     padding = padding or ("zeros" if nearest else "border")
     return F.grid_sample(img, grid + ddf.movedim(1, -1).flip(-1) * scale, align_corners=True,
@@ -392,7 +523,94 @@ def jacobian_stats(ddf):
     return float((det <= 0).float().mean() * 100), float(logj.std())
 
 
+def codebook_stats(ids, num_codes):
+    """(number of codes used, perplexity = exp(entropy of the code histogram)) of token ids."""
+    p = torch.bincount(ids.reshape(-1).cpu(), minlength=num_codes).double()
+    p = p[p > 0] / p.sum()
+    return int(len(p)), float(torch.exp(-(p * p.log()).sum()))
+
+
+# ---------------------------------------------------------------------------- realism (realism_report.py)
+REALISM_STATS = ["vf_fixed", "vf_moving", "dice_fm", "disp_mm", "dice_reg", "nn_dice"]
+
+
+def quick_registration(fixed, moving, factor, iters=40, spacing=4, reg=0.05, lr=0.2):
+    """(mean |u| in mm over the fixed vessels, Dice after) of a smooth ddf u with moving(x + u) ~ fixed.
+    fixed, moving (H, W, D) in [0, 1] at frame/factor. Registered at half that resolution (8 mm at
+    factor 4: smoother images reach further) with u on a grid `spacing` times coarser still (32 mm).
+    Cheap and identical for real and synthetic pairs; how well it tracks the landmarks: README."""
+    f, m = (pool(v.float(), 2)[None, None] for v in (fixed, moving))
+    size = f.shape[2:]
+    ctrl = torch.zeros(1, 3, *[max(2, s // spacing) for s in size], requires_grad=True)
+    opt = torch.optim.Adam([ctrl], lr=lr)
+    for _ in range(iters):
+        u = resize_ddf(ctrl, size)
+        loss = F.mse_loss(warp(m, u), f) + reg * sum((ctrl.diff(dim=d) ** 2).mean() for d in (2, 3, 4))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        u = resize_ddf(ctrl, fixed.shape)  # back to the input grid
+        mag = u[0].norm(dim=0) * factor
+        inside = fixed > 0.5
+        warped = warp(moving[None, None].float(), u)[0, 0]
+        return float(mag[inside].mean() if inside.any() else mag.mean()), dice(fixed, warped)
+
+
+def nn_dice(vols, ref, exclude=None):
+    """Highest Dice (at 0.5) of each volume (n, ...) against every reference volume (m, ...);
+    exclude (n, m) bool marks pairs not to compare (a case against itself)."""
+    a, b = (vols > 0.5).flatten(1).float(), (ref > 0.5).flatten(1).float()
+    d = 2 * (a @ b.T) / (a.sum(1)[:, None] + b.sum(1)[None]).clamp(min=1)
+    if exclude is not None:
+        d[exclude] = -1
+    return d.max(1).values.numpy()
+
+
+def folder_stats(folder, factor=4, reference=None, max_pairs=None, progress=False):
+    """Per-pair statistics of a folder -> dict name -> array (+ 'case' list). reference: (ids,
+    pairs (M, 2, ...)) of the training pairs, for the memorisation statistic."""
+    ids, x = load_pairs(folder, factor, find_pairs(folder)[:max_pairs], progress=progress)
+    s = {"case": ids, "vf_fixed": x[:, 0].mean((1, 2, 3)).numpy(), "vf_moving": x[:, 1].mean((1, 2, 3)).numpy(),
+         "dice_fm": np.array([dice(p[0], p[1]) for p in x])}
+    reg = [quick_registration(p[0], p[1], factor) for p in tqdm(x, desc="quick registration", disable=not progress)]
+    s["disp_mm"], s["dice_reg"] = np.array(reg).T
+    if reference is not None:  # a case is never compared with itself (the reference folder's own stats)
+        rids, ref = reference
+        same = torch.tensor([[i == r for r in rids for _ in (1, 2)] for i in ids])
+        for k, name in enumerate(("nn_fixed", "nn_moving")):
+            s[name] = nn_dice(x[:, k], ref.flatten(0, 1), same)
+        s["nn_dice"] = np.concatenate([s["nn_fixed"], s["nn_moving"]])
+    return s
+
+
+def realism_table(groups, baseline=None):
+    """Markdown table of mean ± std per group; with `baseline`, whether each other group's mean
+    lies within the baseline's mean ± std."""
+    cols = [c for c in REALISM_STATS if all(c in g for g in groups.values())]
+    lines = ["| group | pairs | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for name, g in groups.items():
+        lines.append(f"| {name} | {len(g['case'])} | " + " | ".join(f"{g[c].mean():.4g} ± {g[c].std():.2g}" for c in cols) + " |")
+    if baseline:
+        b = groups[baseline]
+        for name, g in groups.items():
+            if name != baseline:
+                ok = [f"{c} {'yes' if abs(g[c].mean() - b[c].mean()) <= b[c].std() else 'NO'}" for c in cols]
+                lines.append(f"{name} mean within {baseline} mean ± std: " + ", ".join(ok))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- files
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary name next to `path`; rename onto `path` only if the block succeeds,
@@ -400,7 +618,12 @@ def atomic_path(path):
     d, base = os.path.split(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     ext = "".join(re.findall(r"(\.nii\.gz|\.[A-Za-z0-9]+)$", base))
-    tmp = os.path.join(d, f".tmp-{os.getpid()}-{base[: len(base) - len(ext)]}{ext}")
+    stem = base[: len(base) - len(ext)]
+    for old in glob.glob(os.path.join(glob.escape(d), f".tmp-*-{glob.escape(stem)}{ext}")):
+        pid = os.path.basename(old).split("-")[1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            os.remove(old)  # left by a killed run writing the same file
+    tmp = os.path.join(d, f".tmp-{os.getpid()}-{stem}{ext}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -409,9 +632,33 @@ def atomic_path(path):
             os.remove(tmp)
 
 
-def check_output(path, overwrite=False):
-    if os.path.exists(path) and not overwrite:
-        raise DataError(f"{path}: output exists (use --overwrite or --resume)")
+def check_output(paths, overwrite=False, resumable=False):
+    """Refuse, before any work, outputs that exist (unless overwrite) or cannot be written: a
+    folder name, a parent that is a file, a folder without write permission. `paths`: one path or
+    all the files a script writes (a checkpoint and its .csv / .png log)."""
+    for path in [paths] if isinstance(paths, str) else paths:
+        if path.endswith(os.sep) or os.path.isdir(path):
+            raise DataError(f"{path}: is a folder; give a file name")
+        if os.path.exists(path) and not overwrite:
+            raise DataError(f"{path}: output exists (use --overwrite{' or --resume' if resumable else ''})")
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):  # the nearest existing ancestor is what must be writable
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise DataError(f"{path}: cannot be written, {parent} is a file")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise DataError(f"{path}: cannot be written, no write permission in {parent}")
+
+
+def log_paths(out):
+    """A checkpoint or token file and the .csv / .png log written next to it."""
+    base = os.path.splitext(out)[0]
+    return [out, base + ".csv", base + ".png"]
+
+
+def check_seed(seed):
+    if seed is not None and seed < 0:
+        raise DataError(f"--seed must be >= 0, got {seed}")
 
 
 def write_json(path, obj):
@@ -419,10 +666,11 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2)
 
 
-def write_csv(path, header, rows):
+def write_csv(path, fields, rows):
+    """rows: dicts keyed by the column names `fields` (missing keys: empty cells)."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
         w.writerows(rows)
 
 
@@ -458,12 +706,53 @@ def save_checkpoint(path, kind, config, state, **extra):
         torch.save({"kind": kind, "config": config, "state": state, **extra}, tmp)
 
 
+def rng_state(generators):
+    """Every random stream a training loop draws from - torch's global generators (CPU, and CUDA
+    when present) and the loop's own `generators` - for the checkpoint: a resumed run then draws
+    exactly what the uninterrupted run would have drawn."""
+    state = {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in generators]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(path, state, generators):
+    """Restore rng_state(); `path` names the checkpoint in the error for one without it."""
+    if state is None:
+        raise DataError(f"{path}: holds no random state (an older checkpoint), so it cannot be resumed exactly")
+    torch.set_rng_state(state["torch"])
+    for g, s in zip(generators, state["generators"]):
+        g.set_state(s)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_resume(path, ck, **now):
+    """Refuse to resume a checkpoint with other settings than it was trained with (None = not
+    given: the checkpoint's value is kept)."""
+    diff = [f"{k} {ck.get(k)} -> {v}" for k, v in now.items() if v is not None and ck.get(k) != v]
+    if diff:
+        raise DataError(f"{path}: trained with other settings ({', '.join(diff)}); resume with the same "
+                        "ones or write a new --out")
+
+
+def resume_state(path, kind, config, model, optimizer, scheduler, scaler):
+    """Load a training checkpoint into the model, optimiser, scheduler and GradScaler; returns the
+    checkpoint (iteration, log, iters, ...). A checkpoint of another config is a one-line error."""
+    ck = load_checkpoint(path, kind, config)
+    model.load_weights(ck["state"], path)
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    load_scaler_state(scaler, ck["scaler"])
+    return ck
+
+
 def load_checkpoint(path, kind, config=None):
     """Load a checkpoint of `kind`; refuse another kind, another config, or a broken file."""
     if not os.path.exists(path):
         raise DataError(f"{path}: checkpoint not found")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = torch.load(path, map_location="cpu", weights_only=True)  # a .pth never executes code
     except Exception:
         raise DataError(f"{path}: not a readable checkpoint (truncated or corrupt)")
     if not isinstance(ck, dict) or "kind" not in ck:

@@ -1,14 +1,15 @@
-"""TokenTransformer (absorbing diffusion), train_diffusion.py, synthesise.py, realism_report.py."""
+"""TokenTransformer (absorbing diffusion), train_diffusion.py, synthesise.py, the realism statistics."""
 import json
 import math
 import os
+import warnings
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-import realism_report
 import synthesise
 import train_diffusion
 import utils
@@ -63,7 +64,7 @@ def test_masking_and_training_loss():
     assert got.item() == pytest.approx(TokenTransformer.weighted_elbo(model(xt), x0, m, t).mean().item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("schedule, steps", [("seed", 256), ("cosine", 12), ("linear", 5)])
+@pytest.mark.parametrize("schedule, steps", [("reference", 256), ("cosine", 12), ("linear", 5)])
 def test_sampler_unmasks_every_token_once(schedule, steps):
     torch.manual_seed(0)
     model = TokenTransformer(num_codes=16, seq_len=448, dim=16, layers=1, heads=2, ff=32)
@@ -78,29 +79,39 @@ def test_sampler_unmasks_every_token_once(schedule, steps):
 
     out = model.sample(3, steps=steps, schedule=schedule, generator=torch.Generator().manual_seed(1), on_step=on_step)
     assert len(seen) == steps and (events == 1).all() and (out < 16).all() and torch.equal(out, seen[-1])
-    if schedule == "seed":  # the seed's schedule unmasks ~L/256 tokens per step, not all at once
+    if schedule == "reference":  # the reference's schedule unmasks ~L/256 tokens per step, not all at once
         per_step = torch.stack([(s != 16).sum() for s in seen]).diff()
         assert per_step.max() < 40
     again = model.sample(3, steps=steps, schedule=schedule, generator=torch.Generator().manual_seed(1))
     assert torch.equal(out, again)
 
 
-def test_attention_runs_on_sdpa_kernels():
-    model = TokenTransformer(num_codes=16, seq_len=56, dim=32, layers=1, heads=2, ff=32)
+def test_attention_runs_on_the_fused_sdpa_kernel(monkeypatch):
+    """forward() keeps attention on F.scaled_dot_product_attention (not the inference fast path), and
+    without attention dropout the fused flash kernel serves training too (SDPA's backend switch
+    raises when the chosen kernel cannot run)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
     x = torch.randint(0, 16, (2, 56))
-
-    def kernels(fn):
-        with torch.profiler.profile() as p:
-            fn()
-        return {e.key for e in p.key_averages()}
-
-    assert "aten::scaled_dot_product_attention" in kernels(lambda: model.loss(x).backward())
-    no_attn_dropout = TokenTransformer(num_codes=16, seq_len=56, dim=32, layers=1, heads=2, ff=32, attn_dropout=0.0)
-    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in kernels(lambda: no_attn_dropout.loss(x).backward())
-    model.eval()
-    with torch.no_grad():
-        k = kernels(lambda: model(x))
-    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in k and "aten::_native_multi_head_attention" not in k
+    model = TokenTransformer(num_codes=16, seq_len=56, dim=32, layers=2, heads=2, ff=32, attn_dropout=0.0)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        model.loss(x).backward()
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    assert len(calls) == 4  # 2 layers, training and inference
+    dropout = TokenTransformer(num_codes=16, seq_len=56, dim=32, layers=1, heads=2, ff=32)  # attention dropout 0.1
+    with pytest.raises(RuntimeError), sdpa_kernel(SDPBackend.FLASH_ATTENTION), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SDPA's own explanation, expected here
+        dropout.loss(x)  # CPU flash has no dropout: SDPA falls back to the math kernel (attn_dropout=0 at cpu)
 
 
 # ---------------------------------------------------------------------------- files and scripts
@@ -117,22 +128,33 @@ def ckpts(tmp_path_factory):
     other = dict(TINY_VQAE, num_codes=32)
     utils.save_checkpoint(str(d / "vqae32.pth"), "vqae", {"preset": "demo", "factor": 4, "model": other},
                           VQAE(**other).state_dict())
-    cfg = train_diffusion.model_config("demo", GRID, 16)
-    utils.save_checkpoint(str(d / "diff.pth"), "diffusion", cfg, train_diffusion.build(cfg).state_dict())
-    tok = {"case_ids": [f"case_{i:03d}" for i in range(6)], "tokens": torch.randint(0, 16, (6, 448), dtype=torch.int16),
-           "grid_shape": GRID, "num_codes": 16}
-    torch.save(tok, d / "tokens.pth")
+    cfg = train_diffusion.config_of("demo", {"grid_shape": GRID, "num_codes": 16, "factor": 4})
+    utils.save_checkpoint(str(d / "diff.pth"), "diffusion", cfg, TokenTransformer.build(cfg).state_dict())
+    vq_config = {"preset": "demo", "factor": 4, "model": TINY_VQAE}
+    utils.write_tokens(str(d / "tokens.pth"), torch.randint(0, 16, (6, *GRID)), [f"case_{i:03d}" for i in range(6)],
+                       16, vq_config)
     torch.save([torch.randint(0, 1024, (3328,), dtype=torch.int16) for _ in range(3)], d / "paper_list.pth")
     return d
 
 
-def test_token_files_and_preset_grid(ckpts):
-    tokens, grid, codes, ids, _ = train_diffusion.load_tokens(str(ckpts / "paper_list.pth"), "paper")
-    assert tokens.shape == (3, 3328) and grid == (16, 13, 16) and codes == 1024 and len(ids) == 3
-    with pytest.raises(utils.DataError, match="does not match the 'cpu' preset"):
-        train_diffusion.load_tokens(str(ckpts / "paper_list.pth"), "cpu")
-    with pytest.raises(utils.DataError, match="16x13x16"):
-        train_diffusion.load_tokens(str(ckpts / "tokens.pth"), "paper")
+def test_token_files(ckpts, tmp_path):
+    d = utils.read_tokens(str(ckpts / "paper_list.pth"))  # the reference's format: grid, codes and factor implied
+    assert d["tokens"].shape == (3, 3328) and d["grid_shape"] == (16, 13, 16) and d["num_codes"] == 1024
+    assert d["factor"] == 1 and len(d["case_ids"]) == 3 and d["config"] is None
+    d = utils.read_tokens(str(ckpts / "tokens.pth"))
+    assert d["tokens"].shape == (6, 448) and d["grid_shape"] == GRID and d["factor"] == 4
+    # the grid comes from the file, so a preset accepts any grid, but not tokens of another preset's VQ-AE
+    assert train_diffusion.read_tokens(str(ckpts / "paper_list.pth"), "cpu")["grid_shape"] == (16, 13, 16)
+    with pytest.raises(utils.DataError, match="tokens of a 'demo' VQ-AE"):
+        train_diffusion.read_tokens(str(ckpts / "tokens.pth"), "paper")
+    bad = {"short": dict(d, tokens=d["tokens"][:, :100]), "empty": dict(d, tokens=d["tokens"][:0]),
+           "range": dict(d, tokens=d["tokens"] + 16)}
+    for name, content in bad.items():
+        torch.save(content, tmp_path / f"{name}.pth")
+    for name, message in (("short", "100 tokens per grid, but the grid 8x7x8 has 448"), ("empty", "no token grids"),
+                          ("range", "outside")):
+        with pytest.raises(utils.DataError, match=message):
+            utils.read_tokens(str(tmp_path / f"{name}.pth"))
 
 
 def test_train_then_synthesise(ckpts, run, tmp_path):
@@ -140,7 +162,8 @@ def test_train_then_synthesise(ckpts, run, tmp_path):
     train_diffusion.main(["2", str(ckpts / "tokens.pth"), "--val", str(ckpts / "tokens.pth"), "--vqae",
                           str(ckpts / "vqae.pth"), "--preset", "demo", "--iters", "3", "--out", str(out)])
     ck = utils.load_checkpoint(str(out), "diffusion")
-    assert ck["config"]["grid_shape"] == list(GRID) and ck["config"]["num_codes"] == 16 and ck["iteration"] == 3
+    assert ck["config"]["grid_shape"] == list(GRID) and ck["config"]["model"]["num_codes"] == 16 and ck["iteration"] == 3
+    assert ck["config"]["factor"] == 4  # from the token file
     assert os.path.exists(tmp_path / "d.csv") and os.path.exists(tmp_path / "d.png")
     # as a user runs it; the VQ-AE path stored in the checkpoint is the default
     p = run("synthesise.py", 2, "--diffusion", out, "--out", tmp_path / "s", "--steps", 4)
@@ -163,7 +186,10 @@ def test_synthesise_files_seed_and_resume(ckpts, tmp_path, capsys):
     m = json.load(open(a / "manifest.json"))
     assert m["seed"] == 1 and m["steps"] == 6 and m["complete"] and m["seconds_per_pair"] > 0
     assert os.path.exists(a / "preview.png")
-    load = lambda f, c: np.asarray(nib.load(str(f / f"{c}.nii.gz")).dataobj)  # noqa: E731
+
+    def load(folder, case):
+        return np.asarray(nib.load(str(folder / f"{case}.nii.gz")).dataobj)
+
     names = [f"case_000{i}_{k}" for i in range(3) for k in (1, 2)]
     assert all(np.array_equal(load(a, n), load(b, n)) for n in names)  # same --seed, same pairs
     assert not np.array_equal(load(a, "case_0000_1"), load(c, "case_0000_1"))
@@ -196,15 +222,15 @@ def test_synthesise_refuses_bad_checkpoints(ckpts, tmp_path, diffusion, vqae, me
 
 def test_train_refuses_bad_tokens(ckpts, run, tmp_path):
     tr = ["2", "--preset", "demo", "--iters", "1", "--out", str(tmp_path / "d.pth")]
-    with pytest.raises(utils.DataError, match="token grid 16x13x16 does not match the 'demo' preset"):
-        train_diffusion.main([tr[0], str(ckpts / "paper_list.pth")] + tr[1:])
+    with pytest.raises(utils.DataError, match="tokens of a 'demo' VQ-AE, not of the 'cpu' preset"):
+        train_diffusion.main([tr[0], str(ckpts / "tokens.pth")] + tr[1:] + ["--preset", "cpu"])
     with pytest.raises(utils.DataError, match="not found"):
         train_diffusion.main([tr[0], str(tmp_path / "none.pth")] + tr[1:])
     with pytest.raises(utils.DataError, match="differ from the tokens"):
         train_diffusion.main([tr[0], str(ckpts / "tokens.pth")] + tr[1:] + ["--vqae", str(ckpts / "vqae32.pth")])
     assert not os.path.exists(tmp_path / "d.pth")
     # as a user sees it: one line, no traceback
-    assert_one_line_error(run("train_diffusion.py", tr[0], ckpts / "paper_list.pth", *tr[1:]), "paper_list.pth")
+    assert_one_line_error(run("train_diffusion.py", tr[0], ckpts / "tokens.pth", *tr[1:], "--preset", "cpu"), "tokens.pth")
 
 
 def test_realism_statistics():
@@ -212,10 +238,18 @@ def test_realism_statistics():
     f = torch.zeros(64, 52, 64)
     f[20:44, 24:28, 10:54], f[30:34, 10:42, 10:54] = 1, 1
     m = torch.roll(f, 2, dims=0)
-    disp, dice_reg = realism_report.quick_registration(f, m, 4)
+    disp, dice_reg = utils.quick_registration(f, m, 4)
     assert 4 < disp < 12 and dice_reg > utils.dice(f, m)
-    same, _ = realism_report.quick_registration(f, f, 4)
+    same, _ = utils.quick_registration(f, f, 4)
     assert same < 1
     vols = torch.stack([f, m, torch.roll(f, 20, dims=2)])
-    nn = realism_report.nn_dice(vols, torch.stack([f, m]), torch.tensor([[True, False], [False, True], [False, False]]))
+    nn = utils.nn_dice(vols, torch.stack([f, m]), torch.tensor([[True, False], [False, True], [False, False]]))
     assert nn[0] == pytest.approx(utils.dice(f, m)) and nn[1] == pytest.approx(utils.dice(f, m)) and nn[2] < 0.8
+
+
+def test_sampler_benchmark_reports_both_samplers(ckpts, capsys):
+    synthesise.main(["--benchmark", "--diffusion", str(ckpts / "diff.pth"), "--vqae", str(ckpts / "vqae.pth"),
+                     "--pairs", "2"])
+    out = capsys.readouterr().out
+    assert "reference: 256 steps" in out and "fast: 16 steps" in out
+    assert "fast mean within reference mean ± std" in out and out.strip().splitlines()[-1].startswith("speedup: ")

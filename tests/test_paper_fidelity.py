@@ -132,7 +132,7 @@ def test_tta_is_measured_on_the_last_forward_pass():
 
 # ---------------------------------------------------------------------------- synthesis and sampler
 def test_paper_defaults_to_the_reference_sampler():
-    assert synthesise.sampler_settings("paper") == {"steps": 256, "schedule": "seed", "batch": 2}
+    assert synthesise.sampler_settings("paper") == {"steps": 256, "schedule": "reference", "batch": 2, "temp": 0.9}
     assert synthesise.sampler_settings("paper", "fast")["steps"] < 256
     assert synthesise.TEMP == 0.9
 
@@ -146,10 +146,10 @@ def test_written_synthetic_maps_are_the_raw_softmax(tmp_path):
     utils.save_checkpoint(str(tmp_path / "v.pth"), "vqae", {"preset": "demo", "factor": 4, "model": small},
                           vq.state_dict())
     grid = vq.token_grid(utils.grid_shape(4))
-    cfg = train_diffusion.model_config("demo", grid, 16)
-    utils.save_checkpoint(str(tmp_path / "d.pth"), "diffusion", cfg, train_diffusion.build(cfg).state_dict())
+    cfg = train_diffusion.config_of("demo", {"grid_shape": grid, "num_codes": 16, "factor": 4})
+    utils.save_checkpoint(str(tmp_path / "d.pth"), "diffusion", cfg, TokenTransformer.build(cfg).state_dict())
     ids = torch.randint(0, 16, (2, int(np.prod(grid))))
-    torch.save({"tokens": ids.to(torch.int16), "grid_shape": grid, "num_codes": 16}, tmp_path / "t.pth")
+    utils.write_tokens(str(tmp_path / "t.pth"), ids.view(2, *grid), ["a", "b"], 16, {"preset": "demo", "factor": 4})
     with torch.no_grad():
         logits = vq.decode_tokens(ids, grid)
     for flag, calibrate in (([], False), (["--calibrate"], True)):
@@ -197,7 +197,7 @@ def test_vqae_paper_step_on_meta():
     opt = torch.optim.Adam(model.parameters(), lr=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=6000, T_mult=2)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    x = train_vqae.augment(torch.zeros(8, 2, 128, 128, 128, device=META))  # paper: batch 8 of 128^3 patches
+    x = utils.augment(torch.zeros(8, 2, 128, 128, 128, device=META))  # paper: batch 8 of 128^3 patches
     loss, cb, logits, ids = train_vqae.vqae_step(model, opt, scaler, sched, x, soft=False)
     assert loss.device == META and logits.shape == (8, 4, 128, 128, 128) and ids.shape == (8, 8, 8, 8)
 
@@ -210,7 +210,7 @@ def test_diffusion_paper_step_and_samplers_on_meta():
     x0 = torch.zeros(8, 3328, dtype=torch.long, device=META)
     loss = train_diffusion.diffusion_step(model, opt, scaler, sched, x0, 1 / 1024)
     assert loss.device == META
-    for schedule, steps in (("seed", 3), ("cosine", 2)):
+    for schedule, steps in (("reference", 3), ("cosine", 2)):
         ids = model.sample(2, steps=steps, schedule=schedule, device=META)
         assert ids.shape == (2, 3328) and ids.device == META
 

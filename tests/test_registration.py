@@ -31,34 +31,34 @@ def test_inverse_consistency_by_construction(exp_at, coarsen, bound):
     assert torch.allclose(swapped[0], inv, atol=1e-5) and torch.allclose(swapped[1], ddf, atol=1e-5)
 
 
-def test_cheap_integration_matches_seed_integration():
+def test_cheap_integration_matches_reference_integration():
     torch.manual_seed(1)
     fast = RegistrationNet(pool_strides=(2, 1, 1), exp_at="velocity", max_velocity=10.0)
-    seed = RegistrationNet(pool_strides=(2, 1, 1), exp_at="input", max_velocity=10.0)
-    seed.load_state_dict(fast.state_dict())
+    ref = RegistrationNet(pool_strides=(2, 1, 1), exp_at="input", max_velocity=10.0)
+    ref.load_state_dict(fast.state_dict())
     f, m = torch.rand(1, 1, 32, 24, 32), torch.rand(1, 1, 32, 24, 32)
     with torch.no_grad():
-        a, b = fast(f, m)[0], seed(f, m)[0]
+        a, b = fast(f, m)[0], ref(f, m)[0]
     diff = (a - b).norm(dim=1)[..., 3:-3, 3:-3, 3:-3]
     assert diff.mean() < 0.05 * b.norm(dim=1).mean(), (float(diff.mean()), float(b.norm(dim=1).mean()))
 
 
 @pytest.mark.parametrize("coarsen,bound", [(1, 0.02), (2, 0.08)])
 def test_coarse_integration_of_a_smooth_velocity(coarsen, bound):
-    """exp on the 8 mm velocity grid (coarsen 1) or on 16 mm (2, the cpu preset) vs the seed's
-    integration at the input grid, for a smooth velocity moving voxels by up to 5 (20 mm at 4 mm).
-    Measured: 0.6 % and 4 % mean relative difference."""
+    """exp on the 8 mm velocity grid (coarsen 1) or on 16 mm (2, the cpu preset) vs the reference's
+    integration at the input grid, for a smooth velocity moving voxels by up to 5 (20 mm at 4 mm)."""
     size = (64, 48, 64)
     g = torch.stack(torch.meshgrid(*[torch.linspace(0, 1, n) for n in (32, 24, 32)], indexing="ij"))
     v = 0.1 * torch.stack([torch.sin(2 * np.pi * g[1] + 1), torch.cos(2 * np.pi * g[2]), torch.sin(2 * np.pi * g[0] + 2)])
-    fast, seed = RegistrationNet(exp_at="velocity", exp_coarsen=coarsen), RegistrationNet(exp_at="input")
-    a, b = utils.resize_ddf(fast.exp(v[None], size), size), seed.exp(v[None], size)
+    fast, ref = RegistrationNet(exp_at="velocity", exp_coarsen=coarsen), RegistrationNet(exp_at="input")
+    a, b = utils.resize_ddf(fast.exp(v[None], size), size), ref.exp(v[None], size)
     assert b.norm(dim=1).max() > 4
     assert (a - b).norm(dim=1).mean() < bound * b.norm(dim=1).mean()
 
 
 def test_short_training_on_phantoms_lowers_tre(phantoms, tmp_path):
-    ckpt = train_registration.train(2, phantoms, preset="demo", iters=60, out=str(tmp_path / "reg.pth"), log=print)
+    ckpt = str(tmp_path / "reg.pth")
+    train_registration.train(data=phantoms, out=ckpt, preset="demo", batch_size=2, iters=60)
     s = evaluate_registration.evaluate(0, ckpt, phantoms, out=str(tmp_path / "ev"))
     assert s["tre_net_mean"] < 0.7 * s["tre_initial_mean"], s
     assert s["dice_net"] > s["dice_initial"], s
@@ -66,13 +66,14 @@ def test_short_training_on_phantoms_lowers_tre(phantoms, tmp_path):
     ck = utils.load_checkpoint(ckpt, "regnet", train_registration.config_of("demo"))
     assert ck["iteration"] == 60
     # --resume continues from the stored iteration instead of starting again
-    train_registration.train(2, phantoms, preset="demo", iters=62, out=ckpt, resume=True, log=print)
+    train_registration.train(data=phantoms, out=ckpt, preset="demo", batch_size=2, iters=62, resume=True)
     assert utils.load_checkpoint(ckpt, "regnet")["iteration"] == 62
 
 
 def test_evaluate_one_real_validation_pair(shared_data, tmp_path):
     data, lms = tmp_path / "val", tmp_path / "lms"
-    data.mkdir(), lms.mkdir()
+    data.mkdir()
+    lms.mkdir()
     for k in (1, 2):
         os.symlink(os.path.join(shared_data, "dilated_vessels_val", f"case_002_{k}.nii.gz"), data / f"case_002_{k}.nii.gz")
     os.symlink(os.path.join(shared_data, "landmarks_val", "case_002.csv"), lms / "case_002.csv")

@@ -1,7 +1,6 @@
 """VQAE (models.py), train_vqae.py and infer_vqae.py."""
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,35 +12,19 @@ from models import VQAE
 
 
 def tiny():
-    return VQAE(**train_vqae.model_config("demo")["model"])
+    return VQAE.build(train_vqae.config_of("demo"))
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    """3 small pairs at 4 mm: the project's phantoms, else random tubes (make_phantoms is optional)."""
-    out = str(tmp_path_factory.mktemp("vq") / "pairs")
-    try:
-        import make_phantoms
-
-        make_phantoms.make_pairs(out, 3, seed=0)
-    except ImportError:
-        g = np.random.default_rng(0)
-        grid = np.stack(np.meshgrid(*[np.arange(s) for s in utils.grid_shape(4)], indexing="ij"), -1)
-        for i in range(3):
-            for k in (1, 2):
-                v = np.zeros(utils.grid_shape(4), np.float32)
-                for _ in range(6):
-                    a, b = g.uniform(8, 44, 3), g.uniform(-1, 1, 3)
-                    d = np.linalg.norm(np.cross(grid - a, b / np.linalg.norm(b)), axis=-1)
-                    v = np.maximum(v, (d < 2.0 + k * 0.3).astype(np.float32))
-                utils.write_nifti(os.path.join(out, f"case_{i:03d}_{k}.nii.gz"), v, 4)
-    return out
+def pairs(phantoms):
+    """The shared phantom pairs (conftest), 4 at 4 mm."""
+    return phantoms
 
 
 @pytest.mark.parametrize("preset,size,grid", [("paper", (32, 32, 48), (2, 2, 3)), ("cpu", (64, 56, 64), (8, 7, 8)),
                                               ("demo", (64, 56, 64), (8, 7, 8))])
 def test_shapes_and_token_range(preset, size, grid):
-    model = train_vqae.build(train_vqae.model_config(preset))
+    model = VQAE.build(train_vqae.config_of(preset))
     x = (torch.rand(1, 2, *size) > 0.9).float()
     with torch.no_grad():
         zq, loss, ids = model.encode(x)
@@ -96,39 +79,41 @@ def test_restart_moves_dead_codes_onto_encoder_outputs():
 
 
 def test_training_on_phantoms_raises_dice_and_tokens_round_trip(pairs, tmp_path):
-    ids, full = train_vqae.load_data(pairs, 4)
+    ids = utils.find_pairs(pairs)
+    full = train_vqae.load_data(pairs, 4)
     data = full[..., 16:48, 12:36, 16:48]  # a central 32x24x32 block: 8x faster, still vessels
     torch.manual_seed(0)
-    before = train_vqae.reconstruct(tiny(), data)[1].mean()
+    before = tiny().reconstruct(data)[1].mean()
     ck = str(tmp_path / "vq.pth")
-    model = train_vqae.train("demo", data, ck, batch=2, iters=60, val=data[:1], device=torch.device("cpu"))
-    tok, dice, probs = train_vqae.reconstruct(model, data, keep_probs=True)
+    model = train_vqae.train(data=data, out=ck, preset="demo", batch_size=2, iters=60, val=data[:1], device="cpu")
+    tok, dice, probs = model.reconstruct(data, keep_probs=True)
     assert dice.mean() > before + 0.15, (before, dice)
     assert os.path.exists(ck[:-4] + ".csv") and os.path.exists(ck[:-4] + ".png")
     # tokens -> decode_tokens gives the same reconstruction as encode -> decode
-    loaded, cfg = infer_vqae.load_vqae(ck, device=torch.device("cpu"))
-    assert cfg == train_vqae.model_config("demo")
+    loaded = VQAE.from_checkpoint(ck, device=torch.device("cpu"))
+    assert loaded.config == train_vqae.config_of("demo")
     with torch.no_grad():
         fp, mp = VQAE.pair_probs(loaded.decode_tokens(tok.reshape(len(tok), -1), tok.shape[1:]), data.shape[-3:],
                                  calibrate=True)
     assert torch.allclose(torch.stack([fp, mp], 1), probs, atol=1e-4)
-    assert torch.equal(infer_vqae.encode_pairs(loaded, data), tok)
+    assert torch.equal(loaded.reconstruct(data)[0], tok)
     # stage 2 script: token file + augmented copies
     out = str(tmp_path / "tok.pth")
     res = infer_vqae.infer(ck, pairs, out, augment_k=2)  # whole 64x52x64 volumes -> 8x7x8
     t = torch.load(out)
-    assert t["tokens"].dtype == torch.int16 and t["tokens"].shape == (9, 448) and t["grid_shape"] == (8, 7, 8)
-    assert t["case_ids"][3:5] == [ids[0] + "_aug00", ids[0] + "_aug01"] and t["config"]["preset"] == "demo"
-    assert torch.equal(t["tokens"][:3].long(), infer_vqae.encode_pairs(loaded, full).reshape(3, -1))
-    assert res["dice"].shape == (9, 2)
-    assert not torch.equal(t["tokens"][3], t["tokens"][0])  # an augmented copy differs
+    n = len(ids)
+    assert t["tokens"].dtype == torch.int16 and t["tokens"].shape == (3 * n, 448) and t["grid_shape"] == (8, 7, 8)
+    assert t["case_ids"][n:n + 2] == [ids[0] + "_aug00", ids[0] + "_aug01"] and t["config"]["preset"] == "demo"
+    assert torch.equal(t["tokens"][:n].long(), loaded.reconstruct(full)[0].reshape(n, -1))
+    assert res["dice"].shape == (3 * n, 2)
+    assert not torch.equal(t["tokens"][n], t["tokens"][0])  # an augmented copy differs
     # resume with another preset's config is refused in one line
     with pytest.raises(utils.DataError, match="another preset"):
-        train_vqae.train("cpu", data, ck, batch=2, iters=1, resume=True)
+        train_vqae.train(data=data, out=ck, preset="cpu", batch_size=2, iters=1, resume=True)
 
 
 def test_bad_inputs_are_one_line_errors(run, pairs, tmp_path):
-    """Two as a user sees them (subprocess: one `error:` line, exit 2), the rest in-process (faster)."""
+    """As a user sees them: one `error:` line, exit 2, no traceback."""
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "case_001_1.nii.gz").write_bytes(b"not a nifti")
@@ -139,24 +124,30 @@ def test_bad_inputs_are_one_line_errors(run, pairs, tmp_path):
     utils.save_checkpoint(str(other), "registration", {}, {})
     assert_one_line_error(run("infer_vqae.py", other, "--data", pairs, "--out", tmp_path / "t.pth"), "vqae")
 
-    def refused(script, argv, match):
-        with pytest.raises(utils.DataError, match=match):
-            script.main([str(a) for a in argv])
 
-    half = tmp_path / "half"
-    half.mkdir()
-    os.link(os.path.join(pairs, "case_000_1.nii.gz"), half / "case_000_1.nii.gz")
-    refused(train_vqae, ["2", "--preset", "demo", "--data", half, "--out", tmp_path / "b.pth"], "missing")
-    refused(train_vqae, ["0", "--preset", "demo", "--data", pairs], "positive")
-    trunc = tmp_path / "trunc.pth"
-    trunc.write_bytes(b"\x80\x02garbage")
-    refused(infer_vqae, [trunc, "--data", pairs], "trunc.pth")
-    demo = tmp_path / "demo.pth"
-    utils.save_checkpoint(str(demo), "vqae", train_vqae.model_config("demo"), tiny().state_dict())
-    refused(infer_vqae, [demo, "--preset", "cpu", "--data", pairs, "--out", tmp_path / "t.pth"], "'demo'")
-    (tmp_path / "exists.pth").write_bytes(b"x")
-    refused(infer_vqae, [demo, "--data", pairs, "--out", tmp_path / "exists.pth"], "exists")
-    refused(train_vqae, ["2", "--preset", "demo", "--data", pairs, "--out", tmp_path / "exists.pth"], "exists")
-    broken = tmp_path / "broken.pth"  # right kind and config, wrong weights
-    utils.save_checkpoint(str(broken), "vqae", train_vqae.model_config("demo"), {"x": torch.zeros(1)})
-    refused(infer_vqae, [broken, "--data", pairs, "--out", tmp_path / "u.pth"], "weights")
+@pytest.fixture(scope="module")
+def bad_files(pairs, tmp_path_factory):
+    """A half pair, a truncated file, a demo checkpoint, one with wrong weights, an existing output."""
+    d = tmp_path_factory.mktemp("bad")
+    (d / "half").mkdir()
+    os.link(os.path.join(pairs, "case_000_1.nii.gz"), d / "half" / "case_000_1.nii.gz")
+    (d / "trunc.pth").write_bytes(b"\x80\x02garbage")
+    utils.save_checkpoint(str(d / "demo.pth"), "vqae", train_vqae.config_of("demo"), tiny().state_dict())
+    utils.save_checkpoint(str(d / "broken.pth"), "vqae", train_vqae.config_of("demo"), {"x": torch.zeros(1)})
+    (d / "exists.pth").write_bytes(b"x")
+    return d
+
+
+@pytest.mark.parametrize("script, argv, match", [
+    (train_vqae, ["2", "--preset", "demo", "--data", "{d}/half", "--out", "{d}/b.pth"], "missing"),
+    (train_vqae, ["0", "--preset", "demo", "--data", "{pairs}", "--out", "{d}/c.pth"], "BATCH_SIZE must be >= 1"),
+    (train_vqae, ["2", "--preset", "demo", "--iters", "-5", "--data", "{pairs}", "--out", "{d}/c.pth"], "--iters"),
+    (train_vqae, ["2", "--preset", "demo", "--data", "{pairs}", "--out", "{d}/exists.pth"], "exists"),
+    (infer_vqae, ["{d}/trunc.pth", "--data", "{pairs}"], "trunc.pth"),
+    (infer_vqae, ["{d}/demo.pth", "--preset", "cpu", "--data", "{pairs}", "--out", "{d}/t.pth"], "'demo'"),
+    (infer_vqae, ["{d}/demo.pth", "--data", "{pairs}", "--out", "{d}/exists.pth"], "exists"),
+    (infer_vqae, ["{d}/broken.pth", "--data", "{pairs}", "--out", "{d}/u.pth"], "weights"),
+])
+def test_refusals(bad_files, pairs, script, argv, match):
+    with pytest.raises(utils.DataError, match=match):
+        script.main([a.format(d=bad_files, pairs=pairs) for a in argv])
