@@ -220,18 +220,20 @@ DEEP_SCAN, DEPTH_CUT = 400, 280
 
 
 FRAME_LOSS_WARN = 0.1  # framing always crops a few % of some scans' vessels; warn when it crops more
-SCAN_AXES = ("L", "P", "S")  # the orientation of the Lung250M-4B scans, ~1 mm voxels
+SCAN_AXES = ("LR", "PA", "SI")  # Lung250M-4B: voxel axes along x, y, z (LPS or RAS), ~1 mm voxels
 
 
 def check_orientation(path):
-    """Warn when an original scan's affine is not the data's convention: landmarks are voxel
-    indices, so the volume is used as stored and never reoriented."""
+    """Warn when an original scan's voxel axes are permuted against the data's convention or its
+    voxels are not ~1 mm: landmarks are voxel indices, so the volume is used as stored and never
+    reoriented (the direction of each axis varies in the data set and does not matter)."""
     img = nib.load(path)
     axes = nib.aff2axcodes(img.affine)
     zooms = img.header.get_zooms()[:3]
-    if axes != SCAN_AXES or any(abs(z - 1) > 0.1 for z in zooms):
+    permuted = any(a not in allowed for a, allowed in zip(axes, SCAN_AXES))
+    if permuted or any(abs(z - 1) > 0.1 for z in zooms):
         warnings.warn(f"{path}: orientation {''.join(axes)}, voxels {'x'.join(f'{z:.2f}' for z in zooms)} mm; "
-                      f"expected {''.join(SCAN_AXES)} at ~1 mm - used as stored (landmarks are voxel indices)")
+                      "expected axes along x, y, z at ~1 mm - used as stored (landmarks are voxel indices)")
 
 
 def framed_volume(path, factor, cut_deep=False):

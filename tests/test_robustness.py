@@ -2,6 +2,7 @@
 ranges, interrupted runs. One test per row of that table, most of them parametrised."""
 import os
 import pickle
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -276,6 +277,15 @@ def test_warnings_for_oversize_and_unusual_scans(tmp_path):
     nib.save(nib.Nifti1Image(a, np.diag([-1.0, -1, 1, 1])), str(tmp_path / "big.nii.gz"))  # LPS, 1 mm
     with pytest.warns(UserWarning, match=r"big.nii.gz: \(300, 208, 256\) exceeds the 256x208x256 frame"):
         utils.framed_volume(str(tmp_path / "big.nii.gz"), 4)
-    nib.save(nib.Nifti1Image(a, np.diag([2.0, 2, 2, 1])), str(tmp_path / "ras.nii.gz"))
+    nib.save(nib.Nifti1Image(a, np.diag([2.0, 2, 2, 1])), str(tmp_path / "coarse.nii.gz"))
     with pytest.warns(UserWarning, match="orientation RAS, voxels 2.00x2.00x2.00 mm"):
-        utils.framed_volume(str(tmp_path / "ras.nii.gz"), 4)
+        utils.framed_volume(str(tmp_path / "coarse.nii.gz"), 4)
+    swapped = np.array([[0.0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])  # voxel axes i, j swapped
+    nib.save(nib.Nifti1Image(a, swapped), str(tmp_path / "swapped.nii.gz"))
+    with pytest.warns(UserWarning, match="orientation ARS"):
+        utils.framed_volume(str(tmp_path / "swapped.nii.gz"), 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the data set's own conventions (LPS and RAS, 1 mm) pass silently
+        for affine in (np.diag([-1.0, -1, 1, 1]), np.eye(4)):
+            nib.save(nib.Nifti1Image(a[:250, :200], affine), str(tmp_path / "ok.nii.gz"))
+            utils.framed_volume(str(tmp_path / "ok.nii.gz"), 4)
