@@ -28,8 +28,9 @@ def load_model(ckpt, preset, seed=0):
     for CKPT = none."""
     if ckpt == "none":
         utils.seed_all(seed)
-        net = RegistrationNet.build(config_of(preset))
-        net.config = config_of(preset)
+        config = config_of(preset)
+        net = RegistrationNet.build(config)
+        net.config = config
         return net
     return RegistrationNet.from_checkpoint(ckpt, device=torch.device("cpu"))
 

@@ -157,7 +157,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     gen = torch.Generator().manual_seed(seed)
     start, rows = 0, []
     if ck is not None:
-        utils.resume_state(out, "diffusion", config, model, opt, sched, scaler)
+        utils.resume_state(ck, out, model, opt, sched, scaler)  # ck: read and checked above
         utils.set_rng_state(out, ck.get("rng"), [gen])
         start, rows = ck["iteration"], ck["log"]
     train_tokens = tokens["tokens"].to(device)

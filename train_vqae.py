@@ -159,7 +159,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     seen = torch.zeros(model.num_codes, dtype=torch.bool, device=device)  # codes used since the last restart
     start, rows = 0, []
     if ck is not None:
-        utils.resume_state(out, "vqae", config, model, opt, sched, scaler)
+        utils.resume_state(ck, out, model, opt, sched, scaler)  # ck: read and checked above
         utils.set_rng_state(out, ck.get("rng"), [gen, aug_gen])
         start, rows, iters = ck["iteration"], ck["log"], ck["iters"]
         seen = ck["seen"].to(device)

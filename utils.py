@@ -738,15 +738,13 @@ def check_resume(path, ck, **now):
                         "ones or write a new --out")
 
 
-def resume_state(path, kind, config, model, optimizer, scheduler, scaler):
-    """Load a training checkpoint into the model, optimiser, scheduler and GradScaler; returns the
-    checkpoint (iteration, log, iters, ...). A checkpoint of another config is a one-line error."""
-    ck = load_checkpoint(path, kind, config)
+def resume_state(ck, path, model, optimizer, scheduler, scaler):
+    """Load a training checkpoint `ck` (from load_checkpoint(path, ...)) into the model, optimiser,
+    scheduler and GradScaler."""
     model.load_weights(ck["state"], path)
     optimizer.load_state_dict(ck["optimizer"])
     scheduler.load_state_dict(ck["scheduler"])
     load_scaler_state(scaler, ck["scaler"])
-    return ck
 
 
 def load_checkpoint(path, kind, config=None):
