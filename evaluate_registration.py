@@ -40,6 +40,9 @@ def native_factor(path):
     return utils.frame_factor(nib.load(path).shape[:3]) or 1
 
 
+FIGURE_PAIRS = 3  # pairs shown in OUT.png
+
+
 def evaluate_pair(net, data, case, lms, iter_tta, device, loss="per-step", direction="reference"):
     """Register one pair without and with test-time adaptation; returns metrics and fields.
     As the reference: the net alone under autocast; TTA adapts a copy of both UNets with the training
@@ -77,7 +80,7 @@ def evaluate_pair(net, data, case, lms, iter_tta, device, loss="per-step", direc
     return res
 
 
-def figure(results, path, n=3):
+def figure(results, path, n=FIGURE_PAIRS):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -110,14 +113,20 @@ def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, over
     net = load_model(ckpt, preset or "cpu", seed)
     if preset is not None and net.config["preset"] != preset:
         log(f"note: {ckpt} is a '{net.config['preset']}' checkpoint; its preset is used, not --preset {preset}")
-    device = utils.get_device(device)
+    rank, procs, device = utils.distributed(device)
     net.to(device)
     results = []
-    for c in cases:
+    for i in range(rank, len(cases), procs):  # under torchrun each pair on exactly one process
+        c = cases[i]
         results.append(evaluate_pair(net, data, c, lms[c], iter_tta, device, loss, direction))
         r = results[-1]
+        if i >= FIGURE_PAIRS:
+            del r["mips"]  # only the figure's pairs travel with their volumes
         log(f"{c}: TRE {r['initial'].mean():6.2f} -> net {r['net'].mean():6.2f} -> tta {r['tta'].mean():6.2f} mm"
             f"  Dice {r['dice_initial']:.3f} -> {r['dice_tta']:.3f}  ({r['seconds']:.1f} s)")
+    results = sorted(sum(utils.gather_objects(results), []), key=lambda r: cases.index(r["case"]))
+    if not utils.is_main():
+        return None  # process 0 writes the summary of all pairs
     rows = [{"case": r["case"], "landmark": i, **{k: f"{r[k][i]:.4f}" for k in KEYS}}
             for r in results for i in range(len(r["initial"]))]
     summ = {"checkpoint": ckpt, "preset": net.config["preset"], "iter_tta": iter_tta, "tta_loss": loss,

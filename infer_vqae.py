@@ -21,6 +21,8 @@ import torch
 import utils
 from models import VQAE
 
+FIGURE_PAIRS = 4  # pairs shown in OUT.png
+
 
 def augmented_pairs(pairs, ids, k, seed=0):
     """K affine-augmented copies of every pair -> (pairs (N*K, 2, ...), ids 'case_XXX_augKK')."""
@@ -34,7 +36,24 @@ def augmented_pairs(pairs, ids, k, seed=0):
     return torch.stack(out), names
 
 
-def figure(pairs, probs, ids, dice, path, n=4):
+def reconstruct(model, pairs, keep_probs=0):
+    """VQAE.reconstruct of every pair -> (ids, Dice, probabilities of the first `keep_probs` pairs).
+    Under torchrun each pair on exactly one process; every process gets all results."""
+    rank, procs = utils.world()
+    mine = list(range(rank, len(pairs), procs))
+    ids, dice, probs = model.reconstruct(pairs[mine], keep_probs=bool(keep_probs)) if mine else (None, None, None)
+    keep = [j for j, i in enumerate(mine) if i < keep_probs]
+    parts = utils.gather_objects((mine, ids, dice, None if probs is None else probs[keep]))
+    where = sorted((i, k, j) for k, part in enumerate(parts) for j, i in enumerate(part[0]))  # pair order
+    ids = torch.stack([parts[k][1][j] for _, k, j in where])
+    dice = np.stack([parts[k][2][j] for _, k, j in where])
+    probs = None
+    if keep_probs:
+        probs = torch.stack([parts[k][3][j] for i, k, j in where if i < keep_probs])
+    return ids, dice, probs
+
+
+def figure(pairs, probs, ids, dice, path, n=FIGURE_PAIRS):
     import matplotlib.pyplot as plt
 
     n = min(n, len(ids))
@@ -53,28 +72,30 @@ def infer(ckpt, data, out, augment_k=0, seed=0, preset=None, overwrite=False):
     """Encode a folder; returns the saved dict."""
     utils.check_output(utils.log_paths(out), overwrite)
     utils.check_seed(seed)
-    model = VQAE.from_checkpoint(ckpt, preset=preset)
+    model = VQAE.from_checkpoint(ckpt, utils.distributed()[2], preset)
     cfg = model.config
     ids, pairs = utils.load_pairs(data or utils.default_data(cfg["preset"]), cfg["factor"])
     pairs = pairs.half()  # as training sees them
-    tokens, dice, probs = model.reconstruct(pairs, keep_probs=True)
+    tokens, dice, probs = reconstruct(model, pairs, keep_probs=FIGURE_PAIRS)
     for c, d in zip(ids, dice):
-        print(f"{c}: Dice fixed {d[0]:.3f} moving {d[1]:.3f}")
-    print(f"mean ({len(ids)} pairs): Dice fixed {dice[:, 0].mean():.3f} moving {dice[:, 1].mean():.3f}")
+        utils.main_print(f"{c}: Dice fixed {d[0]:.3f} moving {d[1]:.3f}")
+    utils.main_print(f"mean ({len(ids)} pairs): Dice fixed {dice[:, 0].mean():.3f} moving {dice[:, 1].mean():.3f}")
     all_ids = list(ids)
     all_tokens = [tokens]
     all_dice = [dice]
     if augment_k:
         apairs, aids = augmented_pairs(pairs, ids, augment_k, seed)
-        atok, adice, _ = model.reconstruct(apairs)
-        print(f"augmented ({len(aids)} pairs): Dice fixed {adice[:, 0].mean():.3f} moving {adice[:, 1].mean():.3f}")
+        atok, adice, _ = reconstruct(model, apairs)
+        utils.main_print(f"augmented ({len(aids)} pairs): Dice fixed {adice[:, 0].mean():.3f} moving {adice[:, 1].mean():.3f}")
         all_ids += aids
         all_tokens.append(atok)
         all_dice.append(adice)
     tokens = torch.cat(all_tokens)
     dice = np.concatenate(all_dice)
     used, ppl = utils.codebook_stats(tokens, model.num_codes)
-    print(f"codebook: {used} of {model.num_codes} codes used, perplexity {ppl:.1f}; token grid {tuple(tokens.shape[1:])}")
+    utils.main_print(f"codebook: {used} of {model.num_codes} codes used, perplexity {ppl:.1f}; token grid {tuple(tokens.shape[1:])}")
+    if not utils.is_main():
+        return None  # process 0 writes
     base = os.path.splitext(out)[0]
     rows = [{"case": c, "dice_fixed": f"{d[0]:.4f}", "dice_moving": f"{d[1]:.4f}"} for c, d in zip(all_ids, dice)]
     utils.write_csv(base + ".csv", ["case", "dice_fixed", "dice_moving"], rows)

@@ -248,8 +248,12 @@ class TokenTransformer(Checkpointed):
     @staticmethod
     def mask_tokens(x0, t, mask_id, generator=None):
         """Forward process q(x_t | x_0): each token is absorbed into the mask with probability t.
-        x0 (B, L), t (B,) in (0, 1] -> (x_t (B, L), masked (B, L) bool). Draws on x0's device."""
-        masked = torch.rand(x0.shape, generator=generator, device=x0.device) < t[:, None]
+        x0 (B, L), t (B,) in (0, 1] -> (x_t (B, L), masked (B, L) bool). Draws on x0's device
+        (under torchrun those of the whole batch, see utils.distributed)."""
+        rank, procs = utils.world()
+        n = len(x0)
+        draws = torch.rand((n * procs, x0.shape[1]), generator=generator, device=x0.device)
+        masked = draws[rank * n:(rank + 1) * n] < t[:, None]
         return x0.masked_fill(masked, mask_id), masked
 
     @staticmethod
@@ -261,11 +265,15 @@ class TokenTransformer(Checkpointed):
         ce = F.cross_entropy(logits.float().transpose(1, 2), x0.long(), reduction="none")
         return (ce * masked).sum(1) * (1 - t) / (math.log(2) * x0.shape[1])
 
-    def loss(self, x0, generator=None):
-        """Training loss of a batch x0 (B, L): t ~ U{1..T}/T per sample, mask, denoise, mean ELBO."""
-        t = torch.randint(1, self.T + 1, (len(x0),), generator=generator, device=x0.device) / self.T
+    def loss(self, x0, generator=None, net=None):
+        """Training loss of a batch x0 (B, L): t ~ U{1..T}/T per sample, mask, denoise, mean ELBO.
+        net: what runs the denoiser (its DistributedDataParallel wrapper under torchrun, where x0
+        is this process's part of the batch and the draws are the whole batch's)."""
+        rank, procs = utils.world()
+        n = len(x0)
+        t = torch.randint(1, self.T + 1, (n * procs,), generator=generator, device=x0.device)[rank * n:(rank + 1) * n] / self.T
         xt, masked = self.mask_tokens(x0, t, self.mask_id, generator)
-        return self.weighted_elbo(self(xt), x0, masked, t).mean()
+        return self.weighted_elbo((net or self)(xt), x0, masked, t).mean()
 
     @torch.no_grad()
     def sample(self, n, steps=256, temp=0.9, schedule="reference", generator=None, device=None, on_step=None):
@@ -338,13 +346,20 @@ class RegistrationNet(Checkpointed):
         self.multiple = math.prod(strides)
         self.max_velocity, self.pool_strides, self.pool_kernel = max_velocity, pool_strides, pool_kernel
         self.squarings, self.exp_at, self.exp_coarsen = squarings, exp_at, exp_coarsen
+        self.runners = list(self.unets)  # what runs each UNet (a plain list: no state_dict keys); see parallel
+
+    def parallel(self, device):
+        """Run each UNet through utils.parallel (DistributedDataParallel under torchrun); the UNets
+        themselves, their state_dict keys and checkpoints stay as they are."""
+        self.runners = [utils.parallel(u, device) for u in self.unets]
+        return self
 
     def velocity(self, step, a, b):
         """Antisymmetric smooth velocity of step 0/1: v(a, b) = -v(b, a), in normalised units
         (2 = the whole volume, as the reference's grid_sample grids) on the pooled grid."""
         x = torch.cat([torch.cat([a, b], 1), torch.cat([b, a], 1)])  # both orders in one batch
         x, size = utils.pad_to_multiple(x, self.multiple)  # MONAI UNet needs sizes divisible by its stride
-        o_ab, o_ba = utils.crop_to(self.unets[step](x), size).float().chunk(2)
+        o_ab, o_ba = utils.crop_to(self.runners[step](x), size).float().chunk(2)
         v = (torch.tanh(o_ab) - torch.tanh(o_ba)) * self.max_velocity
         v = v.flip(1)  # the reference reads the UNet's channels as grid_sample's (x, y, z) = axes (D, W, H)
         k, p = self.pool_kernel, self.pool_kernel // 2

@@ -8,6 +8,8 @@ Each stage calls the stage script's own main() with the command line a user woul
 runs here is exactly what the README documents. A stage whose outputs exist and whose command line
 is unchanged is skipped (a killed run resumes); --force STAGE redoes it (a prefix such as `reg`
 matches all registration stages). --preset demo without --data makes phantom pairs first.
+Everything runs in this one process; for several GPUs run the printed stage commands under
+torchrun (README, "More than one GPU").
 """
 import argparse
 import glob
@@ -23,6 +25,7 @@ import numpy as np
 import evaluate_registration
 import infer_vqae
 import make_phantoms
+import realism_report
 import synthesise
 import train_diffusion
 import train_registration
@@ -148,6 +151,10 @@ def figures(out, evals, real, synth, factor, n=4):
     utils.save_figure(fig, os.path.join(out, "results_pairs.png"))
 
 
+def log_prefix_paths(prefix):
+    return [prefix + ext for ext in (".csv", ".json", ".png", ".md")]
+
+
 def report(out, seeds, times, preset, real=None, synth=None):
     """results.md: the paper-style table (mean +- sd over seeds), a per-case comparison, figures."""
     evals = {"initial / TTA only": [os.path.join(out, "eval_none.json")]}
@@ -187,9 +194,13 @@ def report(out, seeds, times, preset, real=None, synth=None):
     total = sum(times.values())
     lines += ["", f"Wall time per stage (summed over resumed runs): total {total / 60:.1f} min", ""]
     lines += [f"- {k}: {v / 60:.1f} min ({100 * v / max(total, 1e-9):.0f} %)" for k, v in times.items()]
+    if os.path.exists(os.path.join(out, "realism.md")):
+        lines += ["", "Realism (4 mm; real training pairs, VQ-AE reconstructions, synthetic pairs):", "",
+                  open(os.path.join(out, "realism.md")).read().strip()]
     if real and synth:
         figures(out, {k: v for k, v in evals.items() if v}, real, synth, train_registration.PRESETS[preset]["factor"])
-    lines += ["", "Figures: `results_tre.png` (TRE box plots per row), `results_pairs.png` (real vs synthetic pairs).", ""]
+    lines += ["", "Figures: `results_tre.png` (TRE box plots per row), `results_pairs.png` (real vs synthetic pairs); "
+              "how much deformation the VQ-AE and the diffusion model keep: `realism.csv` / `.png`.", ""]
     md = "\n".join(lines) + "\n"
     with utils.atomic_path(os.path.join(out, "results.md")) as tmp:
         open(tmp, "w").write(md)
@@ -251,6 +262,10 @@ def main(argv=None):
     run("synth", [path("synth")], synthesise.main,
         [n, "--preset", preset, "--diffusion", path("diffusion.pth"), "--vqae", path("vqae.pth"), "--out", path("synth")],
         preset, [path("diffusion.pth"), path("vqae.pth")], resume=[])  # synthesise.py keeps complete pairs
+    # the deformation each generator stage keeps: real vs VQ-AE reconstructions vs synthetic pairs
+    run("realism", log_prefix_paths(path("realism")), realism_report.main,
+        [path("synth"), "--reference", data, "--val", val, "--vqae", path("vqae.pth"), "--out", path("realism"),
+         "--overwrite"], preset, [data, val, path("synth"), path("vqae.pth")])
     folders = {"real": data, "synth": path("synth"), "mix": mix_folder(data, path("synth"), path("mix"))}
     reads = {"real": [data], "synth": [path("synth")], "mix": [data, path("synth")]}  # mix/ only holds links
     iters = ["--iters", args.reg_iters] if args.reg_iters else []

@@ -1,7 +1,13 @@
 """Pair realism: real and synthetic fixed/moving pairs side by side (a table and a figure).
 
-    python realism_report.py FOLDER [FOLDER ...] --reference REAL [--factor 4] [--max N]
-                             [--out PREFIX] [--overwrite]
+    python realism_report.py FOLDER [FOLDER ...] --reference REAL [--val DIR] [--vqae CKPT] [--factor 4]
+                             [--max N] [--out PREFIX] [--overwrite]
+
+Groups: the real training pairs (REFERENCE, the baseline), each FOLDER (e.g. synthetic pairs),
+with --val the validation pairs, with --vqae the VQ-AE's reconstructions of the training (and
+validation) pairs. Together they decompose the deformation synthetic pairs lose: the part the
+autoencoder already loses (recon vs real) and the part the diffusion model loses on top
+(synthetic vs recon of the training pairs).
 
 Per pair, all at frame/factor (default 4 mm) resolution:
   vf_fixed, vf_moving  vessel volume fraction (mean occupancy / probability over the frame)
@@ -13,7 +19,7 @@ Per pair, all at frame/factor (default 4 mm) resolution:
   dice_reg             Dice(fixed, registered moving): did that registration work
   nn_fixed, nn_moving  memorisation: highest Dice of the volume against every volume of the
                        REFERENCE (training) pairs; for the reference itself, against the other cases
-Writes PREFIX.csv (per pair), PREFIX.json (summary), PREFIX.png; prints the table.
+Writes PREFIX.csv (per pair), PREFIX.json (summary), PREFIX.png, PREFIX.md (the table, printed too).
 """
 import argparse
 import os
@@ -21,6 +27,7 @@ import os
 import numpy as np
 
 import utils
+from models import VQAE
 
 COLUMNS = ["group", "case"] + utils.REALISM_STATS[:5] + ["nn_fixed", "nn_moving"]
 
@@ -37,12 +44,30 @@ def figure(groups, path):
     utils.save_figure(fig, path)
 
 
-def report(folders, reference, out, factor=4, max_pairs=None, overwrite=False):
-    for ext in (".csv", ".json", ".png"):
+def reconstructed(vqae, folder, factor):
+    """The VQ-AE's reconstructions of a folder's pairs -> (ids, (N, 2, H, W, D) at frame/factor)."""
+    if factor % vqae.config["factor"]:
+        raise utils.DataError(f"{vqae.path}: works at frame/{vqae.config['factor']}, cannot compare at /{factor}")
+    ids, x = utils.load_pairs(folder, vqae.config["factor"])
+    return ids, utils.pool(vqae.reconstruct(x, keep_probs=True)[2], factor // vqae.config["factor"])
+
+
+def report(folders, reference, out, factor=4, max_pairs=None, overwrite=False, val=None, vqae=None):
+    for ext in (".csv", ".json", ".png", ".md"):
         utils.check_output(out + ext, overwrite)
+    model = None if vqae is None else VQAE.from_checkpoint(vqae)
     rids, ref = utils.load_pairs(reference, factor)
     name = "real " + os.path.basename(os.path.normpath(reference))
     groups = {name: utils.folder_stats(reference, factor, (rids, ref), progress=True)}
+    kept = []  # (real group, its reconstruction group)
+    for real in [reference] + ([val] if val else []):
+        real_name = "real " + os.path.basename(os.path.normpath(real))
+        if real_name not in groups:
+            groups[real_name] = utils.folder_stats(real, factor, (rids, ref), progress=True)
+        if model is not None:
+            ids, x = reconstructed(model, real, factor)
+            groups["recon " + real_name[5:]] = utils.pair_stats(ids, x, factor, (rids, ref), progress=True)
+            kept.append((real_name, "recon " + real_name[5:]))
     for folder in folders:
         name = os.path.basename(os.path.normpath(folder))
         groups[name] = utils.folder_stats(folder, factor, (rids, ref), max_pairs, progress=True)
@@ -53,20 +78,29 @@ def report(folders, reference, out, factor=4, max_pairs=None, overwrite=False):
                                          for k in utils.REALISM_STATS} for n, g in groups.items()})
     figure(groups, out + ".png")
     text = utils.realism_table(groups, baseline=next(iter(groups)))
+    for real_name, recon_name in kept:
+        r, q = groups[real_name], groups[recon_name]
+        text += (f"\nVQ-AE keeps {100 * q['disp_mm'].mean() / max(r['disp_mm'].mean(), 1e-9):.0f} % of {real_name}'s "
+                 f"displacement ({q['disp_mm'].mean():.2f} of {r['disp_mm'].mean():.2f} mm); Dice(f, m) "
+                 f"{q['dice_fm'].mean():.2f} vs {r['dice_fm'].mean():.2f}")
+    with utils.atomic_path(out + ".md") as tmp:
+        open(tmp, "w").write(text + "\n")
     print(text)
     return groups, text
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("folders", nargs="+", help="folders of case_XXX_{1,2}.nii.gz pairs (synthetic or real)")
+    ap.add_argument("folders", nargs="*", help="folders of case_XXX_{1,2}.nii.gz pairs (synthetic or real)")
     ap.add_argument("--reference", required=True, help="the real training pairs (memorisation reference)")
+    ap.add_argument("--val", help="validation pairs: their statistics (and reconstructions, with --vqae)")
+    ap.add_argument("--vqae", help="a VQ-AE checkpoint: add its reconstructions of the real pairs")
     ap.add_argument("--factor", type=int, default=4, help="compare at frame/factor (default 4 mm)")
     ap.add_argument("--max", type=int, help="at most N pairs per folder")
     ap.add_argument("--out", default="realism", help="output prefix")
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
-    report(a.folders, a.reference, a.out, a.factor, a.max, a.overwrite)
+    report(a.folders, a.reference, a.out, a.factor, a.max, a.overwrite, a.val, a.vqae)
 
 
 if __name__ == "__main__":

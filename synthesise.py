@@ -2,12 +2,14 @@
 
     python synthesise.py [NUM_PAIRS] [--preset paper|cpu|demo] [--diffusion CKPT] [--vqae CKPT]
                          [--out synth] [--sampler reference|fast] [--steps S] [--schedule reference|linear|cosine]
-                         [--temp 0.9] [--batch B] [--seed S] [--calibrate] [--decode TOKENS] [--device D]
+                         [--temp 0.9] [--batch B] [--seed S] [--calibrate | --no-calibrate] [--decode TOKENS]
+                         [--device D]
                          [--overwrite]
     python synthesise.py --benchmark [--preset cpu] [--diffusion CKPT] [--vqae CKPT] [--pairs N]
 
 Writes OUT/case_XXXX_1.nii.gz (fixed) and _2 (moving): the decoder's raw vessel softmax (what the
-reference implementation writes; --calibrate: occupancies, see VQAE.pair_probs) on the frame grid
+reference implementation writes, the paper preset's default) or with --calibrate occupancies (see
+VQAE.pair_probs; the cpu and demo presets' default) on the frame grid
 pooled by the VQ-AE's factor (utils.write_nifti: 1 mm at paper, 4 mm at cpu/demo), so OUT is
 directly a DATA_FOLDER of train_registration.py; OUT/manifest.json and OUT/preview.png.
 --sampler reference (the default at --preset paper): 256 steps, batch 2, the reference schedule
@@ -39,10 +41,13 @@ from models import TokenTransformer, VQAE
 # grid is empty, many at the end) in few calls on large batches.
 SAMPLERS = {"reference": dict(steps=256, schedule="reference", batch=2)}
 FAST = dict(steps=16, schedule="cosine", batch=32)
-PRESETS = {  # num_pairs: what pipeline.py synthesises
-    "paper": dict(sampler="reference", fast=dict(FAST, steps=32), num_pairs=256),
-    "cpu": dict(sampler="fast", fast=FAST, num_pairs=256),
-    "demo": dict(sampler="fast", fast=FAST, num_pairs=32),
+# num_pairs: what pipeline.py synthesises. calibrate: write occupancies (VQAE.pair_probs) - at cpu/demo
+# the VQ-AE learns 4 mm occupancies, the registration net trains on real 4 mm occupancies, and the raw
+# softmax over-states their vessel fraction 2.4x (RESULTS.md); paper: the reference's raw softmax.
+PRESETS = {
+    "paper": dict(sampler="reference", fast=dict(FAST, steps=32), num_pairs=256, calibrate=False),
+    "cpu": dict(sampler="fast", fast=FAST, num_pairs=256, calibrate=True),
+    "demo": dict(sampler="fast", fast=FAST, num_pairs=32, calibrate=True),
 }
 TEMP = 0.9
 CPU_DECODE_BATCH = 8  # volumes decoded at once on a CPU; on a GPU sized from free memory
@@ -60,7 +65,7 @@ def sampler_settings(preset, sampler=None, temp=TEMP, **overrides):
 def load_models(diffusion, vqae_path=None, preset=None, device=None):
     """(transformer, VQ-AE); refuses a VQ-AE whose token grid or codebook does not match the
     transformer's, or (when known) not the one that made its tokens."""
-    device = utils.get_device(device)
+    device = utils.distributed(device)[2]  # under torchrun: this process's GPU
     model = TokenTransformer.from_checkpoint(diffusion, device, preset)
     cfg = model.config
     vqae_path = vqae_path or model.saved.get("vqae") or f"vqae_{cfg['preset']}.pth"
@@ -112,8 +117,10 @@ def synthesise(model, vqae, out, n, sampler, seed=0, tokens=None, overwrite=Fals
     def probs(logits):
         return VQAE.pair_probs(logits, size, calibrate)
 
+    rank, procs = utils.world()
+    mine = range(rank, -(-n // batch), procs)  # under torchrun each batch on exactly one process
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # gzip writes overlap sampling
-        for b in tqdm(range(-(-n // batch)), desc=f"synthesise {sampler['steps']} steps", disable=not progress):
+        for b in tqdm(mine, desc=f"synthesise {sampler['steps']} steps", disable=not progress or rank > 0):
             idx = list(range(b * batch, min(n, (b + 1) * batch)))
             todo = [i for i in idx if overwrite or not all(map(os.path.exists, pair_paths(out, i)))]
             if not todo:
@@ -137,6 +144,7 @@ def synthesise(model, vqae, out, n, sampler, seed=0, tokens=None, overwrite=Fals
                 pending.pop(0).result()
         for f in pending:
             f.result()  # re-raise write errors
+    made = sum(utils.gather_objects(made))
     return time.time() - t0, made
 
 
@@ -180,8 +188,12 @@ def run(models, out, n, sampler, seed=0, decode=None, calibrate=False, overwrite
                                   f"{'x'.join(map(str, d['grid_shape']))}) than {vqae.path}")
         tokens = d["tokens"]
         n = len(tokens)
-    utils.write_json(mpath, {**settings, "num_pairs": n, "complete": False})
+    utils.barrier()  # every process has read the old manifest before process 0 replaces it
+    if utils.is_main():
+        utils.write_json(mpath, {**settings, "num_pairs": n, "complete": False})
     secs, made = synthesise(model, vqae, out, n, sampler, seed, tokens, overwrite, progress, calibrate)
+    if not utils.is_main():
+        return secs / max(made, 1), made
     per_pair = secs / max(made, 1)
     secs_all = secs + old.get("seconds", 0)  # over resumed runs
     made_all = made + old.get("pairs_made", 0)
@@ -229,8 +241,9 @@ def main(argv=None):
     ap.add_argument("--temp", type=float, default=TEMP)
     ap.add_argument("--batch", type=int, help="token grids sampled at once (overrides the sampler's)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--calibrate", action="store_true",
-                    help="write calibrated occupancies instead of the raw vessel softmax (the reference's output)")
+    ap.add_argument("--calibrate", action=argparse.BooleanOptionalAction,
+                    help="write calibrated occupancies instead of the raw vessel softmax (the reference's output); "
+                    "default: the preset's (paper: raw; cpu, demo: calibrated)")
     ap.add_argument("--decode", metavar="TOKENS", help="decode these token grids instead of sampling")
     ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
     ap.add_argument("--overwrite", action="store_true")
@@ -248,7 +261,8 @@ def main(argv=None):
     preset = models[0].config["preset"]
     sampler = sampler_settings(preset, args.sampler, args.temp, steps=args.steps, schedule=args.schedule, batch=args.batch)
     num_pairs = PRESETS[preset]["num_pairs"] if args.num_pairs is None else args.num_pairs
-    run(models, args.out, num_pairs, sampler, args.seed, args.decode, args.calibrate, args.overwrite)
+    calibrate = PRESETS[preset]["calibrate"] if args.calibrate is None else args.calibrate
+    run(models, args.out, num_pairs, sampler, args.seed, args.decode, calibrate, args.overwrite)
 
 
 if __name__ == "__main__":

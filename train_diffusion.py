@@ -92,11 +92,12 @@ def figure(model, vqae, grid, size, rows, path, seed=0):
     utils.save_figure(fig, path)
 
 
-def diffusion_step(model, opt, scaler, sched, x0, loss_scale=1.0):
+def diffusion_step(model, opt, scaler, sched, x0, loss_scale=1.0, net=None):
     """One training iteration on token grids x0 (B, L) -> loss in bits per token, on the device
-    (no host synchronisation; a non-finite loss is skipped by the GradScaler on CUDA)."""
+    (no host synchronisation; a non-finite loss is skipped by the GradScaler on CUDA). net: what
+    runs the model (its DistributedDataParallel wrapper under torchrun)."""
     with utils.autocast(x0.device):
-        loss = model.loss(x0)
+        loss = model.loss(x0, net=net)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss * loss_scale).backward()
     scaler.step(opt)
@@ -133,18 +134,20 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         if (v["grid_shape"], v["num_codes"]) != (grid, codes):
             raise utils.DataError(f"{val}: token grid or codebook size differs from {data}")
         val_tokens = v["tokens"]
-    device = utils.get_device(device)
+    rank, _, device = utils.distributed(device)
+    local = utils.local_batch(batch_size)
     vqae_model = None
     if vqae:
         vqae_model = VQAE.from_checkpoint(vqae, device=device)
         if vqae_model.token_grid(utils.grid_shape(vqae_model.config["factor"])) != grid or vqae_model.num_codes != codes:
             raise utils.DataError(f"{vqae}: VQ-AE grid / codebook differ from the tokens in {data}")
-    print(f"{len(tokens['tokens'])} token grids {'x'.join(map(str, grid))} ({codes} codes, "
+    utils.main_print(f"{len(tokens['tokens'])} token grids {'x'.join(map(str, grid))} ({codes} codes, "
           f"{len(torch.unique(tokens['tokens']))} used)" + (f", {len(val_tokens)} validation grids" if val else ""))
     iters = iters or p["samples"] // batch_size
     utils.seed_all(seed)
     model = TokenTransformer.build(config).to(device)
     utils.compile_modules([model], compile)
+    net = utils.parallel(model, device)
     opt = torch.optim.Adam(model.parameters(), lr=p["lr"])
     ref = p.get("reference_batches", False)
     warm = p["warmup"]
@@ -169,29 +172,35 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     loss_scale = 1 / codes if ref else 1.0
 
     def save(it):
+        if not utils.is_main():
+            return utils.barrier()  # one writer; nobody reads before it has written
         utils.save_checkpoint(out, "diffusion", config, model.state_dict(), optimizer=opt.state_dict(),
                               scheduler=sched.state_dict(), scaler=scaler.state_dict(), iteration=it, iters=iters,
                               batch=batch_size, seed=seed, log=rows, rng=utils.rng_state([gen]), **extra)
         utils.write_csv(base + ".csv", LOG_FIELDS, rows)
         figure(model, vqae_model, grid, size, rows, base + ".png", seed)
+        utils.barrier()
 
     t0 = time.time() - (rows[-1]["seconds"] if rows else 0)
     run = []
-    bar = tqdm(range(start, iters), desc=f"diffusion {preset}", initial=start, total=iters)
+    bar = tqdm(range(start, iters), desc=f"diffusion {preset}", initial=start, total=iters, disable=not utils.is_main())
     for it in bar:
         if ref and batch_size <= len(train_tokens):
             idx = torch.randperm(len(train_tokens), generator=gen)[:batch_size]
         else:
             idx = torch.randint(len(train_tokens), (batch_size,), generator=gen)
+        idx = idx[rank * local:(rank + 1) * local]  # the global batch's draws, this process's share
         x0 = train_tokens[idx.to(device, non_blocking=True)]
-        run.append(diffusion_step(model, opt, scaler, sched, x0, loss_scale))
+        run.append(diffusion_step(model, opt, scaler, sched, x0, loss_scale, net))
         if (it + 1) % p["every"] == 0 or it + 1 == iters:  # log, validate, checkpoint, figure (host syncs)
             losses = torch.stack(run).float()
             finite = torch.isfinite(losses)
-            if not bool(finite.any()) or (device.type != "cuda" and not bool(finite.all())):
+            total, n_finite, n_bad = utils.all_mean([losses[finite].sum(), finite.sum(), (~finite).sum()], device)
+            if n_finite == 0 or (device.type != "cuda" and n_bad > 0):
                 raise RuntimeError(f"diffusion loss not finite before iteration {it + 1}")
-            v = val_loss(model, val_tokens, p["val_repeats"]) if val_tokens is not None else ""
-            rows.append({"iter": it + 1, "loss": float(losses[finite].mean()), "val_loss": v,
+            main_val = val_tokens is not None and utils.is_main()
+            v = val_loss(model, val_tokens, p["val_repeats"]) if main_val else ""
+            rows.append({"iter": it + 1, "loss": total / n_finite, "val_loss": v,
                          "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1)})
             run = []
             bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}")
@@ -211,7 +220,7 @@ def main(argv=None):
     model = train(data=args.tokens, out=out, preset=args.preset, batch_size=args.batch_size, iters=args.iters,
                   seed=args.seed, resume=args.resume, overwrite=args.overwrite, val=args.val, vqae=args.vqae,
                   device=args.device, compile=args.compile)
-    print(f"wrote {out}{utils.peak_memory(model.pos.device)}")
+    utils.main_print(f"wrote {out}{utils.peak_memory(model.pos.device)}")
 
 
 if __name__ == "__main__":

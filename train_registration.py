@@ -107,7 +107,8 @@ def optimise(net, batches, iters, lr, reg, device, desc="train", on_step=None, s
         for o, s in zip(opts, opt_state):
             o.load_state_dict(s)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    bar = tqdm(range(start, iters), desc=desc, initial=start, total=iters, leave=False, disable=iters - start < 2)
+    bar = tqdm(range(start, iters), desc=desc, initial=start, total=iters, leave=False,
+                disable=iters - start < 2 or not utils.is_main())
     last = None
     for i in bar:
         fixed, moving = batches(i)
@@ -115,7 +116,7 @@ def optimise(net, batches, iters, lr, reg, device, desc="train", on_step=None, s
         if on_step:
             on_step(i + 1, opts, total)
         if (i + 1) % LOG_EVERY == 0 or i + 1 == iters:  # the only host synchronisation
-            value = total.item()
+            value = utils.all_mean([total], device)[0]
             if device.type != "cuda" and not math.isfinite(value):
                 raise RuntimeError(f"registration loss became {value} at iteration {i + 1}")
             bar.set_postfix(loss=f"{value:.4f}")
@@ -123,7 +124,7 @@ def optimise(net, batches, iters, lr, reg, device, desc="train", on_step=None, s
 
 
 def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, overwrite=False, loss="per-step",
-          device=None, compile=False, log=print):
+          device=None, compile=False, log=utils.main_print):
     """Train on all pairs of the folder `data`; returns the net."""
     p, cfg = PRESETS[preset], config_of(preset)
     utils.check_positive({"BATCH_SIZE": batch_size, "--iters": iters})
@@ -141,11 +142,13 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     if not resume:
         utils.check_output(out, overwrite, resumable=True)
     ids, pairs = utils.load_pairs(data, p["factor"])  # (N, 2, H, W, D)
-    device = utils.get_device(device)
+    rank, _, device = utils.distributed(device)
+    local = utils.local_batch(batch_size)
     pairs = utils.to_device_if_fits(pairs.half(), device)  # exact for masks pooled by 2 or 4; fp16 maps as the reference
     utils.seed_all(seed)
     net = RegistrationNet.build(cfg).to(device)
     utils.compile_modules(net.unets, compile)
+    net.parallel(device)
     gen = torch.Generator().manual_seed(seed * 100003)  # batch draws
     start = 0
     opt_state = None
@@ -161,15 +164,20 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
             idx = torch.randperm(len(ids), generator=gen)[:batch_size]
         else:
             idx = torch.randint(len(ids), (batch_size,), generator=gen)
+        idx = idx[rank * local:(rank + 1) * local]  # the global batch's draws, this process's share
         x = pairs[idx.to(pairs.device)].to(device, non_blocking=True).float()
         return x[:, :1], x[:, 1:]
 
     def on_step(i, opts, total):
-        if i % p["ckpt_every"] == 0 or i == iters:
-            utils.save_checkpoint(out, "regnet", cfg, net.state_dict(), iteration=i, loss=float(total),
+        if i % p["ckpt_every"] and i != iters:
+            return
+        loss_value = utils.all_mean([total], device)[0]
+        if utils.is_main():
+            utils.save_checkpoint(out, "regnet", cfg, net.state_dict(), iteration=i, loss=loss_value,
                                   optimisers=[o.state_dict() for o in opts], rng=utils.rng_state([gen]), iters=iters,
                                   data=os.path.abspath(data), cases=ids, seed=seed, batch_size=batch_size,
                                   loss_scheme=loss)
+        utils.barrier()  # nobody reads the checkpoint before it is written
 
     t = time.time()
     log(f"train_registration: {len(ids)} pairs from {data} at {tuple(pairs.shape[2:])}, preset {preset}, "

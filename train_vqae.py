@@ -1,12 +1,16 @@
 """Stage 1: train the paired 3D VQ-AE (models.VQAE) on fixed/moving vessel-mask pairs.
 
     python train_vqae.py [BATCH_SIZE] [--preset paper|cpu|demo] [--data DIR] [--val DIR] [--iters N]
-                         [--out CKPT] [--seed S] [--resume | --overwrite]
+                         [--out CKPT] [--seed S] [--diff-weight W] [--resume | --overwrite]
 
 Both masks of a pair enter as two channels, so one token grid describes the pair. Each step:
 a batch of pairs (paper: random 128^3 patches, same location in fixed and moving; cpu/demo: whole
 quarter-resolution volumes), one random affine per pair (identity 3x4 + N(0, 0.05), nearest),
 loss = 0.5 CE(fixed) + 0.5 CE(moving) with class weights (1, 2.5) + 0.1 codebook loss.
+--diff-weight W (not in the paper; 0 = the reference) weighs each voxel by 1 + W |fixed - moving|:
+the voxels that carry the pair's deformation, which a plain CE learns last (README, issue 12).
+At every validation: reconstruction Dice and the deformation the reconstructions keep (quick
+registration displacement of reconstructed / real pairs, training and validation pairs).
 Writes CKPT (kind 'vqae': preset, model kwargs and data factor in its config), CKPT.csv, CKPT.png.
 """
 import functools
@@ -30,15 +34,20 @@ PRESETS = {
     # strides by 2: a full-resolution stage costs far more time on 2 CPU cores for little Dice.
     # restart: every N iterations, codes unused since the last restart are moved onto encoder outputs
     # (not in the paper; without it the codebook collapses to ~12 codes within 200 iterations here).
+    # diff_weight 4: the smallest weight tried (0, 4, 16) whose reconstructions of the training pairs
+    # keep >= 80 % of their displacement with Dice(fixed, moving) within 0.1 of theirs (RESULTS.md).
     "cpu": dict(factor=4, patch=None, samples=24000, batch=2, lr=5e-4, ckpt_every=250, val_every=250, restart=50,
+                diff_weight=4.0,
                 model=dict(channels=(32, 64, 128, 128, 128), strides=(2, 2, 2, 1, 1), num_codes=512)),
     "demo": dict(factor=4, patch=None, samples=600, batch=2, lr=2e-3, ckpt_every=100, val_every=50, restart=25,
                  model=dict(channels=(16, 32, 32, 32), strides=(2, 2, 2, 1), num_codes=128)),
 }
 CB_WEIGHT = 0.1
 LOG_EVERY = 10  # iterations between log rows: the only host-device synchronisation of the loop
+REALISM_FACTOR = 4  # deformation kept is measured at 4 mm, as in realism_report.py
 LOG_FIELDS = ["iter", "loss", "codebook_loss", "dice_fixed", "dice_moving", "codes_used", "perplexity", "lr",
-              "codes_restarted", "val_dice_fixed", "val_dice_moving", "val_codes_used", "seconds"]
+              "codes_restarted", "val_dice_fixed", "val_dice_moving", "val_codes_used", "train_disp_kept",
+              "train_dice_fm", "val_disp_kept", "val_dice_fm", "seconds"]
 
 
 def config_of(preset):
@@ -55,16 +64,17 @@ def load_data(data, factor):
     return utils.load_pairs(data, factor)[1].half()
 
 
-def sample_batch(data, batch, patch, generator):
+def sample_batch(data, batch, patch, generator, part=slice(None)):
     """Random pairs (and patches) of `data` (N, 2, H, W, D), on data's device. The draws come from
-    a CPU `generator` and index by Python ints: no host-device synchronisation."""
+    a CPU `generator` and index by Python ints: no host-device synchronisation. All `batch` draws
+    are made; `part` (a slice) picks this process's share under torchrun."""
     idx = torch.randint(len(data), (batch,), generator=generator).tolist()
     if patch is None:
-        return torch.stack([data[i] for i in idx])
-    out = []
-    for i in idx:  # same patch location in fixed and moving (they are the two channels)
-        c = [int(torch.randint(s - patch + 1, (1,), generator=generator)) for s in data.shape[-3:]]
-        out.append(data[i, :, c[0]:c[0] + patch, c[1]:c[1] + patch, c[2]:c[2] + patch])
+        return torch.stack([data[i] for i in idx[part]])
+    corners = []
+    for _ in idx:  # same patch location in fixed and moving (they are the two channels)
+        corners.append([int(torch.randint(s - patch + 1, (1,), generator=generator)) for s in data.shape[-3:]])
+    out = [data[i, :, c[0]:c[0] + patch, c[1]:c[1] + patch, c[2]:c[2] + patch] for i, c in zip(idx[part], corners[part])]
     return torch.stack(out)
 
 
@@ -73,29 +83,39 @@ def class_weights(device):
     return torch.tensor(VQAE.CLASS_WEIGHTS, device=device)
 
 
-def recon_loss(logits, x, soft):
+def recon_loss(logits, x, soft, diff_weight=0.0):
     """0.5 CE(fixed) + 0.5 CE(moving), class weights (1, 2.5). soft (pooled) targets t are used as
     class probabilities, so the decoder learns the occupancy the registration net reads; binary
     (1 mm) masks as class labels, as the reference. With the weights the optimum of soft targets is
-    2.5t / (1 + 1.5t), not t, which VQAE.pair_probs(calibrate=True) inverts."""
+    2.5t / (1 + 1.5t), not t, which VQAE.pair_probs(calibrate=True) inverts.
+    diff_weight W > 0: voxel weights v = 1 + W |t_fixed - t_moving| (normalised like the mean, so
+    W = 0 is the plain loss); a voxel's weight scales both of its classes, so the optimum and the
+    calibration stay the same."""
     w = class_weights(logits.device)
+    v = 1 + diff_weight * (x[:, 0].float() - x[:, 1].float()).abs() if diff_weight else None
     loss = 0
     for c in (0, 1):
         lg, t = logits[:, 2 * c:2 * c + 2].float(), x[:, c]
         tgt = torch.stack([1 - t, t], 1) if soft else (t > 0.5).long()
-        loss = loss + 0.5 * F.cross_entropy(lg, tgt, weight=w)
+        if v is None:
+            loss = loss + 0.5 * F.cross_entropy(lg, tgt, weight=w)
+            continue
+        per_voxel = F.cross_entropy(lg, tgt, weight=w, reduction="none")
+        norm = v.mean() if soft else (v * w[tgt]).mean()  # what reduction="mean" divides by
+        loss = loss + 0.5 * (per_voxel * v).mean() / norm
     return loss
 
 
-def vqae_step(model, opt, scaler, sched, x, soft):
+def vqae_step(model, opt, scaler, sched, x, soft, diff_weight=0.0, net=None):
     """One training iteration on a batch x (B, 2, H, W, D) -> (loss, codebook loss, logits, ids),
     all still on the device (no host synchronisation). A non-finite loss: the GradScaler skips
-    the step on CUDA, as in the reference; the caller checks on the CPU."""
+    the step on CUDA, as in the reference; the caller checks on the CPU. net: what runs the model
+    (its DistributedDataParallel wrapper under torchrun)."""
     xp, size = utils.pad_to_multiple(x, model.stride)
     with utils.autocast(x.device):
-        logits, cb, ids = model(xp)
+        logits, cb, ids = (net or model)(xp)
         logits = utils.crop_to(logits, size)
-        loss = recon_loss(logits, x, soft) + CB_WEIGHT * cb
+        loss = recon_loss(logits, x, soft, diff_weight) + CB_WEIGHT * cb
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -104,13 +124,25 @@ def vqae_step(model, opt, scaler, sched, x, soft):
     return loss.detach(), cb.detach(), logits.detach(), ids
 
 
+def restart_dead_codes(model, seen):
+    """Move the codes no process used since the last restart (seen: bool (K,), this process's usage;
+    reset here) onto encoder outputs. Under torchrun every process moves the same codes, then all
+    take process 0's replacements: each process saw other encoder outputs, and the codebooks must
+    stay identical. Returns the number of codes moved."""
+    moved = model.restart_codes(~utils.all_max_(seen))
+    utils.broadcast_(model.codebook.weight.data)
+    seen[:] = False
+    return moved
+
+
 def plot_log(rows, path):
     import matplotlib.pyplot as plt
 
     col = {h: np.array([np.nan if r.get(h, "") == "" else float(r[h]) for r in rows]) for h in LOG_FIELDS}
-    fig, ax = plt.subplots(1, 3, figsize=(14, 3.5))
+    fig, ax = plt.subplots(1, 4, figsize=(18, 3.5))
     panels = [("loss", ["loss", "codebook_loss"]), ("reconstruction Dice", ["dice_fixed", "dice_moving",
-              "val_dice_fixed", "val_dice_moving"]), ("codebook usage", ["codes_used", "perplexity", "val_codes_used"])]
+              "val_dice_fixed", "val_dice_moving"]), ("codebook usage", ["codes_used", "perplexity", "val_codes_used"]),
+              ("deformation kept (recon / real)", ["train_disp_kept", "val_disp_kept"])]
     for panel, (title, keys) in zip(ax, panels):
         for k in keys:
             ok = ~np.isnan(col[k])  # validation columns are filled at intervals only
@@ -124,9 +156,10 @@ def plot_log(rows, path):
 
 
 def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, overwrite=False, val=None, device=None,
-          compile=False):
+          compile=False, diff_weight=None):
     """Train on the pairs of folder `data` at the preset's factor (`val`: a folder for validation
-    Dice at intervals; either may also be pairs already loaded, see load_data). Returns the model."""
+    Dice at intervals; either may also be pairs already loaded, see load_data). diff_weight: see
+    recon_loss (None: the preset's, 0 = the reference). Returns the model."""
     p, config = PRESETS[preset], config_of(preset)
     utils.check_positive({"BATCH_SIZE": batch_size, "--iters": iters})
     utils.check_seed(seed)
@@ -134,22 +167,29 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     if resume and os.path.exists(out):
         ck = utils.load_checkpoint(out, "vqae", config)  # another preset -> one-line error
         # the learning-rate schedule was planned for the checkpoint's iterations: keep them
-        utils.check_resume(out, ck, iters=iters, batch=batch_size, seed=seed)
+        utils.check_resume(out, ck, iters=iters, batch=batch_size, seed=seed, diff_weight=diff_weight)
         batch_size = ck["batch"]
         seed = ck["seed"]
+        diff_weight = ck.get("diff_weight", 0.0)
     batch_size = p["batch"] if batch_size is None else batch_size
     seed = 0 if seed is None else seed
+    diff_weight = p.get("diff_weight", 0.0) if diff_weight is None else float(diff_weight)
+    if not math.isfinite(diff_weight) or diff_weight < 0:
+        raise utils.DataError(f"--diff-weight must be a finite number >= 0, got {diff_weight}")
     if not resume:
         utils.check_output(utils.log_paths(out), overwrite, resumable=True)  # fail before the (slow) data loading
     train_data = load_data(data, p["factor"])
     val = None if val is None else load_data(val, p["factor"])
     if p["patch"] and any(s < p["patch"] for s in train_data.shape[-3:]):
         raise utils.DataError(f"{data}: volumes {tuple(train_data.shape[-3:])} smaller than the {p['patch']}^3 patch")
-    device = utils.get_device(device)
+    rank, _, device = utils.distributed(device)
+    local = utils.local_batch(batch_size)
+    part = slice(rank * local, (rank + 1) * local)  # this process's share of every global batch
     iters = iters or p["samples"] // batch_size
     utils.seed_all(seed)
     model = VQAE.build(config).to(device)
     utils.compile_modules([model], compile)
+    net = utils.parallel(model, device)
     opt = torch.optim.Adam(model.parameters(), lr=p["lr"])
     sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=max(1, iters // 7), T_mult=2)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
@@ -164,51 +204,67 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         start, rows, iters = ck["iteration"], ck["log"], ck["iters"]
         seen = ck["seen"].to(device)
     soft = bool(((train_data > 0) & (train_data < 1)).any())  # pooled occupancies (cpu/demo) or binary 1 mm masks
+    to_realism = REALISM_FACTOR // p["factor"]
+    real_def = {}  # the real pairs' deformation (quick-registration displacement, Dice(f, m)), measured once
+    if val is not None:
+        real_def = {"train": utils.pair_disp(utils.pool(train_data, to_realism), REALISM_FACTOR),
+                    "val": utils.pair_disp(utils.pool(val, to_realism), REALISM_FACTOR)}
     train_data = utils.to_device_if_fits(train_data, device)
     base = os.path.splitext(out)[0]
     log_every = p.get("log_every", LOG_EVERY)
 
     def save(it):
+        utils.all_max_(seen)  # codes used by any process
+        if not utils.is_main():
+            return utils.barrier()  # one writer; nobody reads before it has written
         utils.save_checkpoint(out, "vqae", config, model.state_dict(), optimizer=opt.state_dict(),
                               scheduler=sched.state_dict(), scaler=scaler.state_dict(), iteration=it,
                               iters=iters, batch=batch_size, seed=seed, log=rows, rng=utils.rng_state([gen, aug_gen]),
-                              seen=seen.cpu())
+                              seen=seen.cpu(), diff_weight=diff_weight)
         utils.write_csv(base + ".csv", LOG_FIELDS, rows)
         plot_log(rows, base + ".png")
+        utils.barrier()
 
     t0 = time.time() - (rows[-1]["seconds"] if rows else 0)
     bad = 0  # consecutive logged non-finite losses
-    bar = tqdm(range(start, iters), desc=f"vqae {preset}", initial=start, total=iters)
+    bar = tqdm(range(start, iters), desc=f"vqae {preset}", initial=start, total=iters, disable=not utils.is_main())
     for it in bar:
-        batch = sample_batch(train_data, batch_size, p["patch"], gen).to(device, non_blocking=True)
+        batch = sample_batch(train_data, batch_size, p["patch"], gen, part).to(device, non_blocking=True)
         x = utils.augment(batch, generator=aug_gen)
-        loss, cb, logits, ids = vqae_step(model, opt, scaler, sched, x, soft)
+        loss, cb, logits, ids = vqae_step(model, opt, scaler, sched, x, soft, diff_weight, net)
         seen[ids.reshape(-1)] = True
         restarted = ""
         if p.get("restart") and (it + 1) % p["restart"] == 0 and it + 1 <= 0.8 * iters:  # settle at the end
-            restarted = model.restart_codes(~seen)
-            seen[:] = False
+            restarted = restart_dead_codes(model, seen)
         checkpoint = (it + 1) % p["ckpt_every"] == 0 or it + 1 == iters
         if (it + 1) % log_every and not checkpoint and not restarted:
             continue  # the logging below synchronises with the device
-        if not math.isfinite(loss.item()):
+        fixed, moving = VQAE.pair_probs(logits, calibrate=True)
+        loss_v, cb_v, dice_f, dice_m = utils.all_mean([loss, cb, utils.dice(fixed, x[:, 0]), utils.dice(moving, x[:, 1])],
+                                                      device)
+        if not math.isfinite(loss_v):
             bad += 1
             if device.type != "cuda" or bad >= 10:  # without a GradScaler nothing skips the step
-                raise RuntimeError(f"VQ-AE loss became {loss.item()} at iteration {it + 1}")
+                raise RuntimeError(f"VQ-AE loss became {loss_v} at iteration {it + 1}")
             continue
         bad = 0
-        fixed, moving = VQAE.pair_probs(logits, calibrate=True)
-        used, ppl = utils.codebook_stats(ids, model.num_codes)
-        row = {"iter": it + 1, "loss": loss.item(), "codebook_loss": cb.item(), "dice_fixed": utils.dice(fixed, x[:, 0]),
-               "dice_moving": utils.dice(moving, x[:, 1]), "codes_used": used, "perplexity": ppl,
-               "lr": sched.get_last_lr()[0], "codes_restarted": restarted}
-        if val is not None and ((it + 1) % p["val_every"] == 0 or it + 1 == iters):
+        used, ppl = utils.codebook_stats(utils.all_cat(ids), model.num_codes)
+        row = {"iter": it + 1, "loss": loss_v, "codebook_loss": cb_v, "dice_fixed": dice_f, "dice_moving": dice_m,
+               "codes_used": used, "perplexity": ppl, "lr": sched.get_last_lr()[0], "codes_restarted": restarted}
+        if val is not None and utils.is_main() and ((it + 1) % p["val_every"] == 0 or it + 1 == iters):
             vids, vd, _ = model.reconstruct(val)
             row["val_dice_fixed"] = float(vd[:, 0].mean())
             row["val_dice_moving"] = float(vd[:, 1].mean())
             row["val_codes_used"] = utils.codebook_stats(vids, model.num_codes)[0]
+            kept = []
+            for k, x_real in (("train", train_data), ("val", val)):
+                recon = utils.pool(model.reconstruct(x_real, keep_probs=True)[2], to_realism)
+                row[f"{k}_disp_kept"], row[f"{k}_dice_fm"], real_fm = utils.deformation_kept(real_def[k], recon,
+                                                                                                REALISM_FACTOR)
+                kept.append(f"{k} {100 * row[f'{k}_disp_kept']:.0f} % (Dice(f, m) {row[f'{k}_dice_fm']:.2f} vs "
+                            f"{real_fm:.2f})")
             tqdm.write(f"iter {it + 1}: val Dice fixed {row['val_dice_fixed']:.3f} moving {row['val_dice_moving']:.3f}, "
-                       f"codes used {row['val_codes_used']}")
+                       f"codes used {row['val_codes_used']}; deformation kept: " + ", ".join(kept))
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         if checkpoint:
@@ -221,13 +277,16 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
 def main(argv=None):
     ap = utils.training_parser(__doc__, PRESETS, "vqae_<preset>.pth")
     ap.add_argument("--data", help="folder of case_XXX_{1,2}.nii.gz pairs")
-    ap.add_argument("--val", help="validation pairs (Dice at intervals)")
+    ap.add_argument("--val", help="validation pairs (Dice and deformation kept at intervals)")
+    ap.add_argument("--diff-weight", type=float, help="extra CE weight on voxels where fixed and moving differ "
+                    "(default: the preset's; 0 = the reference)")
     args = ap.parse_args(argv)
     out = args.out or f"vqae_{args.preset}.pth"
     model = train(data=args.data or utils.default_data(args.preset), out=out, preset=args.preset,
                   batch_size=args.batch_size, iters=args.iters, seed=args.seed, resume=args.resume,
-                  overwrite=args.overwrite, val=args.val, device=args.device, compile=args.compile)
-    print(f"wrote {out}{utils.peak_memory(model.codebook.weight.device)}")
+                  overwrite=args.overwrite, val=args.val, device=args.device, compile=args.compile,
+                  diff_weight=args.diff_weight)
+    utils.main_print(f"wrote {out}{utils.peak_memory(model.codebook.weight.device)}")
 
 
 if __name__ == "__main__":

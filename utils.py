@@ -24,6 +24,7 @@ import warnings
 import nibabel as nib
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -38,6 +39,8 @@ def run_main(main):
     """Run a script's main(); bad input becomes a one-line error instead of a traceback."""
     try:
         main()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     except (DataError, OSError) as e:  # OSError: a missing file, a full disk, no permission - named in e
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -91,6 +94,109 @@ def get_device(name=None):
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("medium")
     return device
+
+
+# ---------------------------------------------------------------------------- several processes (torchrun)
+# Under `torchrun --nproc-per-node N script.py ...` every process runs the whole script on its share of
+# each batch. The global batch of the command line is split across the processes, and every random
+# draw is made for the whole batch on every process (each keeps its part), so N processes take the
+# same steps as one process on the same device type, up to floating-point reduction order.
+def distributed(device=None):
+    """Join torchrun's process group when launched by it (WORLD_SIZE > 1 in the environment): NCCL
+    on CUDA (LOCAL_RANK picks the GPU), gloo on the CPU -> (rank, world size, device). A plain run:
+    (0, 1, get_device(device))."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 and not dist.is_initialized():
+        return 0, 1, get_device(device)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device in (None, "cuda") and torch.cuda.is_available():
+        device = f"cuda:{local}"
+    device = get_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def world():
+    """(rank, world size) of this process: (0, 1) without a process group."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def local_batch(batch_size):
+    """This process's part of a global batch; the batch must split evenly."""
+    rank, size = world()
+    if batch_size % size:
+        raise DataError(f"BATCH_SIZE {batch_size} does not split evenly over {size} processes")
+    return batch_size // size
+
+
+def parallel(model, device):
+    """model wrapped in DistributedDataParallel when there are several processes (gradients are
+    averaged across them), else model itself. The caller keeps `model` for its attributes,
+    state_dict (no 'module.' prefix) and checkpoints."""
+    if world()[1] == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_mean(values, device):
+    """Floats -> their means over the processes (a no-op for one process)."""
+    if world()[1] == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / world()[1]).tolist()
+
+
+def all_max_(t):
+    """In place: t (an integer/bool tensor) -> its elementwise maximum over the processes."""
+    if world()[1] > 1:
+        u = t.to(torch.int32)
+        dist.all_reduce(u, op=dist.ReduceOp.MAX)
+        t.copy_(u.to(t.dtype))
+    return t
+
+
+def all_cat(t):
+    """Concatenate equal-shaped tensors of every process along dim 0, in rank order."""
+    if world()[1] == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world()[1])]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def broadcast_(t, src=0):
+    """In place: every process gets process `src`'s t."""
+    if world()[1] > 1:
+        dist.broadcast(t, src)
+    return t
+
+
+def gather_objects(obj):
+    """Picklable objects of every process -> list in rank order, on every process."""
+    if world()[1] == 1:
+        return [obj]
+    out = [None] * world()[1]
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def is_main():
+    return world()[0] == 0
+
+
+def main_print(*args, **kwargs):
+    """print on process 0 only (every process runs the whole script under torchrun)."""
+    if is_main():
+        print(*args, **kwargs)
 
 
 def to_device_if_fits(x, device, share=0.25):
@@ -274,11 +380,23 @@ def find_pairs(folder):
         raise DataError(f"{folder}: no case_XXX_1.nii.gz / case_XXX_2.nii.gz pairs found")
     ids = sorted({re.sub(r"_[12]\.nii\.gz$", "", os.path.basename(f)) for f in files})
     for c in ids:
-        for k in (1, 2):
-            p = os.path.join(folder, f"{c}_{k}.nii.gz")
+        paths = [os.path.join(folder, f"{c}_{k}.nii.gz") for k in (1, 2)]
+        for p in paths:
             if not os.path.exists(p):
                 raise DataError(f"{p}: missing (its pair partner exists)")
+        shapes = [header_shape(p) for p in paths]
+        if None not in shapes and shapes[0] != shapes[1]:
+            warnings.warn(f"{paths[1]}: shape {shapes[1]} differs from its fixed volume's {shapes[0]}; each is "
+                          "framed on its own (centre-cropped / padded), so voxel indices and landmarks may not match")
     return ids
+
+
+def header_shape(path):
+    """The 3D shape in a NIfTI header (None when unreadable: load_volume reports that)."""
+    try:
+        return tuple(nib.load(path).shape[:3])
+    except Exception:
+        return None
 
 
 def load_pairs(folder, factor, ids=None, progress=True):
@@ -354,9 +472,11 @@ AUG_STD = 0.05  # the reference's affine augmentation: identity 3x4 + N(0, 0.05)
 def augment(x, std=AUG_STD, generator=None):
     """One random affine per pair of x (B, 2, H, W, D) (identity 3x4 + N(0, std)), the same for
     fixed and moving, nearest-neighbour resampling (the reference's choice: keeps masks binary).
-    Drawn on x's device (`generator` must live there): a GPU step needs no host-to-device copy."""
-    theta = torch.eye(3, 4, device=x.device).repeat(len(x), 1, 1)
-    theta = theta + std * torch.randn(theta.shape, generator=generator, device=x.device)
+    Drawn on x's device (`generator` must live there): a GPU step needs no host-to-device copy.
+    Under torchrun x is this process's part of the global batch: the draws are the global batch's."""
+    rank, procs = world()
+    noise = torch.randn((len(x) * procs, 3, 4), generator=generator, device=x.device)[rank * len(x):(rank + 1) * len(x)]
+    theta = torch.eye(3, 4, device=x.device).repeat(len(x), 1, 1) + std * noise
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
@@ -573,10 +693,15 @@ def folder_stats(folder, factor=4, reference=None, max_pairs=None, progress=Fals
     """Per-pair statistics of a folder -> dict name -> array (+ 'case' list). reference: (ids,
     pairs (M, 2, ...)) of the training pairs, for the memorisation statistic."""
     ids, x = load_pairs(folder, factor, find_pairs(folder)[:max_pairs], progress=progress)
-    s = {"case": ids, "vf_fixed": x[:, 0].mean((1, 2, 3)).numpy(), "vf_moving": x[:, 1].mean((1, 2, 3)).numpy(),
+    return pair_stats(ids, x, factor, reference, progress)
+
+
+def pair_stats(ids, x, factor=4, reference=None, progress=False):
+    """folder_stats of pairs already loaded: case ids and x (N, 2, H, W, D) at frame/factor."""
+    s = {"case": list(ids), "vf_fixed": x[:, 0].mean((1, 2, 3)).numpy(), "vf_moving": x[:, 1].mean((1, 2, 3)).numpy(),
          "dice_fm": np.array([dice(p[0], p[1]) for p in x])}
     reg = [quick_registration(p[0], p[1], factor) for p in tqdm(x, desc="quick registration", disable=not progress)]
-    s["disp_mm"], s["dice_reg"] = np.array(reg).T
+    s["disp_mm"], s["dice_reg"] = np.array(reg).reshape(-1, 2).T
     if reference is not None:  # a case is never compared with itself (the reference folder's own stats)
         rids, ref = reference
         same = torch.tensor([[i == r for r in rids for _ in (1, 2)] for i in ids])
@@ -584,6 +709,22 @@ def folder_stats(folder, factor=4, reference=None, max_pairs=None, progress=Fals
             s[name] = nn_dice(x[:, k], ref.flatten(0, 1), same)
         s["nn_dice"] = np.concatenate([s["nn_fixed"], s["nn_moving"]])
     return s
+
+
+def deformation_kept(real, recon, factor):
+    """How much of the pairs' deformation a reconstruction keeps: real and recon (N, 2, H, W, D)
+    at frame/factor (the same pairs) -> (mean quick-registration displacement of recon / of real,
+    mean Dice(fixed, moving) of recon, of real). real may also be its (disp, dice_fm) already computed."""
+    if torch.is_tensor(real):
+        real = pair_disp(real, factor)
+    disp, dfm = pair_disp(recon, factor)
+    return float(disp.mean() / max(real[0].mean(), 1e-9)), float(dfm.mean()), float(real[1].mean())
+
+
+def pair_disp(x, factor):
+    """x (N, 2, H, W, D) -> (quick-registration displacement mm (N,), Dice(fixed, moving) (N,))."""
+    return (np.array([quick_registration(p[0], p[1], factor)[0] for p in x]),
+            np.array([dice(p[0], p[1]) for p in x]))
 
 
 def realism_table(groups, baseline=None):
@@ -599,6 +740,10 @@ def realism_table(groups, baseline=None):
             if name != baseline:
                 ok = [f"{c} {'yes' if abs(g[c].mean() - b[c].mean()) <= b[c].std() else 'NO'}" for c in cols]
                 lines.append(f"{name} mean within {baseline} mean ± std: " + ", ".join(ok))
+        if "disp_mm" in cols:  # the deformation each stage keeps, relative to the real pairs
+            kept = [f"{n} {100 * g['disp_mm'].mean() / max(b['disp_mm'].mean(), 1e-9):.0f} %"
+                    for n, g in groups.items() if n != baseline]
+            lines.append(f"displacement kept (mean disp_mm / {baseline}'s): " + ", ".join(kept))
     return "\n".join(lines)
 
 

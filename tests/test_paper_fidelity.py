@@ -152,8 +152,9 @@ def test_written_synthetic_maps_are_the_raw_softmax(tmp_path):
     utils.write_tokens(str(tmp_path / "t.pth"), ids.view(2, *grid), ["a", "b"], 16, {"preset": "demo", "factor": 4})
     with torch.no_grad():
         logits = vq.decode_tokens(ids, grid)
-    for flag, calibrate in (([], False), (["--calibrate"], True)):
-        out = tmp_path / f"s{int(calibrate)}"
+    assert synthesise.PRESETS["paper"]["calibrate"] is False  # the reference writes the raw softmax
+    for k, (flag, calibrate) in enumerate(((["--no-calibrate"], False), (["--calibrate"], True), ([], True))):
+        out = tmp_path / f"s{k}"  # the last: this demo checkpoint's preset default (occupancies)
         synthesise.main(["2", "--diffusion", str(tmp_path / "d.pth"), "--vqae", str(tmp_path / "v.pth"),
                          "--decode", str(tmp_path / "t.pth"), "--out", str(out), *flag])
         fp, mp = VQAE.pair_probs(logits, utils.grid_shape(4), calibrate=calibrate)

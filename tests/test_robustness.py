@@ -2,6 +2,10 @@
 ranges, interrupted runs. One test per row of that table, most of them parametrised."""
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
 import warnings
 
 import nibabel as nib
@@ -17,7 +21,7 @@ import train_diffusion
 import train_registration
 import train_vqae
 import utils
-from conftest import assert_one_line_error
+from conftest import ROOT, assert_one_line_error
 from models import TokenTransformer, VQAE
 
 GRID = (8, 7, 8)
@@ -173,6 +177,21 @@ def test_unwritable_outputs_are_refused_up_front(tmp_path, phantoms, out, match)
         train_registration.main(["2", phantoms, "--preset", "demo", "--out", out.format(tmp=tmp_path)])
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, phantoms, monkeypatch, capsys):
+    def full(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"the first bytes")
+        raise OSError(28, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "ck.pth"
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(lambda: train_registration.main(["1", phantoms, "--preset", "demo", "--iters", "1",
+                                                        "--out", str(out)]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("error: ") and "No space left on device" in err[-1]
+    assert os.listdir(tmp_path) == []  # neither the checkpoint nor its temporary file
+
+
 def test_landmarks_without_a_header_keep_their_first_row(tmp_path):
     rows = np.array([[10.0, 20, 30, 11, 21, 31], [40, 50, 60, 41, 51, 61]])
     np.savetxt(tmp_path / "plain.csv", rows, delimiter=",")
@@ -246,6 +265,25 @@ def test_same_seed_same_weights_and_a_killed_run_resumes_exactly(stage, phantoms
     assert_same_weights(tmp_path / "a.pth", tmp_path / "c.pth")  # killed + resumed = uninterrupted
 
 
+def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    """A real SIGKILL of the script between checkpoints (not a simulated stop)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "train_diffusion.py", "2", tokens_file(tmp_path), "--preset", "demo", "--seed", "3",
+           "--iters", "100"]
+    subprocess.run(cmd + ["--out", str(tmp_path / "a.pth")], cwd=ROOT, env=env, check=True, capture_output=True)
+    killed = str(tmp_path / "k.pth")
+    proc = subprocess.Popen(cmd + ["--out", killed], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while not os.path.exists(killed) and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # right after the first checkpoint (iteration 50 of 100)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert utils.load_checkpoint(killed, "diffusion")["iteration"] < 100
+    subprocess.run(cmd + ["--out", killed, "--resume"], cwd=ROOT, env=env, check=True, capture_output=True)
+    assert_same_weights(tmp_path / "a.pth", killed)
+
+
 def test_resume_refuses_other_settings(phantoms, tmp_path, monkeypatch):
     monkeypatch.setitem(train_registration.PRESETS, "demo", dict(train_registration.PRESETS["demo"], ckpt_every=1))
     out = str(tmp_path / "r.pth")
@@ -289,3 +327,12 @@ def test_warnings_for_oversize_and_unusual_scans(tmp_path):
         for affine in (np.diag([-1.0, -1, 1, 1]), np.eye(4)):
             nib.save(nib.Nifti1Image(a[:250, :200], affine), str(tmp_path / "ok.nii.gz"))
             utils.framed_volume(str(tmp_path / "ok.nii.gz"), 4)
+
+
+def test_pairs_of_different_shapes_are_warned_about(tmp_path):
+    a = np.zeros((250, 200, 250), np.uint8)
+    a[100:110, 100:110, 100:110] = 1
+    nib.save(nib.Nifti1Image(a, np.eye(4)), str(tmp_path / "case_000_1.nii.gz"))
+    nib.save(nib.Nifti1Image(a[:, :, :240], np.eye(4)), str(tmp_path / "case_000_2.nii.gz"))
+    with pytest.warns(UserWarning, match=r"case_000_2.nii.gz: shape \(250, 200, 240\) differs from its fixed"):
+        utils.find_pairs(str(tmp_path))

@@ -151,3 +151,49 @@ def bad_files(pairs, tmp_path_factory):
 def test_refusals(bad_files, pairs, script, argv, match):
     with pytest.raises(utils.DataError, match=match):
         script.main([a.format(d=bad_files, pairs=pairs) for a in argv])
+
+
+def test_difference_weighted_loss_by_hand():
+    """Two voxels, soft targets: fixed (1, 0), moving (1, 1); only voxel 2 differs (|f - m| = 1)."""
+    x = torch.tensor([[1.0, 0.0], [1.0, 1.0]]).view(1, 2, 2, 1, 1)
+    logits = torch.zeros(1, 4, 2, 1, 1)  # every softmax 0.5: CE = ln 2 per class weight
+    w0, w1 = VQAE.CLASS_WEIGHTS
+    ce_fixed = torch.tensor([w1, w0]) * torch.log(torch.tensor(2.0))  # per voxel (targets vessel, background)
+    ce_moving = torch.tensor([w1, w1]) * torch.log(torch.tensor(2.0))
+    plain = 0.5 * ce_fixed.mean() + 0.5 * ce_moving.mean()
+    assert train_vqae.recon_loss(logits, x, True) == pytest.approx(float(plain))
+    v = torch.tensor([1.0, 1.0 + 3.0])  # 1 + W |f - m| with W = 3
+    weighted = 0.5 * (ce_fixed * v).mean() / v.mean() + 0.5 * (ce_moving * v).mean() / v.mean()
+    assert train_vqae.recon_loss(logits, x, True, 3.0) == pytest.approx(float(weighted))
+    assert float(weighted) != pytest.approx(float(plain))
+    same = torch.stack([x[:, 1], x[:, 1]], 1)  # a pair without any difference: the weight changes nothing
+    assert train_vqae.recon_loss(logits, same, True, 3.0) == pytest.approx(float(train_vqae.recon_loss(logits, same, True)))
+    hard = train_vqae.recon_loss(logits, x, False, 3.0)  # binary (1 mm) targets take the same path
+    assert torch.isfinite(hard)
+
+
+def test_deformation_kept_tells_a_kept_from_a_lost_deformation():
+    f = torch.zeros(64, 52, 64)
+    f[20:44, 24:28, 10:54], f[30:34, 10:42, 10:54] = 1, 1
+    real = torch.stack([f, torch.roll(f, 2, dims=0)])[None]  # moving = fixed shifted by 8 mm
+    kept, dice_fm, real_fm = utils.deformation_kept(real, real.clone(), 4)
+    assert kept == pytest.approx(1.0) and dice_fm == pytest.approx(real_fm)
+    lost, dice_lost, _ = utils.deformation_kept(real, torch.stack([f, f])[None], 4)  # the same tree twice
+    assert lost < 0.2 and dice_lost == 1.0
+
+
+def test_vqae_logs_deformation_kept_and_the_report_adds_reconstructions(pairs, tmp_path, monkeypatch):
+    import realism_report
+
+    monkeypatch.setitem(train_vqae.PRESETS, "demo", dict(train_vqae.PRESETS["demo"], val_every=2, ckpt_every=2))
+    out = str(tmp_path / "v.pth")
+    train_vqae.train(data=pairs, val=pairs, out=out, preset="demo", batch_size=1, iters=2, diff_weight=2.0)
+    ck = utils.load_checkpoint(out, "vqae")
+    row = ck["log"][-1]
+    assert ck["diff_weight"] == 2.0 and 0 <= row["train_disp_kept"] and 0 <= row["val_dice_fm"] <= 1
+    with pytest.raises(utils.DataError, match="diff_weight 2.0 -> 1.0"):
+        train_vqae.train(data=pairs, out=out, preset="demo", batch_size=1, iters=2, resume=True, diff_weight=1.0)
+    groups, text = realism_report.report([], pairs, str(tmp_path / "r"), vqae=out)
+    name = os.path.basename(pairs)
+    assert list(groups) == [f"real {name}", f"recon {name}"] and "VQ-AE keeps" in text
+    assert open(tmp_path / "r.md").read().strip() == text
