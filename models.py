@@ -148,10 +148,10 @@ class VQAE(Checkpointed):
         return float(self.codebook.weight.detach().cpu().double().abs().sum())
 
     @torch.no_grad()
-    def reconstruct(self, pairs, keep_probs=False):
+    def reconstruct(self, pairs, keep_probs=False, pool=1):
         """Whole pairs (N, 2, H, W, D), one at a time -> token ids (N, h, w, d), Dice (N, 2) [fixed,
         moving] of the reconstruction (calibrated, threshold 0.5) and, if asked, the probabilities
-        (N, 2, H, W, D) on the CPU."""
+        (N, 2, H/pool, W/pool, D/pool) on the CPU (average-pooled pair by pair)."""
         was_training = self.training
         self.eval()
         dev = self.codebook.weight.device
@@ -165,7 +165,7 @@ class VQAE(Checkpointed):
             ids.append(t[0].cpu())
             dices.append([utils.dice(fixed[0], x[0, 0]), utils.dice(moving[0], x[0, 1])])
             if keep_probs:
-                probs.append(torch.stack([fixed[0], moving[0]]).cpu())
+                probs.append(utils.pool(torch.stack([fixed[0], moving[0]]), pool).cpu())
         self.train(was_training)
         return torch.stack(ids), np.array(dices), (torch.stack(probs) if keep_probs else None)
 
@@ -246,11 +246,11 @@ class TokenTransformer(Checkpointed):
             torch.backends.mha.set_fastpath_enabled(fast)
 
     @staticmethod
-    def mask_tokens(x0, t, mask_id, generator=None):
+    def mask_tokens(x0, t, mask_id, generator=None, share=(0, 1)):
         """Forward process q(x_t | x_0): each token is absorbed into the mask with probability t.
-        x0 (B, L), t (B,) in (0, 1] -> (x_t (B, L), masked (B, L) bool). Draws on x0's device
-        (under torchrun those of the whole batch, see utils.distributed)."""
-        rank, procs = utils.world()
+        x0 (B, L), t (B,) in (0, 1] -> (x_t (B, L), masked (B, L) bool). Draws on x0's device.
+        share (rank, processes): x0 is that part of a global batch; the draws are the whole batch's."""
+        rank, procs = share
         n = len(x0)
         draws = torch.rand((n * procs, x0.shape[1]), generator=generator, device=x0.device)
         masked = draws[rank * n:(rank + 1) * n] < t[:, None]
@@ -265,14 +265,14 @@ class TokenTransformer(Checkpointed):
         ce = F.cross_entropy(logits.float().transpose(1, 2), x0.long(), reduction="none")
         return (ce * masked).sum(1) * (1 - t) / (math.log(2) * x0.shape[1])
 
-    def loss(self, x0, generator=None, net=None):
+    def loss(self, x0, generator=None, net=None, share=(0, 1)):
         """Training loss of a batch x0 (B, L): t ~ U{1..T}/T per sample, mask, denoise, mean ELBO.
-        net: what runs the denoiser (its DistributedDataParallel wrapper under torchrun, where x0
-        is this process's part of the batch and the draws are the whole batch's)."""
-        rank, procs = utils.world()
+        net: what runs the denoiser (its DistributedDataParallel wrapper under torchrun); share
+        (rank, processes): x0 is that part of a global batch, the draws are the whole batch's."""
+        rank, procs = share
         n = len(x0)
         t = torch.randint(1, self.T + 1, (n * procs,), generator=generator, device=x0.device)[rank * n:(rank + 1) * n] / self.T
-        xt, masked = self.mask_tokens(x0, t, self.mask_id, generator)
+        xt, masked = self.mask_tokens(x0, t, self.mask_id, generator, share)
         return self.weighted_elbo((net or self)(xt), x0, masked, t).mean()
 
     @torch.no_grad()

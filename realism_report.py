@@ -62,6 +62,8 @@ def report(folders, reference, out, factor=4, max_pairs=None, overwrite=False, v
     kept = []  # (real group, its reconstruction group)
     for real in [reference] + ([val] if val else []):
         real_name = "real " + os.path.basename(os.path.normpath(real))
+        if real != reference and real_name in groups:
+            real_name += " (val)"  # same folder name in another place
         if real_name not in groups:
             groups[real_name] = utils.folder_stats(real, factor, (rids, ref), progress=True)
         if model is not None:

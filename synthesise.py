@@ -257,6 +257,8 @@ def main(argv=None):
     utils.check_seed(args.seed)
     models = load_models(diffusion, args.vqae, args.preset, args.device)
     if args.benchmark:
+        if utils.world()[1] > 1:
+            raise utils.DataError("--benchmark times the samplers in one process: run it without torchrun")
         return benchmark(models, args.pairs, args.temp)
     preset = models[0].config["preset"]
     sampler = sampler_settings(preset, args.sampler, args.temp, steps=args.steps, schedule=args.schedule, batch=args.batch)

@@ -97,7 +97,7 @@ def diffusion_step(model, opt, scaler, sched, x0, loss_scale=1.0, net=None):
     (no host synchronisation; a non-finite loss is skipped by the GradScaler on CUDA). net: what
     runs the model (its DistributedDataParallel wrapper under torchrun)."""
     with utils.autocast(x0.device):
-        loss = model.loss(x0, net=net)
+        loss = model.loss(x0, net=net, share=utils.world())
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss * loss_scale).backward()
     scaler.step(opt)
@@ -200,7 +200,8 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
                 raise RuntimeError(f"diffusion loss not finite before iteration {it + 1}")
             main_val = val_tokens is not None and utils.is_main()
             v = val_loss(model, val_tokens, p["val_repeats"]) if main_val else ""
-            rows.append({"iter": it + 1, "loss": total / n_finite, "val_loss": v,
+            mean = float(losses[finite].mean()) if utils.world()[1] == 1 else total / n_finite
+            rows.append({"iter": it + 1, "loss": mean, "val_loss": v,
                          "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 1)})
             run = []
             bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}")

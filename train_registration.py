@@ -98,9 +98,10 @@ def train_step(net, opts, scaler, fixed, moving, reg, device, loss="per-step"):
 
 
 def optimise(net, batches, iters, lr, reg, device, desc="train", on_step=None, start=0, opt_state=None,
-             loss="per-step"):
+             loss="per-step", reduce=False):
     """Adam on both UNets (one optimiser per UNet, as the reference). `batches(i)` -> (fixed, moving).
-    Used for training and for test-time adaptation alike. Returns (optimisers, (v1, v2) of the
+    Used for training and for test-time adaptation alike; reduce: the logged loss is averaged over
+    torchrun's processes (training; a test-time adaptation runs on one process's own pair). Returns (optimisers, (v1, v2) of the
     last iteration's forward pass, i.e. before its update, as the reference evaluates TTA)."""
     opts = [torch.optim.Adam(u.parameters(), lr=lr) for u in net.unets]
     if opt_state:
@@ -116,7 +117,7 @@ def optimise(net, batches, iters, lr, reg, device, desc="train", on_step=None, s
         if on_step:
             on_step(i + 1, opts, total)
         if (i + 1) % LOG_EVERY == 0 or i + 1 == iters:  # the only host synchronisation
-            value = utils.all_mean([total], device)[0]
+            value = utils.all_mean([total], device)[0] if reduce else total.item()
             if device.type != "cuda" and not math.isfinite(value):
                 raise RuntimeError(f"registration loss became {value} at iteration {i + 1}")
             bar.set_postfix(loss=f"{value:.4f}")
@@ -183,7 +184,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     log(f"train_registration: {len(ids)} pairs from {data} at {tuple(pairs.shape[2:])}, preset {preset}, "
         f"{iters} iterations of batch {batch_size} ({loss} loss) on {device}")
     optimise(net, batches, iters, LR, REG, device, desc=f"train {preset}", on_step=on_step, start=start,
-             opt_state=opt_state, loss=loss)
+             opt_state=opt_state, loss=loss, reduce=True)
     if start >= iters:
         log(f"{out} already holds {start} >= {iters} iterations")
     log(f"wrote {out} ({time.time() - t:.0f} s, {(time.time() - t) / max(iters - start, 1):.2f} s/iteration"

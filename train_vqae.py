@@ -230,7 +230,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     bar = tqdm(range(start, iters), desc=f"vqae {preset}", initial=start, total=iters, disable=not utils.is_main())
     for it in bar:
         batch = sample_batch(train_data, batch_size, p["patch"], gen, part).to(device, non_blocking=True)
-        x = utils.augment(batch, generator=aug_gen)
+        x = utils.augment(batch, generator=aug_gen, share=utils.world())
         loss, cb, logits, ids = vqae_step(model, opt, scaler, sched, x, soft, diff_weight, net)
         seen[ids.reshape(-1)] = True
         restarted = ""
@@ -258,7 +258,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
             row["val_codes_used"] = utils.codebook_stats(vids, model.num_codes)[0]
             kept = []
             for k, x_real in (("train", train_data), ("val", val)):
-                recon = utils.pool(model.reconstruct(x_real, keep_probs=True)[2], to_realism)
+                recon = model.reconstruct(x_real, keep_probs=True, pool=to_realism)[2]
                 row[f"{k}_disp_kept"], row[f"{k}_dice_fm"], real_fm = utils.deformation_kept(real_def[k], recon,
                                                                                                 REALISM_FACTOR)
                 kept.append(f"{k} {100 * row[f'{k}_disp_kept']:.0f} % (Dice(f, m) {row[f'{k}_dice_fm']:.2f} vs "

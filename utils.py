@@ -12,6 +12,7 @@ Conventions used everywhere:
 import argparse
 import contextlib
 import csv
+import datetime
 import functools
 import glob
 import json
@@ -108,11 +109,14 @@ def distributed(device=None):
     if int(os.environ.get("WORLD_SIZE", 1)) == 1 and not dist.is_initialized():
         return 0, 1, get_device(device)
     local = int(os.environ.get("LOCAL_RANK", 0))
+    if device is not None and ":" in device:
+        raise DataError(f"--device {device}: under torchrun each process takes LOCAL_RANK's GPU; give 'cuda' or 'cpu'")
     if device in (None, "cuda") and torch.cuda.is_available():
         device = f"cuda:{local}"
     device = get_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+        # process 0 alone validates and draws figures while the others wait in the next collective
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1),
                                 device_id=device if device.type == "cuda" else None)
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -469,12 +473,12 @@ def default_data(preset):
 AUG_STD = 0.05  # the reference's affine augmentation: identity 3x4 + N(0, 0.05)
 
 
-def augment(x, std=AUG_STD, generator=None):
+def augment(x, std=AUG_STD, generator=None, share=(0, 1)):
     """One random affine per pair of x (B, 2, H, W, D) (identity 3x4 + N(0, std)), the same for
     fixed and moving, nearest-neighbour resampling (the reference's choice: keeps masks binary).
     Drawn on x's device (`generator` must live there): a GPU step needs no host-to-device copy.
-    Under torchrun x is this process's part of the global batch: the draws are the global batch's."""
-    rank, procs = world()
+    share (rank, processes): x is that part of a global batch; the draws are the global batch's."""
+    rank, procs = share
     noise = torch.randn((len(x) * procs, 3, 4), generator=generator, device=x.device)[rank * len(x):(rank + 1) * len(x)]
     theta = torch.eye(3, 4, device=x.device).repeat(len(x), 1, 1) + std * noise
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)

@@ -42,7 +42,7 @@ def main(data, out):
     opt, sched = frozen(vqae.parameters())
     pairs = train_vqae.load_data(data, 4)
     x = train_vqae.sample_batch(pairs, BATCH, None, torch.Generator().manual_seed(0), part)
-    x = utils.augment(x, generator=torch.Generator().manual_seed(0))
+    x = utils.augment(x, generator=torch.Generator().manual_seed(0), share=(rank, procs))
     train_vqae.vqae_step(vqae, opt, scaler, sched, x, True, 0.0, utils.parallel(vqae, device))
     result["vqae"] = grads(vqae)
     seen = torch.zeros(vqae.num_codes, dtype=torch.bool)

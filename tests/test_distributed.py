@@ -110,17 +110,26 @@ def test_sharded_synthesis_and_encoding_write_the_same_files(generator, phantoms
         assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
     manifest = json.load(open(tmp_path / "two" / "manifest.json"))
     assert manifest["complete"] and manifest["pairs_made"] == 5
-    torchrun("infer_vqae.py", d / "v.pth", "--data", phantoms, "--out", tmp_path / "t2.pth")
-    one, two = (torch.load(p, weights_only=True) for p in (d / "t.pth", tmp_path / "t2.pth"))
-    assert one["case_ids"] == two["case_ids"] and torch.equal(one["tokens"], two["tokens"])
+    encode = ["infer_vqae.py", d / "v.pth", "--data", phantoms, "--augment", 1]
+    single(*encode, "--out", tmp_path / "t1.pth")
+    torchrun(*encode, "--out", tmp_path / "t2.pth")
+    one, two = (torch.load(tmp_path / f"t{k}.pth", weights_only=True) for k in (1, 2))
+    assert len(one["case_ids"]) == 8 and one["case_ids"] == two["case_ids"]
+    assert torch.equal(one["tokens"], two["tokens"])  # augmented copies included
 
 
 def test_sharded_evaluation_gives_the_single_process_summary(phantoms, tmp_path):
-    ev = ["evaluate_registration.py", 1, "none", "--preset", "demo", "--data", phantoms]
+    data = tmp_path / "three"  # an odd number of pairs: the processes evaluate 2 and 1
+    (data / "landmarks").mkdir(parents=True)
+    for c in ("case_000", "case_001", "case_002"):
+        for k in (1, 2):
+            os.symlink(os.path.join(phantoms, f"{c}_{k}.nii.gz"), data / f"{c}_{k}.nii.gz")
+        os.symlink(os.path.join(phantoms, "landmarks", f"{c}.csv"), data / "landmarks" / f"{c}.csv")
+    ev = ["evaluate_registration.py", 1, "none", "--preset", "demo", "--data", data]
     single(*ev, "--out", tmp_path / "one")
     torchrun(*ev, "--out", tmp_path / "two")
     one, two = (json.load(open(tmp_path / f"{n}.json")) for n in ("one", "two"))
-    assert one["num_pairs"] == 4 and one["num_landmarks"] > 0
+    assert one["num_pairs"] == 3 and one["num_landmarks"] > 0
     for k in ("seconds_per_pair", "checkpoint"):
         one.pop(k)
         two.pop(k)

@@ -274,7 +274,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path):
     killed = str(tmp_path / "k.pth")
     proc = subprocess.Popen(cmd + ["--out", killed], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    while not os.path.exists(killed) and proc.poll() is None:
+    deadline = time.time() + 300
+    while not os.path.exists(killed) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)  # right after the first checkpoint (iteration 50 of 100)
     proc.wait()
