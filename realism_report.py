@@ -44,31 +44,25 @@ def figure(groups, path):
     utils.save_figure(fig, path)
 
 
-def reconstructed(vqae, folder, factor):
-    """The VQ-AE's reconstructions of a folder's pairs -> (ids, (N, 2, H, W, D) at frame/factor)."""
-    if factor % vqae.config["factor"]:
-        raise utils.DataError(f"{vqae.path}: works at frame/{vqae.config['factor']}, cannot compare at /{factor}")
-    ids, x = utils.load_pairs(folder, vqae.config["factor"])
-    return ids, utils.pool(vqae.reconstruct(x, keep_probs=True)[2], factor // vqae.config["factor"])
-
-
 def report(folders, reference, out, factor=4, max_pairs=None, overwrite=False, val=None, vqae=None):
     for ext in (".csv", ".json", ".png", ".md"):
         utils.check_output(out + ext, overwrite)
     model = None if vqae is None else VQAE.from_checkpoint(vqae)
-    rids, ref = utils.load_pairs(reference, factor)
-    name = "real " + os.path.basename(os.path.normpath(reference))
-    groups = {name: utils.folder_stats(reference, factor, (rids, ref), progress=True)}
-    kept = []  # (real group, its reconstruction group)
+    load_factor = factor if model is None else model.config["factor"]  # real pairs are read once, at the VQ-AE's
+    if factor % load_factor:
+        raise utils.DataError(f"{vqae}: works at frame/{load_factor}, cannot compare at /{factor}")
+    groups, kept, ref = {}, [], None  # kept: (real group, its reconstruction group)
     for real in [reference] + ([val] if val else []):
+        ids, x = utils.load_pairs(real, load_factor)
+        if ref is None:
+            rids, ref = ids, utils.pool(x, factor // load_factor)  # the memorisation reference
         real_name = "real " + os.path.basename(os.path.normpath(real))
-        if real != reference and real_name in groups:
+        if real_name in groups:
             real_name += " (val)"  # same folder name in another place
-        if real_name not in groups:
-            groups[real_name] = utils.folder_stats(real, factor, (rids, ref), progress=True)
+        groups[real_name] = utils.pair_stats(ids, utils.pool(x, factor // load_factor), factor, (rids, ref), True)
         if model is not None:
-            ids, x = reconstructed(model, real, factor)
-            groups["recon " + real_name[5:]] = utils.pair_stats(ids, x, factor, (rids, ref), progress=True)
+            recon = model.reconstruct(x, keep_probs=True, pool=factor // load_factor)[2]
+            groups["recon " + real_name[5:]] = utils.pair_stats(ids, recon, factor, (rids, ref), True)
             kept.append((real_name, "recon " + real_name[5:]))
     for folder in folders:
         name = os.path.basename(os.path.normpath(folder))

@@ -207,8 +207,8 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     to_realism = REALISM_FACTOR // p["factor"]
     real_def = {}  # the real pairs' deformation (quick-registration displacement, Dice(f, m)), measured once
     if val is not None:
-        real_def = {"train": utils.pair_disp(utils.pool(train_data, to_realism), REALISM_FACTOR),
-                    "val": utils.pair_disp(utils.pool(val, to_realism), REALISM_FACTOR)}
+        real_def = {k: utils.pair_stats(range(len(x)), utils.pool(x, to_realism), REALISM_FACTOR)
+                    for k, x in (("train", train_data), ("val", val))}
     train_data = utils.to_device_if_fits(train_data, device)
     base = os.path.splitext(out)[0]
     log_every = p.get("log_every", LOG_EVERY)
@@ -252,17 +252,16 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         row = {"iter": it + 1, "loss": loss_v, "codebook_loss": cb_v, "dice_fixed": dice_f, "dice_moving": dice_m,
                "codes_used": used, "perplexity": ppl, "lr": sched.get_last_lr()[0], "codes_restarted": restarted}
         if val is not None and utils.is_main() and ((it + 1) % p["val_every"] == 0 or it + 1 == iters):
-            vids, vd, _ = model.reconstruct(val)
-            row["val_dice_fixed"] = float(vd[:, 0].mean())
-            row["val_dice_moving"] = float(vd[:, 1].mean())
-            row["val_codes_used"] = utils.codebook_stats(vids, model.num_codes)[0]
             kept = []
             for k, x_real in (("train", train_data), ("val", val)):
-                recon = model.reconstruct(x_real, keep_probs=True, pool=to_realism)[2]
+                vids, vd, recon = model.reconstruct(x_real, keep_probs=True, pool=to_realism)
                 row[f"{k}_disp_kept"], row[f"{k}_dice_fm"], real_fm = utils.deformation_kept(real_def[k], recon,
                                                                                                 REALISM_FACTOR)
                 kept.append(f"{k} {100 * row[f'{k}_disp_kept']:.0f} % (Dice(f, m) {row[f'{k}_dice_fm']:.2f} vs "
                             f"{real_fm:.2f})")
+            row["val_dice_fixed"] = float(vd[:, 0].mean())  # vids, vd: the validation pairs' (last in the loop)
+            row["val_dice_moving"] = float(vd[:, 1].mean())
+            row["val_codes_used"] = utils.codebook_stats(vids, model.num_codes)[0]
             tqdm.write(f"iter {it + 1}: val Dice fixed {row['val_dice_fixed']:.3f} moving {row['val_dice_moving']:.3f}, "
                        f"codes used {row['val_codes_used']}; deformation kept: " + ", ".join(kept))
         row["seconds"] = round(time.time() - t0, 1)

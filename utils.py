@@ -718,17 +718,12 @@ def pair_stats(ids, x, factor=4, reference=None, progress=False):
 def deformation_kept(real, recon, factor):
     """How much of the pairs' deformation a reconstruction keeps: real and recon (N, 2, H, W, D)
     at frame/factor (the same pairs) -> (mean quick-registration displacement of recon / of real,
-    mean Dice(fixed, moving) of recon, of real). real may also be its (disp, dice_fm) already computed."""
+    mean Dice(fixed, moving) of recon, of real). real may also be its pair_stats, computed once."""
     if torch.is_tensor(real):
-        real = pair_disp(real, factor)
-    disp, dfm = pair_disp(recon, factor)
-    return float(disp.mean() / max(real[0].mean(), 1e-9)), float(dfm.mean()), float(real[1].mean())
-
-
-def pair_disp(x, factor):
-    """x (N, 2, H, W, D) -> (quick-registration displacement mm (N,), Dice(fixed, moving) (N,))."""
-    return (np.array([quick_registration(p[0], p[1], factor)[0] for p in x]),
-            np.array([dice(p[0], p[1]) for p in x]))
+        real = pair_stats(range(len(real)), real, factor)
+    q = pair_stats(range(len(recon)), recon, factor)
+    return float(q["disp_mm"].mean() / max(real["disp_mm"].mean(), 1e-9)), float(q["dice_fm"].mean()), float(
+        real["dice_fm"].mean())
 
 
 def realism_table(groups, baseline=None):
