@@ -13,6 +13,7 @@ torchrun (README, "More than one GPU").
 """
 import argparse
 import glob
+import hashlib
 import inspect
 import json
 import os
@@ -42,19 +43,51 @@ PRESETS = {
 ROWS = {"real": "real training pairs", "synth": "synthetic pairs", "mix": "real + synthetic pairs"}
 
 
+def digest(path):
+    """Size and SHA-256 of a file's bytes: a copy of the same data (a re-mounted or re-copied data
+    folder gets new modification times) is the same input, an edited file is not."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return [os.path.getsize(path), h.hexdigest()]
+
+
+def same_input(old, new):
+    """Whether a recorded input equals today's: a file's [size, sha256] or a folder's {name: ...}.
+    Records of earlier versions hold [size, mtime] and are taken as equal when the size is: they
+    cannot be checked, and redoing a finished run for a changed format loses hours."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return old.keys() == new.keys() and all(same_input(old[k], new[k]) for k in old)
+    if isinstance(old, list) and len(old) == 2 and isinstance(old[1], float):
+        return old[0] == new[0]
+    return old == new
+
+
+def changed_inputs(old, new):
+    """The input paths (files inside folders named relative to them) whose record differs."""
+    out = []
+    for path in sorted(old.keys() | new.keys()):
+        a, b = old.get(path), new.get(path)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names = [k for k in sorted(a.keys() | b.keys()) if k not in a or k not in b or not same_input(a[k], b[k])]
+            out += [os.path.join(path, k) for k in names]
+        elif a is None or b is None or not same_input(a, b):
+            out.append(path)
+    return out
+
+
 def contents(path):
-    """What a stage reads, for its record: size and modification time of every file below `path`
-    (links followed), so editing, adding or removing any input file re-runs the stage."""
+    """What a stage reads, for its record: the digest of every file below `path` (links followed), so
+    editing, adding or removing any input file re-runs the stage."""
     if not os.path.isdir(path):
-        st = os.stat(path)
-        return [st.st_size, st.st_mtime]
+        return digest(path)
     found = {}
     for root, _, files in os.walk(path, followlinks=True):
         for name in sorted(files):
             full = os.path.join(root, name)
             if os.path.exists(full):  # a dangling link is not an input
-                st = os.stat(full)
-                found[os.path.relpath(full, path)] = [st.st_size, st.st_mtime]
+                found[os.path.relpath(full, path)] = digest(full)
     return found
 
 
@@ -81,13 +114,22 @@ class Stages:
                   "inputs": {os.path.abspath(i): contents(i) for i in inputs}}
         forced = any(name.startswith(f) for f in self.force)
         previous = self.done.get(name, {})
-        same = {k: v for k, v in previous.items() if k != "complete"} == record
+        changed = [k for k in ("argv", "preset") if previous.get(k) != record[k]]
+        changed += changed_inputs(previous.get("inputs", {}), record["inputs"])
+        same = bool(previous) and not changed
         if not forced and same and previous.get("complete", True) and all(os.path.exists(o) for o in outputs):
             print(f"[pipeline] {name}: done, skipped")
+            if previous != {**record, "complete": True}:  # an earlier version's record: store today's
+                self.done[name] = {**record, "complete": True}
+                utils.write_json(self.path, self.done)
             return
         if resume is not None and not forced and same and not previous.get("complete", True):
             argv = argv + resume  # killed midway: continue from its last checkpoint
         else:
+            if previous and not forced and not same:  # say why a stage's outputs go
+                more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+                print(f"[pipeline] {name}: changed since its last run ({', '.join(changed[:3])}{more}): "
+                      "redone from the start")
             for o in outputs:  # stale or forced: start clean
                 if os.path.isdir(o):
                     shutil.rmtree(o)

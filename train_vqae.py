@@ -1,7 +1,8 @@
 """Stage 1: train the paired 3D VQ-AE (models.VQAE) on fixed/moving vessel-mask pairs.
 
     python train_vqae.py [BATCH_SIZE] [--preset paper|cpu|demo] [--data DIR] [--val DIR] [--iters N]
-                         [--out CKPT] [--seed S] [--diff-weight W] [--resume | --overwrite]
+                         [--out CKPT] [--seed S] [--diff-weight W] [--pair-warp MM]
+                         [--resume | --overwrite]
 
 Both masks of a pair enter as two channels, so one token grid describes the pair. Each step:
 a batch of pairs (paper: random 128^3 patches, same location in fixed and moving; cpu/demo: whole
@@ -9,6 +10,8 @@ quarter-resolution volumes), one random affine per pair (identity 3x4 + N(0, 0.0
 loss = 0.5 CE(fixed) + 0.5 CE(moving) with class weights (1, 2.5) + 0.1 codebook loss.
 --diff-weight W (not in the paper; 0 = the reference) weighs each voxel by 1 + W |fixed - moving|:
 the voxels that carry the pair's deformation, which a plain CE learns last (README, issue 12).
+--pair-warp MM (not in the paper; 0 = the reference) also warps each moving mask by a random smooth
+displacement (std MM at 4^3 control points): pair differences beyond the few training pairs'.
 At every validation: reconstruction Dice and the deformation the reconstructions keep (quick
 registration displacement of reconstructed / real pairs, training and validation pairs).
 Writes CKPT (kind 'vqae': preset, model kwargs and data factor in its config), CKPT.csv, CKPT.png.
@@ -156,26 +159,32 @@ def plot_log(rows, path):
 
 
 def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, overwrite=False, val=None, device=None,
-          compile=False, diff_weight=None):
+          compile=False, diff_weight=None, pair_warp=None):
     """Train on the pairs of folder `data` at the preset's factor (`val`: a folder for validation
     Dice at intervals; either may also be pairs already loaded, see load_data). diff_weight: see
-    recon_loss (None: the preset's, 0 = the reference). Returns the model."""
+    recon_loss, pair_warp: see utils.warp_moving (None: the preset's, 0 = the reference). Returns the model."""
     p, config = PRESETS[preset], config_of(preset)
     utils.check_positive({"BATCH_SIZE": batch_size, "--iters": iters})
     utils.check_seed(seed)
     ck = None
     if resume and os.path.exists(out):
         ck = utils.load_checkpoint(out, "vqae", config)  # another preset -> one-line error
+        for k in ("diff_weight", "pair_warp"):  # older checkpoints: trained without
+            ck.setdefault(k, 0.0)
         # the learning-rate schedule was planned for the checkpoint's iterations: keep them
-        utils.check_resume(out, ck, iters=iters, batch=batch_size, seed=seed, diff_weight=diff_weight)
+        utils.check_resume(out, ck, iters=iters, batch=batch_size, seed=seed, diff_weight=diff_weight,
+                           pair_warp=pair_warp)
         batch_size = ck["batch"]
         seed = ck["seed"]
-        diff_weight = ck.get("diff_weight", 0.0)
+        diff_weight = ck["diff_weight"]
+        pair_warp = ck["pair_warp"]
     batch_size = p["batch"] if batch_size is None else batch_size
     seed = 0 if seed is None else seed
     diff_weight = p.get("diff_weight", 0.0) if diff_weight is None else float(diff_weight)
-    if not math.isfinite(diff_weight) or diff_weight < 0:
-        raise utils.DataError(f"--diff-weight must be a finite number >= 0, got {diff_weight}")
+    pair_warp = p.get("pair_warp", 0.0) if pair_warp is None else float(pair_warp)
+    for name, v in (("--diff-weight", diff_weight), ("--pair-warp", pair_warp)):
+        if not math.isfinite(v) or v < 0:
+            raise utils.DataError(f"{name} must be a finite number >= 0, got {v}")
     if not resume:
         utils.check_output(utils.log_paths(out), overwrite, resumable=True)  # fail before the (slow) data loading
     train_data = load_data(data, p["factor"])
@@ -220,7 +229,8 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         utils.save_checkpoint(out, "vqae", config, model.state_dict(), optimizer=opt.state_dict(),
                               scheduler=sched.state_dict(), scaler=scaler.state_dict(), iteration=it,
                               iters=iters, batch=batch_size, seed=seed, log=rows, rng=utils.rng_state([gen, aug_gen]),
-                              seen=seen.cpu(), diff_weight=diff_weight)
+                              seen=seen.cpu(), diff_weight=diff_weight,
+                              pair_warp=pair_warp)
         utils.write_csv(base + ".csv", LOG_FIELDS, rows)
         plot_log(rows, base + ".png")
         utils.barrier()
@@ -231,6 +241,8 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     for it in bar:
         batch = sample_batch(train_data, batch_size, p["patch"], gen, part).to(device, non_blocking=True)
         x = utils.augment(batch, generator=aug_gen, share=utils.world())
+        if pair_warp:  # no draws at 0: the reference's random streams stay as they were
+            x = utils.warp_moving(x, pair_warp, p["factor"], aug_gen, utils.world(), nearest=not soft)
         loss, cb, logits, ids = vqae_step(model, opt, scaler, sched, x, soft, diff_weight, net)
         seen[ids.reshape(-1)] = True
         restarted = ""
@@ -279,12 +291,14 @@ def main(argv=None):
     ap.add_argument("--val", help="validation pairs (Dice and deformation kept at intervals)")
     ap.add_argument("--diff-weight", type=float, help="extra CE weight on voxels where fixed and moving differ "
                     "(default: the preset's; 0 = the reference)")
+    ap.add_argument("--pair-warp", type=float, metavar="MM", help="random smooth warp of each moving mask, "
+                    "std in mm (default: the preset's; 0 = the reference)")
     args = ap.parse_args(argv)
     out = args.out or f"vqae_{args.preset}.pth"
     model = train(data=args.data or utils.default_data(args.preset), out=out, preset=args.preset,
                   batch_size=args.batch_size, iters=args.iters, seed=args.seed, resume=args.resume,
                   overwrite=args.overwrite, val=args.val, device=args.device, compile=args.compile,
-                  diff_weight=args.diff_weight)
+                  diff_weight=args.diff_weight, pair_warp=args.pair_warp)
     utils.main_print(f"wrote {out}{utils.peak_memory(model.codebook.weight.device)}")
 
 

@@ -485,6 +485,26 @@ def augment(x, std=AUG_STD, generator=None, share=(0, 1)):
     return F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
+def random_field(x, mm, factor, generator=None, share=(0, 1), control=4):
+    """One random smooth displacement (B, 3, H, W, D) in voxels per pair of x (B, C, H, W, D):
+    N(0, mm^2) per axis at control^3 points spanning x's grid (corners included), trilinear between
+    them (`factor` mm per voxel). Drawn like augment: share is this process's part of the global batch."""
+    rank, procs = share
+    shape = (len(x) * procs, 3) + (control,) * 3
+    noise = torch.randn(shape, generator=generator, device=x.device)[rank * len(x):(rank + 1) * len(x)]
+    return F.interpolate(noise * (mm / factor), size=tuple(x.shape[2:]), mode="trilinear", align_corners=True)
+
+
+def warp_moving(x, mm, factor, generator=None, share=(0, 1), nearest=False):
+    """x (B, 2, H, W, D) with each pair's moving channel seen through its own random_field: pair
+    differences the few training pairs do not show. Border padding: at a patch's edge the moving mask
+    continues as it was instead of turning empty where the fixed one is not. nearest keeps binary
+    masks binary."""
+    ddf = random_field(x, mm, factor, generator, share)
+    moving = warp(x[:, 1:].float(), ddf, nearest=nearest, padding="border")
+    return torch.cat([x[:, :1].float(), moving], 1)
+
+
 # ---------------------------------------------------------------------------- token files
 # The reference implementation's token file (paper_tokens_97.pth): a plain list of 16x13x16 id
 # tensors of its 1 mm VQ-AE with 1024 codes.

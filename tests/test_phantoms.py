@@ -70,6 +70,20 @@ def test_deterministic_per_seed(tmp_path):
     assert utils.dice(vol["a"], vol["c"]) < 0.5 and lms["a"] != lms["c"]
 
 
+def test_motion_scales_the_displacement_of_the_same_trees(tmp_path):
+    for name, motion in (("m1", 1.0), ("m2", 1.5)):
+        make_phantoms.make_pairs(str(tmp_path / name), 1, seed=3, motion=motion)
+    fixed = {n: nib.load(str(tmp_path / n / "case_000_1.nii.gz")).get_fdata() for n in ("m1", "m2")}
+    assert np.array_equal(fixed["m1"], fixed["m2"])  # the same tree
+    fx, mv = utils.read_landmarks(str(tmp_path / "m2" / "landmarks" / "case_000.csv"))
+    w = make_phantoms.displacement(mv, make_phantoms.case_motion(3, 0, 1.5))
+    assert np.abs(mv + w - fx).max() < 1e-3  # still exact
+    w1 = make_phantoms.displacement(mv, make_phantoms.case_motion(3, 0))
+    assert np.allclose(w, 1.5 * w1)
+    with pytest.raises(utils.DataError, match="--motion"):
+        make_phantoms.make_pairs(str(tmp_path / "bad"), 1, motion=2.0)
+
+
 def test_half_resolution_pools_to_the_quarter_resolution_phantom(tmp_path):
     make_phantoms.make_pairs(str(tmp_path / "f2"), 1, seed=3, size=(128, 104, 128))
     make_phantoms.make_pairs(str(tmp_path / "f4"), 1, seed=3)

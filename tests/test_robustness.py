@@ -37,7 +37,7 @@ def one_thread():
 
 
 # ---------------------------------------------------------------------------- data integrity and security
-def test_stage_record_covers_the_contents_of_its_inputs(tmp_path):
+def test_stage_record_covers_the_contents_of_its_inputs(tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     (data / "a.csv").write_text("1,2,3,4,5,6\n")
@@ -51,9 +51,29 @@ def test_stage_record_covers_the_contents_of_its_inputs(tmp_path):
     for _ in range(2):
         run("s", [str(tmp_path / "out.txt")], stage, ["x"], inputs=[str(data)])
     assert len(calls) == 1  # unchanged: skipped
-    (data / "a.csv").write_text("1,2,3,4,5,6\n7,8,9,1,2,3\n")  # an edited landmark file
+    os.utime(data / "a.csv", (1, 1))  # the same data, copied again (new modification time)
+    run("s", [str(tmp_path / "out.txt")], stage, ["x"], inputs=[str(data)])
+    assert len(calls) == 1
+    (data / "a.csv").write_text("1,2,3,4,5,7\n")  # an edited landmark: same size, same time
+    os.utime(data / "a.csv", (1, 1))
     run("s", [str(tmp_path / "out.txt")], stage, ["x"], inputs=[str(data)])
     assert len(calls) == 2
+    assert f"changed since its last run ({data / 'a.csv'})" in capsys.readouterr().out
+
+
+def test_a_record_of_an_earlier_version_does_not_redo_a_finished_stage(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.csv").write_text("1,2,3,4,5,6\n")
+    (tmp_path / "out.txt").write_text("done")
+    # what the previous version stored: [size, modification time] per file
+    old = {"argv": ["x"], "preset": None, "inputs": {str(data): {"a.csv": [12, 123.0]}}, "complete": True}
+    utils.write_json(str(tmp_path / "stages.json"), {"s": old})
+    calls = []
+    run = pipeline.Stages(str(tmp_path), [])
+    run("s", [str(tmp_path / "out.txt")], lambda argv: calls.append(argv), ["x"], inputs=[str(data)])
+    assert calls == []  # same size: kept, and its record updated
+    assert pipeline.Stages(str(tmp_path), []).done["s"]["inputs"][str(data)]["a.csv"] == pipeline.digest(str(data / "a.csv"))
 
 
 def test_a_killed_stage_resumes(tmp_path):
