@@ -29,7 +29,7 @@ def micro(monkeypatch):
 
 
 def stages_run(out):
-    return re.findall(r"\[pipeline\] (\w+): (?!done)", out)
+    return re.findall(r"\[pipeline\] (\w+): (?!done|changed)", out)
 
 
 def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys, monkeypatch):
@@ -55,10 +55,17 @@ def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys, monkeypatch):
     pipeline.main(["--preset", "demo", "--out", "res", "--seeds", "1", "--num-synth", "4"])
     assert stages_run(capsys.readouterr().out) == []
 
-    # a deleted output re-runs its stage and the stage that reads it (checkpoint time changed), nothing else
-    os.remove(os.path.join(out, "reg_synth_s0.pth"))
+    # a deleted output re-runs its stage; remade byte for byte (same seed), its readers stay
+    ck_path = os.path.join(out, "reg_synth_s0.pth")
+    os.remove(ck_path)
     pipeline.main(argv)
-    assert stages_run(capsys.readouterr().out) == ["reg_synth_s0", "eval_synth_s0"]
+    assert stages_run(capsys.readouterr().out) == ["reg_synth_s0"]
+    # a changed checkpoint re-runs the stage that reads it, nothing else
+    torch.save(dict(torch.load(ck_path, weights_only=True), note="edited"), ck_path)
+    pipeline.main(argv)
+    out_text = capsys.readouterr().out
+    assert stages_run(out_text) == ["eval_synth_s0"]
+    assert f"changed since its last run ({ck_path})" in out_text
 
     # --force redoes one stage (a prefix names several)
     pipeline.main(argv + ["--force", "eval_"])
