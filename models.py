@@ -172,7 +172,7 @@ class VQAE(Checkpointed):
     CLASS_WEIGHTS = (1.0, 2.5)  # the paper's cross-entropy weights (background, vessel)
 
     @staticmethod
-    def pair_probs(logits, size=None, calibrate=False):
+    def pair_probs(logits, size=None, calibrate=False, offsets=None):
         """Logits (B, 4, ...) -> vessel probabilities (fixed, moving), each (B, H, W, D), cropped to
         `size` (e.g. utils.grid_shape(factor), undoing utils.pad_to_multiple) when given.
 
@@ -181,15 +181,43 @@ class VQAE(Checkpointed):
         vessels (s > 0.5 already at q = 0.29). The default is the raw softmax, what the reference
         implementation writes and thresholds; calibrate=True inverts that map,
         q = w0 s / (w1 - (w1 - w0) s): outputs are then occupancies on the scale of the real data,
-        and q > 0.5 is the matching threshold."""
+        and q > 0.5 is the matching threshold. offsets (fixed, moving): subtracted from each map's
+        logit afterwards (VQAE.volume_offsets)."""
         if size is not None:
             logits = utils.crop_to(logits, size)
         logits = logits.float()
         s = logits[:, :2].softmax(1)[:, 1], logits[:, 2:].softmax(1)[:, 1]
-        if not calibrate:
-            return s
-        w0, w1 = VQAE.CLASS_WEIGHTS
-        return tuple(w0 * p / (w1 - (w1 - w0) * p) for p in s)
+        if calibrate:
+            w0, w1 = VQAE.CLASS_WEIGHTS
+            s = tuple(w0 * p / (w1 - (w1 - w0) * p) for p in s)
+        if offsets is not None:
+            s = tuple(VQAE.shift_logit(p, b) for p, b in zip(s, offsets))
+        return s
+
+    @staticmethod
+    def shift_logit(q, b):
+        """sigmoid(logit(q) - b), written so that q = 0 and q = 1 stay exact."""
+        return q / (q + (1 - q) * math.exp(b))
+
+    def volume_offsets(self, pairs):
+        """Real pairs (N, 2, H, W, D) at the VQ-AE's grid -> per-channel logit offsets (fixed, moving)
+        that give the calibrated reconstructions of these pairs the pairs' own mean vessel
+        occupancy (bisection; the mean falls monotonically with the offset). A loss that weights
+        some voxels more (diff_weight) shifts the decoder's vessel prior; one offset per channel
+        fitted on the training pairs undoes that shift without touching which voxels are vessel."""
+        recon = self.reconstruct(pairs, keep_probs=True)[2].double()
+        offsets = []
+        for c in (0, 1):
+            target = float(pairs[:, c].double().mean())
+            lo, hi = -20.0, 20.0
+            for _ in range(60):
+                mid = (lo + hi) / 2
+                if float(VQAE.shift_logit(recon[:, c], mid).mean()) > target:
+                    lo = mid
+                else:
+                    hi = mid
+            offsets.append(round((lo + hi) / 2, 6))
+        return tuple(offsets)
 
 
 # ======================================================================== absorbing diffusion (stage 3-4)

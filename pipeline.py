@@ -43,14 +43,21 @@ PRESETS = {
 ROWS = {"real": "real training pairs", "synth": "synthetic pairs", "mix": "real + synthetic pairs"}
 
 
+DIGESTS = {}  # file identity and change times -> digest: every stage of a run lists the data folder again
+
+
 def digest(path):
     """Size and SHA-256 of a file's bytes: a copy of the same data (a re-mounted or re-copied data
     folder gets new modification times) is the same input, an edited file is not."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return [os.path.getsize(path), h.hexdigest()]
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # ctime: any write or utime moves it
+    if key not in DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        DIGESTS[key] = [st.st_size, h.hexdigest()]
+    return list(DIGESTS[key])
 
 
 def same_input(old, new):

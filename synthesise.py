@@ -3,7 +3,7 @@
     python synthesise.py [NUM_PAIRS] [--preset paper|cpu|demo] [--diffusion CKPT] [--vqae CKPT]
                          [--out synth] [--sampler reference|fast] [--steps S] [--schedule reference|linear|cosine]
                          [--temp 0.9] [--batch B] [--seed S] [--calibrate | --no-calibrate] [--decode TOKENS]
-                         [--device D]
+                         [--match-volume DATA] [--device D]
                          [--overwrite]
     python synthesise.py --benchmark [--preset cpu] [--diffusion CKPT] [--vqae CKPT] [--pairs N]
 
@@ -18,7 +18,9 @@ default at cpu/demo): the preset's few-step cosine schedule on large batches. Pa
 exist are kept (an interrupted run continues; every batch has its own seed, so the result does not
 depend on interruptions) unless --overwrite. --decode TOKENS decodes given token grids (e.g. the
 training pairs': the VQ-AE's 'perfect memoriser') instead of sampling. --benchmark: seconds per
-pair of both samplers side by side.
+pair of both samplers side by side. --match-volume DATA (not in the paper; calibrated maps only):
+shift each map's logit by one offset per channel, fitted so that the VQ-AE's reconstructions of the
+real pairs in DATA (the training pairs) have their vessel volume (VQAE.volume_offsets).
 """
 import argparse
 import json
@@ -99,10 +101,12 @@ def decode_chunk(vqae, ids, grid, dev, probe):
     return max(1, int(0.8 * torch.cuda.mem_get_info(dev)[0] / per_volume))
 
 
-def synthesise(model, vqae, out, n, sampler, seed=0, tokens=None, overwrite=False, progress=True, calibrate=False):
+def synthesise(model, vqae, out, n, sampler, seed=0, tokens=None, overwrite=False, progress=True, calibrate=False,
+               offsets=None):
     """Write n pairs into `out` (skipping complete ones unless overwrite); returns (seconds, pairs made).
     sampler: sampler_settings(). tokens (n, L): decode these instead of sampling. calibrate:
-    VQAE.pair_probs(calibrate=True) occupancies instead of the raw vessel softmax (the reference's)."""
+    VQAE.pair_probs(calibrate=True) occupancies instead of the raw vessel softmax (the reference's).
+    offsets: VQAE.volume_offsets() applied to the maps (None: none)."""
     dev = next(model.parameters()).device
     factor = vqae.config["factor"]
     size = utils.grid_shape(factor)
@@ -115,7 +119,7 @@ def synthesise(model, vqae, out, n, sampler, seed=0, tokens=None, overwrite=Fals
     chunk = None
 
     def probs(logits):
-        return VQAE.pair_probs(logits, size, calibrate)
+        return VQAE.pair_probs(logits, size, calibrate, offsets)
 
     rank, procs = utils.world()
     mine = range(rank, -(-n // batch), procs)  # under torchrun each batch on exactly one process
@@ -161,13 +165,23 @@ def preview(out, n=4):
     utils.save_figure(fig, os.path.join(out, "preview.png"))
 
 
-def run(models, out, n, sampler, seed=0, decode=None, calibrate=False, overwrite=False, progress=True):
+def run(models, out, n, sampler, seed=0, decode=None, calibrate=False, overwrite=False, progress=True,
+        match_volume=None):
     """Synthesise into `out` with a manifest; the settings of an unfinished run must match.
-    models: load_models(); decode: a token file to decode instead of sampling."""
+    models: load_models(); decode: a token file to decode instead of sampling; match_volume: a
+    folder of real pairs whose vessel volume the maps are shifted to (VQAE.volume_offsets)."""
     model, vqae = models
     factor = vqae.config["factor"]
     settings = {"diffusion": os.path.abspath(model.path), "vqae": os.path.abspath(vqae.path), "seed": seed, **sampler,
                 "factor": factor, "decode": decode and os.path.abspath(decode), "calibrate": calibrate}
+    offsets = None
+    if match_volume:
+        if not calibrate:
+            raise utils.DataError("--match-volume shifts calibrated maps: use it with --calibrate")
+        offsets = vqae.volume_offsets(utils.load_pairs(match_volume, factor, progress=progress)[1])
+        settings["match_volume"] = {"data": os.path.abspath(match_volume), "offsets": list(offsets)}
+        if progress and utils.is_main():
+            print(f"--match-volume {match_volume}: logit offsets fixed {offsets[0]:+.3f}, moving {offsets[1]:+.3f}")
     mpath = os.path.join(out, "manifest.json")
     old = {}
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(mpath) and not overwrite:
@@ -191,7 +205,7 @@ def run(models, out, n, sampler, seed=0, decode=None, calibrate=False, overwrite
     utils.barrier()  # every process has read the old manifest before process 0 replaces it
     if utils.is_main():
         utils.write_json(mpath, {**settings, "num_pairs": n, "complete": False})
-    secs, made = synthesise(model, vqae, out, n, sampler, seed, tokens, overwrite, progress, calibrate)
+    secs, made = synthesise(model, vqae, out, n, sampler, seed, tokens, overwrite, progress, calibrate, offsets)
     if not utils.is_main():
         return secs / max(made, 1), made
     per_pair = secs / max(made, 1)
@@ -245,6 +259,8 @@ def main(argv=None):
                     help="write calibrated occupancies instead of the raw vessel softmax (the reference's output); "
                     "default: the preset's (paper: raw; cpu, demo: calibrated)")
     ap.add_argument("--decode", metavar="TOKENS", help="decode these token grids instead of sampling")
+    ap.add_argument("--match-volume", metavar="DATA",
+                    help="shift the calibrated maps to the vessel volume of these real pairs (the training pairs)")
     ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--benchmark", action="store_true", help="time the reference vs the fast sampler (last line: speedup)")
@@ -264,7 +280,10 @@ def main(argv=None):
     sampler = sampler_settings(preset, args.sampler, args.temp, steps=args.steps, schedule=args.schedule, batch=args.batch)
     num_pairs = PRESETS[preset]["num_pairs"] if args.num_pairs is None else args.num_pairs
     calibrate = PRESETS[preset]["calibrate"] if args.calibrate is None else args.calibrate
-    run(models, args.out, num_pairs, sampler, args.seed, args.decode, calibrate, args.overwrite)
+    if args.match_volume and not os.path.isdir(args.match_volume):
+        raise utils.DataError(f"{args.match_volume}: --match-volume folder not found")
+    run(models, args.out, num_pairs, sampler, args.seed, args.decode, calibrate, args.overwrite,
+        match_volume=args.match_volume)
 
 
 if __name__ == "__main__":

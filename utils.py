@@ -473,14 +473,20 @@ def default_data(preset):
 AUG_STD = 0.05  # the reference's affine augmentation: identity 3x4 + N(0, 0.05)
 
 
+def batch_randn(x, shape, generator=None, share=(0, 1)):
+    """N(0, 1) draws (len(x), *shape) on x's device for this process's part of a global batch:
+    share (rank, processes); the generator draws for the whole global batch, so every process
+    count (and a resumed run) sees the same numbers per pair."""
+    rank, procs = share
+    return torch.randn((len(x) * procs, *shape), generator=generator, device=x.device)[rank * len(x):(rank + 1) * len(x)]
+
+
 def augment(x, std=AUG_STD, generator=None, share=(0, 1)):
     """One random affine per pair of x (B, 2, H, W, D) (identity 3x4 + N(0, std)), the same for
     fixed and moving, nearest-neighbour resampling (the reference's choice: keeps masks binary).
     Drawn on x's device (`generator` must live there): a GPU step needs no host-to-device copy.
     share (rank, processes): x is that part of a global batch; the draws are the global batch's."""
-    rank, procs = share
-    noise = torch.randn((len(x) * procs, 3, 4), generator=generator, device=x.device)[rank * len(x):(rank + 1) * len(x)]
-    theta = torch.eye(3, 4, device=x.device).repeat(len(x), 1, 1) + std * noise
+    theta = torch.eye(3, 4, device=x.device).repeat(len(x), 1, 1) + std * batch_randn(x, (3, 4), generator, share)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
@@ -489,9 +495,7 @@ def random_field(x, mm, factor, generator=None, share=(0, 1), control=4):
     """One random smooth displacement (B, 3, H, W, D) in voxels per pair of x (B, C, H, W, D):
     N(0, mm^2) per axis at control^3 points spanning x's grid (corners included), trilinear between
     them (`factor` mm per voxel). Drawn like augment: share is this process's part of the global batch."""
-    rank, procs = share
-    shape = (len(x) * procs, 3) + (control,) * 3
-    noise = torch.randn(shape, generator=generator, device=x.device)[rank * len(x):(rank + 1) * len(x)]
+    noise = batch_randn(x, (3, control, control, control), generator, share)
     return F.interpolate(noise * (mm / factor), size=tuple(x.shape[2:]), mode="trilinear", align_corners=True)
 
 

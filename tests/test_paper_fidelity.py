@@ -1,6 +1,7 @@
 """The `paper` preset against the reference implementation (the paper's public code), and its
 readiness for CUDA shown on the `meta` device: every training step and the sampler at paper shapes
 with no tensor on the CPU and no host synchronisation in the hot path (meta tensors refuse both)."""
+import json
 import os
 
 import nibabel as nib
@@ -137,7 +138,9 @@ def test_paper_defaults_to_the_reference_sampler():
     assert synthesise.TEMP == 0.9
 
 
-def test_written_synthetic_maps_are_the_raw_softmax(tmp_path):
+def small_models(tmp_path, ids=None):
+    """An untrained demo-grid VQ-AE (v.pth, vessel logits raised) and diffusion model (d.pth), and
+    token grids t.pth (random, or the given ids (N, L)) -> (vq, grid, ids)."""
     small = dict(channels=[4, 4, 4], strides=[2, 2, 2], num_codes=16)  # the demo token grid 8x7x8
     torch.manual_seed(0)
     vq = VQAE(**small)
@@ -148,8 +151,14 @@ def test_written_synthetic_maps_are_the_raw_softmax(tmp_path):
     grid = vq.token_grid(utils.grid_shape(4))
     cfg = train_diffusion.config_of("demo", {"grid_shape": grid, "num_codes": 16, "factor": 4})
     utils.save_checkpoint(str(tmp_path / "d.pth"), "diffusion", cfg, TokenTransformer.build(cfg).state_dict())
-    ids = torch.randint(0, 16, (2, int(np.prod(grid))))
-    utils.write_tokens(str(tmp_path / "t.pth"), ids.view(2, *grid), ["a", "b"], 16, {"preset": "demo", "factor": 4})
+    ids = torch.randint(0, 16, (2, int(np.prod(grid)))) if ids is None else ids
+    utils.write_tokens(str(tmp_path / "t.pth"), ids.view(len(ids), *grid), [f"c{i}" for i in range(len(ids))], 16,
+                       {"preset": "demo", "factor": 4})
+    return vq, grid, ids
+
+
+def test_written_synthetic_maps_are_the_raw_softmax(tmp_path):
+    vq, grid, ids = small_models(tmp_path)
     with torch.no_grad():
         logits = vq.decode_tokens(ids, grid)
     assert synthesise.PRESETS["paper"]["calibrate"] is False  # the reference writes the raw softmax
@@ -164,6 +173,34 @@ def test_written_synthetic_maps_are_the_raw_softmax(tmp_path):
             assert np.allclose(f, fp[i].numpy(), atol=1e-6) and np.allclose(m, mp[i].numpy(), atol=1e-6)
     raw, cal = VQAE.pair_probs(logits)[0], VQAE.pair_probs(logits, calibrate=True)[0]
     assert (raw - cal).abs().max() > 0.05
+
+
+def test_match_volume_gives_the_training_pairs_their_vessel_volume(tmp_path, phantoms):
+    q = torch.tensor([0.0, 0.2, 0.5, 0.9, 1.0])
+    assert torch.allclose(VQAE.shift_logit(q, 0.0), q)
+    assert VQAE.shift_logit(q, 1.0)[[0, 4]].tolist() == [0.0, 1.0]  # empty and full voxels stay
+    assert (VQAE.shift_logit(q[1:4], 1.0) < q[1:4]).all()
+    x = utils.load_pairs(phantoms, 4, progress=False)[1]
+    vq = small_models(tmp_path)[0]
+    offsets = vq.volume_offsets(x)
+    recon = vq.reconstruct(x, keep_probs=True)[2]
+    assert recon[:, 0].mean() > 1.5 * x[:, 0].mean()  # the raised vessel logits over-state the volume
+    assert min(offsets) > 0
+    for c in (0, 1):
+        assert torch.isclose(VQAE.shift_logit(recon[:, c], offsets[c]).mean(), x[:, c].mean(), rtol=1e-3)
+    # end to end: decoding the phantoms' own token grids writes maps with the phantoms' vessel volume
+    small_models(tmp_path, ids=vq.reconstruct(x)[0].flatten(1))
+    args = ["--diffusion", str(tmp_path / "d.pth"), "--vqae", str(tmp_path / "v.pth"), "--decode", str(tmp_path / "t.pth")]
+    synthesise.main([*args, "--out", str(tmp_path / "s"), "--match-volume", phantoms])
+    written = utils.load_pairs(str(tmp_path / "s"), 4, progress=False)[1]
+    for c in (0, 1):
+        assert torch.isclose(written[:, c].mean(), x[:, c].mean(), rtol=2e-3)
+    manifest = json.load(open(tmp_path / "s" / "manifest.json"))
+    assert manifest["match_volume"]["offsets"] == pytest.approx(list(offsets), abs=1e-5)
+    with pytest.raises(utils.DataError, match="--calibrate"):
+        synthesise.main([*args, "--out", str(tmp_path / "r"), "--match-volume", phantoms, "--no-calibrate"])
+    with pytest.raises(utils.DataError, match="not found"):
+        synthesise.main([*args, "--out", str(tmp_path / "r"), "--match-volume", str(tmp_path / "missing")])
 
 
 def test_transformer_layers_start_independent():

@@ -61,6 +61,20 @@ def test_stage_record_covers_the_contents_of_its_inputs(tmp_path, capsys):
     assert f"changed since its last run ({data / 'a.csv'})" in capsys.readouterr().out
 
 
+def test_each_input_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.csv", "b.csv"):
+        (data / name).write_text("1,2,3,4,5,6\n")
+    hashed = []
+    sha256 = pipeline.hashlib.sha256
+    monkeypatch.setattr(pipeline.hashlib, "sha256", lambda: hashed.append(1) or sha256())
+    first = pipeline.contents(str(data))
+    assert pipeline.contents(str(data)) == first and len(hashed) == 2  # the second stage's record: no reads
+    (data / "a.csv").write_text("1,2,3,4,5,7\n")  # same size; the test above covers a restored time
+    assert pipeline.contents(str(data))["a.csv"] != first["a.csv"] and len(hashed) == 3
+
+
 def test_a_record_of_an_earlier_version_does_not_redo_a_finished_stage(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
