@@ -204,7 +204,7 @@ class VQAE(Checkpointed):
         that give the calibrated reconstructions of these pairs the pairs' own mean vessel
         occupancy (bisection; the mean falls monotonically with the offset). A loss that weights
         some voxels more (diff_weight) shifts the decoder's vessel prior; one offset per channel
-        fitted on the training pairs undoes that shift without touching which voxels are vessel."""
+        fitted on the training pairs undoes such a shift and keeps the order of the voxels' occupancies."""
         recon = self.reconstruct(pairs, keep_probs=True)[2].double()
         offsets = []
         for c in (0, 1):
