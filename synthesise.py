@@ -172,16 +172,6 @@ def run(models, out, n, sampler, seed=0, decode=None, calibrate=False, overwrite
     folder of real pairs whose vessel volume the maps are shifted to (VQAE.volume_offsets)."""
     model, vqae = models
     factor = vqae.config["factor"]
-    settings = {"diffusion": os.path.abspath(model.path), "vqae": os.path.abspath(vqae.path), "seed": seed, **sampler,
-                "factor": factor, "decode": decode and os.path.abspath(decode), "calibrate": calibrate}
-    offsets = None
-    if match_volume:
-        if not calibrate:
-            raise utils.DataError("--match-volume shifts calibrated maps: use it with --calibrate")
-        offsets = vqae.volume_offsets(utils.load_pairs(match_volume, factor, progress=progress)[1])
-        settings["match_volume"] = {"data": os.path.abspath(match_volume), "offsets": list(offsets)}
-        if progress and utils.is_main():
-            print(f"--match-volume {match_volume}: logit offsets fixed {offsets[0]:+.3f}, moving {offsets[1]:+.3f}")
     mpath = os.path.join(out, "manifest.json")
     old = {}
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(mpath) and not overwrite:
@@ -189,6 +179,17 @@ def run(models, out, n, sampler, seed=0, decode=None, calibrate=False, overwrite
                               "use another --out (or --overwrite to write into it anyway)")
     if os.path.exists(out) and not os.path.isdir(out):
         raise utils.DataError(f"{out}: is a file, --out must be a folder")
+    if match_volume and not calibrate:
+        raise utils.DataError("--match-volume shifts calibrated maps: use it with --calibrate")
+    offsets = None
+    if match_volume:  # fitted after the cheap checks above
+        offsets = vqae.volume_offsets(utils.load_pairs(match_volume, factor, progress=progress)[1])
+        if progress and utils.is_main():
+            print(f"--match-volume {match_volume}: logit offsets fixed {offsets[0]:+.3f}, moving {offsets[1]:+.3f}")
+    # match_volume always recorded (None: off), so resuming with or without it is caught either way
+    settings = {"diffusion": os.path.abspath(model.path), "vqae": os.path.abspath(vqae.path), "seed": seed, **sampler,
+                "factor": factor, "decode": decode and os.path.abspath(decode), "calibrate": calibrate,
+                "match_volume": offsets and {"data": os.path.abspath(match_volume), "offsets": list(offsets)}}
     if os.path.exists(mpath) and not overwrite:
         old = json.load(open(mpath))
         diff = [k for k in settings if old.get(k) != settings[k]]

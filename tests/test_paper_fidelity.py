@@ -197,6 +197,8 @@ def test_match_volume_gives_the_training_pairs_their_vessel_volume(tmp_path, pha
         assert torch.isclose(written[:, c].mean(), x[:, c].mean(), rtol=2e-3)
     manifest = json.load(open(tmp_path / "s" / "manifest.json"))
     assert manifest["match_volume"]["offsets"] == pytest.approx(list(offsets), abs=1e-5)
+    with pytest.raises(utils.DataError, match="other match_volume"):  # resuming without it
+        synthesise.main([*args, "--out", str(tmp_path / "s")])
     with pytest.raises(utils.DataError, match="--calibrate"):
         synthesise.main([*args, "--out", str(tmp_path / "r"), "--match-volume", phantoms, "--no-calibrate"])
     with pytest.raises(utils.DataError, match="not found"):
