@@ -5,6 +5,8 @@ loads itself from its checkpoint: Class.from_checkpoint(path).
   VQAE             paired 3D VQ-autoencoder           (B, 2, H, W, D) masks  <-> (B, h, w, d) token ids
   TokenTransformer absorbing-diffusion denoiser        (B, L) ids (mask = K)  ->  (B, L, K) logits
   RegistrationNet  two-step inverse-consistent net     fixed, moving (B, 1, H, W, D) -> ddfs (B, 3, H, W, D)
+  TokenDecoder     stand-in decoder of a token file    (B, h, w, d) ids       ->  (B, 2, H, W, D) logits
+                   whose VQ-AE is not available (the reference's 97 grids; not part of the paper)
 """
 import math
 
@@ -12,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.networks.blocks import Convolution, ResidualUnit
 from monai.networks.nets import AutoEncoder, UNet
 
 import utils
@@ -99,12 +102,12 @@ class VQAE(Checkpointed):
 
     def quantise(self, z):
         """z (B, C, h, w, d) -> (z_q with straight-through gradient, codebook loss, ids (B, h, w, d))."""
-        zf = z.float().movedim(1, -1)  # distances in fp32 even under autocast
+        zf = utils.fp32(z).movedim(1, -1)  # distances in fp32 even under autocast
         flat = zf.reshape(-1, self.code_dim)
-        e = self.codebook.weight.float()
+        e = utils.fp32(self.codebook.weight)
         d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
         ids = d.argmin(1)
-        zq = self.codebook(ids).float().view_as(zf)
+        zq = utils.fp32(self.codebook(ids)).view_as(zf)
         loss = F.mse_loss(zf, zq.detach()) + self.beta * F.mse_loss(zq, zf.detach())
         self.last_z = flat.detach() if self.training else None  # for restart_codes
         zq = zf + (zq - zf).detach()  # straight-through: decoder gradient flows to the encoder
@@ -290,7 +293,7 @@ class TokenTransformer(Checkpointed):
         sum over masked tokens of CE(logits, x0), times (1 - t), / (ln 2 * L): bits per token.
         (The reference divides by ln 2 * K * L, the shape of its permuted logits: K times smaller.)
         logits (B, L, K), x0 (B, L), masked (B, L) bool, t (B,) -> (B,)."""
-        ce = F.cross_entropy(logits.float().transpose(1, 2), x0.long(), reduction="none")
+        ce = F.cross_entropy(utils.fp32(logits).transpose(1, 2), x0.long(), reduction="none")
         return (ce * masked).sum(1) * (1 - t) / (math.log(2) * x0.shape[1])
 
     def loss(self, x0, generator=None, net=None, share=(0, 1)):
@@ -387,7 +390,7 @@ class RegistrationNet(Checkpointed):
         (2 = the whole volume, as the reference's grid_sample grids) on the pooled grid."""
         x = torch.cat([torch.cat([a, b], 1), torch.cat([b, a], 1)])  # both orders in one batch
         x, size = utils.pad_to_multiple(x, self.multiple)  # MONAI UNet needs sizes divisible by its stride
-        o_ab, o_ba = utils.crop_to(self.runners[step](x), size).float().chunk(2)
+        o_ab, o_ba = utils.fp32(utils.crop_to(self.runners[step](x), size)).chunk(2)
         v = (torch.tanh(o_ab) - torch.tanh(o_ba)) * self.max_velocity
         v = v.flip(1)  # the reference reads the UNet's channels as grid_sample's (x, y, z) = axes (D, W, H)
         k, p = self.pool_kernel, self.pool_kernel // 2
@@ -432,3 +435,44 @@ class RegistrationNet(Checkpointed):
         v1 = self.step_velocity(0, fixed, moving)
         v2 = self.step_velocity(1, *self.halfway(v1, fixed, moving))  # step 2 sees the half-way pair
         return self.fields(v1, v2, fixed.shape[2:])
+
+
+# ======================================================================== token decoder (decode_tokens.py)
+
+class TokenDecoder(Checkpointed):
+    """A decoder for token grids whose VQ-AE is not available (the reference's paper_tokens_97.pth:
+    only its encoder's output survives), fitted on the pairs that have both a grid and volumes. Not
+    part of the paper: it stands in for the reference's decoder, so the grids of training cases we
+    have no volumes for become pairs (blurrier than real masks) to train on.
+
+    ids (B, h, w, d) in [0, num_codes) -> learned embedding -> residual 3D convolutions on the token
+    grid (each token sees its neighbours: a code means a local vessel pattern, its context the
+    deformation) -> `ups` x2 transposed convolutions -> logits (B, 2, h*2^ups, w*2^ups, d*2^ups),
+    channel 0 fixed, 1 moving; sigmoid = occupancy (crop to the frame grid with utils.crop_to).
+    """
+
+    kind = "tokendecoder"
+
+    def __init__(self, num_codes=1024, embed=64, width=64, blocks=4, up_channels=(32, 16), norm="INSTANCE",
+                 kernel=3):
+        super().__init__()
+        self.num_codes = num_codes
+        self.embed = nn.Embedding(num_codes, embed)
+        self.stem = Convolution(3, embed, width, kernel_size=kernel, norm=norm)
+        self.blocks = nn.Sequential(*[ResidualUnit(3, width, width, kernel_size=kernel, subunits=2, norm=norm)
+                                      for _ in range(blocks)])
+        chans = (width, *up_channels)
+        self.up = nn.Sequential(*[Convolution(3, a, b, strides=2, kernel_size=3, is_transposed=True, norm=norm)
+                                  for a, b in zip(chans[:-1], chans[1:])])
+        self.head = Convolution(3, chans[-1], 2, kernel_size=1, conv_only=True)
+        self.ups = len(up_channels)
+
+    def forward(self, ids):
+        """ids (B, h, w, d) -> logits (B, 2, h*2^ups, w*2^ups, d*2^ups)."""
+        x = self.embed(ids.long()).movedim(-1, 1)
+        return self.head(self.up(self.blocks(self.stem(x))))
+
+    @torch.no_grad()
+    def occupancy(self, ids, size):
+        """ids (B, h, w, d) -> fixed and moving occupancy (B, 2, *size) in [0, 1], float32."""
+        return utils.crop_to(utils.fp32(self(ids)), size).sigmoid()

@@ -13,7 +13,6 @@ torchrun (README, "More than one GPU").
 """
 import argparse
 import glob
-import hashlib
 import inspect
 import json
 import os
@@ -52,11 +51,7 @@ def digest(path):
     st = os.stat(path)
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)  # ctime: any write or utime moves it
     if key not in DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        DIGESTS[key] = [st.st_size, h.hexdigest()]
+        DIGESTS[key] = [st.st_size, utils.sha256(path)]
     return list(DIGESTS[key])
 
 

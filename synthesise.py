@@ -23,7 +23,6 @@ shift each map's logit by one offset per channel, fitted so that the VQ-AE's rec
 real pairs in DATA (the training pairs) have their vessel volume (VQAE.volume_offsets).
 """
 import argparse
-import json
 import math
 import os
 import shutil
@@ -191,7 +190,7 @@ def run(models, out, n, sampler, seed=0, decode=None, calibrate=False, overwrite
                 "factor": factor, "decode": decode and os.path.abspath(decode), "calibrate": calibrate,
                 "match_volume": offsets and {"data": os.path.abspath(match_volume), "offsets": list(offsets)}}
     if os.path.exists(mpath) and not overwrite:
-        old = json.load(open(mpath))
+        old = utils.read_json(mpath)
         diff = [k for k in settings if old.get(k) != settings[k]]
         if diff:
             raise utils.DataError(f"{out}: holds pairs made with other {', '.join(diff)} (use --overwrite or another --out)")

@@ -95,10 +95,10 @@ def recon_loss(logits, x, soft, diff_weight=0.0):
     W = 0 is the plain loss); a voxel's weight scales both of its classes, so the optimum and the
     calibration stay the same."""
     w = class_weights(logits.device)
-    v = 1 + diff_weight * (x[:, 0].float() - x[:, 1].float()).abs() if diff_weight else None
+    v = 1 + diff_weight * (utils.fp32(x[:, 0]) - utils.fp32(x[:, 1])).abs() if diff_weight else None
     loss = 0
     for c in (0, 1):
-        lg, t = logits[:, 2 * c:2 * c + 2].float(), x[:, c]
+        lg, t = utils.fp32(logits[:, 2 * c:2 * c + 2]), x[:, c]
         tgt = torch.stack([1 - t, t], 1) if soft else (t > 0.5).long()
         if v is None:
             loss = loss + 0.5 * F.cross_entropy(lg, tgt, weight=w)

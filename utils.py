@@ -15,6 +15,7 @@ import csv
 import datetime
 import functools
 import glob
+import hashlib
 import json
 import os
 import random
@@ -241,9 +242,39 @@ def load_scaler_state(scaler, state):
         scaler.load_state_dict(state)
 
 
+CPU_BF16 = False  # utils.autocast on the CPU: bf16 inside `with cpu_precision(True)`, else fp32
+
+
 def autocast(device):
-    """Mixed precision on CUDA (the reference implementation's setting), a no-op on CPU."""
+    """Mixed precision: fp16 on CUDA (the reference implementation's setting); on the CPU bf16 inside
+    cpu_precision(True), else none. Losses, code distances and fields stay fp32 (fp32())."""
+    if device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=CPU_BF16)
     return torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
+
+
+def cpu_bf16():
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+@contextlib.contextmanager
+def cpu_precision(bf16):
+    """Within the block, utils.autocast on the CPU computes in bf16 (bf16=True) or fp32 (False);
+    the previous setting comes back afterwards."""
+    global CPU_BF16
+    old, CPU_BF16 = CPU_BF16, bool(bf16)
+    try:
+        yield
+    finally:
+        CPU_BF16 = old
+
+
+def fp32(x):
+    """x in at least single precision, for the numerically sensitive parts (code distances, losses,
+    fields) under autocast and for masks stored as integers; float64 stays float64 (the tests'
+    exact-arithmetic runs)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 # ---------------------------------------------------------------------------- frame
@@ -488,7 +519,7 @@ def augment(x, std=AUG_STD, generator=None, share=(0, 1)):
     share (rank, processes): x is that part of a global batch; the draws are the global batch's."""
     theta = torch.eye(3, 4, device=x.device).repeat(len(x), 1, 1) + std * batch_randn(x, (3, 4), generator, share)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return F.grid_sample(fp32(x), grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 def random_field(x, mm, factor, generator=None, share=(0, 1), control=4):
@@ -511,8 +542,12 @@ def warp_moving(x, mm, factor, generator=None, share=(0, 1), nearest=False):
 
 # ---------------------------------------------------------------------------- token files
 # The reference implementation's token file (paper_tokens_97.pth): a plain list of 16x13x16 id
-# tensors of its 1 mm VQ-AE with 1024 codes.
+# tensors of its 1 mm VQ-AE with 1024 codes, one per Lung250M-4B training case in sorted order:
+# cases 000-103 without the data set's test cases below (entry 30 = case_032, 33 = case_035, which
+# the reference cut to 280 slices before encoding, as load_pairs does).
 REFERENCE_TOKENS = dict(grid_shape=(16, 13, 16), num_codes=1024, factor=1)
+LUNG250M_TEST_CASES = (2, 8, 54, 55, 56, 94, 97)
+REFERENCE_CASES = [f"case_{i:03d}" for i in range(104) if i not in LUNG250M_TEST_CASES]
 
 
 def write_tokens(path, tokens, case_ids, num_codes, config, **extra):
@@ -539,7 +574,8 @@ def read_tokens(path):
         n = int(np.prod(REFERENCE_TOKENS["grid_shape"]))
         if not d or any(not torch.is_tensor(t) or t.numel() != n for t in d):
             raise DataError(f"{path}: expected a list of token tensors of {n} ids")
-        ids = [f"grid_{i:03d}" for i in range(len(d))]
+        # the reference's 97 grids are its training cases; another list names its grids by position
+        ids = REFERENCE_CASES if len(d) == len(REFERENCE_CASES) else [f"grid_{i:03d}" for i in range(len(d))]
         d = {"tokens": torch.stack([t.reshape(-1) for t in d]), "case_ids": ids, "config": None, **REFERENCE_TOKENS}
     if not isinstance(d, dict) or not {"tokens", "grid_shape", "num_codes"} <= set(d):
         raise DataError(f"{path}: not a token file (needs tokens, grid_shape, num_codes)")
@@ -829,6 +865,24 @@ def log_paths(out):
 def check_seed(seed):
     if seed is not None and seed < 0:
         raise DataError(f"--seed must be >= 0, got {seed}")
+
+
+def sha256(path):
+    """SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_json(path):
+    """A JSON file this project wrote (a manifest); a broken one is a one-line error."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError:
+        raise DataError(f"{path}: not readable JSON (truncated or edited?)")
 
 
 def write_json(path, obj):

@@ -3,6 +3,11 @@ on the same global batch, through the stage scripts' own step, batch-drawing and
 functions, with a zero learning rate so the gradients stay to be compared. Then a codebook restart
 with a different code usage per process. Writes OUT/rank{R}.pt = {stage: {name: grad}, 'codebook'}.
 
+Everything runs in float64: two processes convolve batches of 1 where one process convolves a batch
+of 2, and in float32 a CPU may take other kernels (other summation orders) for the two, which moves
+the gradients by ~1e-3 relative on some CPUs. In float64 the same rounding differences are ~1e-16
+relative per operation, so "the same gradients" can be asserted at 1e-10 on any CPU.
+
     python tests/ddp_worker.py PAIRS OUT
 """
 import os
@@ -31,6 +36,7 @@ def frozen(params):
 
 
 def main(data, out):
+    torch.set_default_dtype(torch.float64)  # models, draws and fields in float64 (see above)
     rank, procs, device = utils.distributed("cpu")
     local = utils.local_batch(BATCH)
     part = slice(rank * local, (rank + 1) * local)
@@ -40,7 +46,7 @@ def main(data, out):
     utils.seed_all(0)
     vqae = VQAE.build(train_vqae.config_of("demo"))
     opt, sched = frozen(vqae.parameters())
-    pairs = train_vqae.load_data(data, 4)
+    pairs = train_vqae.load_data(data, 4).double()
     x = train_vqae.sample_batch(pairs, BATCH, None, torch.Generator().manual_seed(0), part)
     x = utils.augment(x, generator=torch.Generator().manual_seed(0), share=(rank, procs))
     train_vqae.vqae_step(vqae, opt, scaler, sched, x, True, 0.0, utils.parallel(vqae, device))
@@ -65,7 +71,7 @@ def main(data, out):
         utils.seed_all(0)
         net = RegistrationNet.build(train_registration.config_of("demo")).parallel(device)
         opts = [frozen(u.parameters())[0] for u in net.unets]
-        xr = reg_pairs[:BATCH][part].float()
+        xr = reg_pairs[:BATCH][part].double()
         train_registration.train_step(net, opts, scaler, xr[:, :1], xr[:, 1:], train_registration.REG, device, loss)
         result[f"registration {loss}"] = grads(net)
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))

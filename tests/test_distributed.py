@@ -57,7 +57,8 @@ def test_two_processes_take_the_single_process_step(steps, stage):
     one, r0, r1 = (s[stage] for s in steps)
     assert set(one) == set(r0) == set(r1) and len(one) > 0
     assert all(torch.equal(r0[k], r1[k]) for k in r0)  # DDP averaged: identical on both processes
-    assert relative_error(r0, one) < 1e-5  # and equal to one process on the whole batch
+    assert all(v.dtype == torch.float64 for v in one.values())  # the worker's exact-arithmetic run
+    assert relative_error(r0, one) < 1e-10  # and equal to one process on the whole batch
 
 
 def test_codebook_restart_keeps_codebooks_identical(steps):
@@ -67,21 +68,25 @@ def test_codebook_restart_keeps_codebooks_identical(steps):
     assert torch.equal(r0["codebook"], r1["codebook"])
 
 
-def test_checkpoint_of_two_processes_resumes_in_one(phantoms, tmp_path):
-    """A torchrun checkpoint has plain keys, loads in the single-process scripts and resumes at
-    another world size close to an uninterrupted single-process run."""
+def test_checkpoint_of_two_processes_resumes_exactly_and_in_one(phantoms, tmp_path):
+    """A torchrun checkpoint resumes under torchrun bit-identically to an uninterrupted run, has plain
+    keys, and loads and resumes in the single-process scripts. (Across process counts the steps agree
+    only up to the CPU's batch-1 vs batch-2 kernels, which Adam's 1/sqrt(v) can amplify to ~lr on
+    small weights: that comparison is test_two_processes_take_the_single_process_step's, in float64.)"""
     ck = tmp_path / "reg.pth"
     common = ["train_registration.py", 2, phantoms, "--preset", "demo", "--seed", 3]
     torchrun(*common, "--iters", 1, "--out", ck)
     state = torch.load(ck, weights_only=True)
     assert state["iteration"] == 1 and not any(k.startswith("module.") for k in state["state"])
-    single(*common, "--iters", 2, "--out", ck, "--resume")
-    single(*common, "--iters", 2, "--out", tmp_path / "straight.pth")
+    torchrun(*common, "--iters", 2, "--out", ck, "--resume")
+    torchrun(*common, "--iters", 2, "--out", tmp_path / "straight.pth")
     straight = torch.load(tmp_path / "straight.pth", weights_only=True)
     resumed = torch.load(ck, weights_only=True)
-    assert resumed["iteration"] == 2
-    # same steps up to floating-point order: far closer to the straight run than its last step moves
-    assert distance(resumed["state"], straight["state"]) < 0.05 * distance(straight["state"], state["state"])
+    assert resumed["iteration"] == 2 and all(torch.equal(resumed["state"][k], straight["state"][k]) for k in straight["state"])
+    single(*common, "--iters", 3, "--out", ck, "--resume")
+    once = torch.load(ck, weights_only=True)
+    assert once["iteration"] == 3 and all(torch.isfinite(v).all() for v in once["state"].values())
+    assert 0 < distance(once["state"], resumed["state"])  # it took a step from the checkpoint
 
 
 @pytest.fixture(scope="module")

