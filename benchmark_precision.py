@@ -2,7 +2,7 @@
 shapes, timed side by side (interleaved) in one run, and how far the bf16 step's loss and gradients
 lie from the fp32 step's on the same batch and weights.
 
-    python benchmark_precision.py [--data FOLDER] [--preset cpu] [--steps 5] [--stages vqae registration ...]
+    python benchmark_precision.py [--data FOLDER] [--preset cpu] [--steps 5] [--batch 2] [--stages vqae registration ...]
 
 Without --data it makes phantom pairs. bf16 only pays on CPUs that compute it natively
 (utils.cpu_bf16(): AVX512-BF16 or AMX); elsewhere the numbers show what it costs. Last line:
@@ -23,7 +23,7 @@ import train_vqae
 import utils
 from models import RegistrationNet, TokenDecoder, TokenTransformer, VQAE
 
-STAGES = ("vqae", "diffusion", "registration", "token decoder")
+STAGES = ("vqae", "diffusion", "registration", "decoder")  # decoder: decode_tokens.TokenDecoder
 
 
 def frozen(params):
@@ -74,7 +74,7 @@ def steps(preset, pairs, batch):
     topt = frozen(dec.parameters())[0]
     grids = torch.randint(ref["num_codes"], (batch, *ref["grid_shape"]), generator=torch.Generator().manual_seed(0))
     dw_dec = decode_tokens.PRESETS[preset]["diff_weight"]  # the pairs are at the decoder's factor 4 (cpu, demo)
-    out["token decoder"] = (lambda: decode_tokens.decoder_step(dec, topt, grids, x, dw_dec), [dec])
+    out["decoder"] = (lambda: decode_tokens.decoder_step(dec, topt, scaler, grids, x, dw_dec), [dec])
     return out
 
 
@@ -87,13 +87,14 @@ def main(argv=None):
     ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     args = ap.parse_args(argv)
     utils.check_positive({"--steps": args.steps, "--batch": args.batch})
-    data = args.data
-    if data is None:
+    if args.data is None:
         import make_phantoms
 
-        data = os.path.join(tempfile.mkdtemp(), "phantoms")
-        make_phantoms.make_pairs(data, 2, seed=1)
-    pairs = utils.load_pairs(data, 4, progress=False)[1]
+        with tempfile.TemporaryDirectory() as tmp:
+            make_phantoms.make_pairs(os.path.join(tmp, "phantoms"), 2, seed=1)
+            pairs = utils.load_pairs(os.path.join(tmp, "phantoms"), 4, progress=False)[1]
+    else:
+        pairs = utils.load_pairs(args.data, 4, progress=False)[1]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {utils.cpu_bf16()}")
     ratios = []

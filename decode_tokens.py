@@ -8,7 +8,8 @@ Not part of the paper: the reference trained its generator on 97 Lung250M-4B tra
 of DATA that have a grid in TOKENS (same case id; the reference's list maps to its cases in
 utils.REFERENCE_CASES), then every grid is decoded into OUT/case_XXX_1.nii.gz (fixed) and _2
 (moving): occupancies in [0, 1] on the frame grid pooled by the preset's factor, with the frame
-affine, so OUT is directly a DATA_FOLDER of train_registration.py and of the generator's stages.
+affine, so OUT is directly a DATA_FOLDER of train_registration.py, and at cpu/demo (4 mm) also of
+the cpu/demo generator stages.
 
 First a K-fold check over the fitted pairs (contiguous folds in sorted case order; K = 5 of 10 pairs
 holds out 2 each): a decoder fitted without the held-out pairs decodes their grids, and the
@@ -19,6 +20,7 @@ fold metrics and the settings; OUT/decoder.pth the final decoder; OUT/preview.pn
 real and decoded. An interrupted run continues (finished folds and the final fit are kept).
 """
 import argparse
+import glob
 import math
 import os
 
@@ -65,15 +67,17 @@ def decoder_loss(logits, x, diff_weight):
     return (per_voxel * v).mean() / v.mean()
 
 
-def decoder_step(model, opt, grids, x, diff_weight):
+def decoder_step(model, opt, scaler, grids, x, diff_weight):
     """One iteration on token grids (B, h, w, d) and their pairs x (B, 2, H, W, D) -> the loss
-    (0-dim tensor on the device; the decoder under utils.autocast, the loss in fp32)."""
+    (0-dim tensor on the device; the decoder under utils.autocast, the loss in fp32). scaler: a
+    GradScaler, enabled on CUDA: a mean over ~1e7 voxels gives per-voxel gradients below fp16's range."""
     with utils.autocast(x.device):
         logits = utils.crop_to(model(grids), x.shape[2:])
     loss = decoder_loss(logits, x, diff_weight)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
     return loss.detach()
 
 
@@ -86,20 +90,21 @@ def fit(cfg, grids, pairs, iters, seed, device, desc="fit"):
     opt = torch.optim.AdamW(model.parameters(), lr=p["lr"], weight_decay=WEIGHT_DECAY)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters)
     gen = torch.Generator().manual_seed(seed * 100003)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     batch = min(p["batch"], len(pairs))
     grids, pairs = grids.to(device), pairs.to(device)
     losses = []
     bar = tqdm(range(iters), desc=desc, leave=False)
     for i in bar:
         idx = torch.randperm(len(pairs), generator=gen)[:batch].to(device)
-        losses.append(decoder_step(model, opt, grids[idx], pairs[idx], p["diff_weight"]))
+        losses.append(decoder_step(model, opt, scaler, grids[idx], pairs[idx], p["diff_weight"]))
         sched.step()
-        if (i + 1) % 50 == 0:
+        if (i + 1) % 50 == 0 or i + 1 == iters:
             recent = float(torch.stack(losses[-50:]).mean())
             if not math.isfinite(recent):
                 raise utils.DataError(f"{desc}: the loss became {recent} at iteration {i + 1}")
             bar.set_postfix(loss=f"{recent:.4f}")
-    return model.eval(), float(torch.stack(losses[-50:]).mean())
+    return model.eval(), recent
 
 
 def decode(model, grids, size, device, batch=8):
@@ -160,7 +165,10 @@ def run(tokens_path, data, out, preset, iters=None, folds=5, seed=0, bf16=None, 
     p = PRESETS[preset]
     iters = iters or p["iters"]
     device = utils.get_device(device)
+    if bf16 and device.type != "cpu":
+        raise utils.DataError(f"--bf16 is for the CPU; on {device} the decoder runs under fp16 autocast")
     bf16 = (device.type == "cpu" and utils.cpu_bf16()) if bf16 is None else bf16
+    precision = "fp16" if device.type == "cuda" else ("bf16" if bf16 else "fp32")
     cfg = config_of(preset, tokens)
     have = set(utils.find_pairs(data))
     fitted = sorted(c for c in tokens["case_ids"] if c in have)
@@ -169,7 +177,7 @@ def run(tokens_path, data, out, preset, iters=None, folds=5, seed=0, bf16=None, 
                               f"(case ids {tokens['case_ids'][:2]} ...); need at least {max(2, folds)}")
     settings = {"tokens": os.path.abspath(tokens_path), "tokens_sha256": utils.sha256(tokens_path),
                 "data": os.path.abspath(data), "fitted": fitted, "preset": preset, "iters": iters, "seed": seed,
-                "num_folds": folds, "bf16": bf16, "config": cfg}
+                "num_folds": folds, "precision": precision, "config": cfg}
     old = {}
     if os.path.exists(mpath) and not overwrite:
         old = utils.read_json(mpath)
@@ -184,10 +192,16 @@ def run(tokens_path, data, out, preset, iters=None, folds=5, seed=0, bf16=None, 
     fit_grids = grids[[row[c] for c in fitted]]
     print(f"decode_tokens: {len(grids)} grids {'x'.join(map(str, tokens['grid_shape']))} from {tokens_path}, "
           f"decoder fitted on {len(fitted)} pairs of {data} at {'x'.join(map(str, size))}, preset {preset}, "
-          f"{iters} iterations, {'bf16' if bf16 else 'fp32'} on {device}")
+          f"{iters} iterations, {precision} on {device}")
+    if overwrite:  # pairs of an earlier run with other grids must not stay beside these
+        for f in glob.glob(os.path.join(glob.escape(out), "*_[12].nii.gz")):
+            if os.path.basename(f)[:-len("_1.nii.gz")] not in row:
+                os.remove(f)
 
     with utils.cpu_precision(bf16):  # utils.autocast in fit and decode
-        manifest = {**settings, "folds": old.get("folds", []), "complete": False}
+        manifest = {**settings, "folds": old.get("folds", []), "fitted_all": old.get("fitted_all", False),
+                    "complete": False}
+        utils.write_json(mpath, manifest)
         shown = []
         for k, held in enumerate(np.array_split(np.arange(len(fitted)), folds) if folds else []):
             train = np.setdiff1d(np.arange(len(fitted)), held)
@@ -204,7 +218,7 @@ def run(tokens_path, data, out, preset, iters=None, folds=5, seed=0, bf16=None, 
             print(fold_table(manifest["folds"]))
             manifest["fold_mean"] = {c: float(np.mean([f[c] for f in manifest["folds"]]))
                                      for c in ("dice_fixed", "dice_moving", "kept", "dice_fm", "real_dice_fm")}
-        if shown:
+        if shown and len(shown) == len(manifest["folds"]):  # a resumed run keeps the earlier figure
             preview(os.path.join(out, "preview.png"), shown)
 
         ckpt = os.path.join(out, "decoder.pth")

@@ -176,9 +176,12 @@ def main(argv=None):
                     help="reference: moving landmarks mapped to fixed, the reference's sampling (paper_tre_val.csv); "
                          "fixed: fixed landmarks mapped to moving (Lung250M-4B / Learn2Reg)")
     ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU for the net and its TTA "
+                    "(not in any preset yet: benchmark_precision.py)")
     a = ap.parse_args(argv)
-    evaluate(a.iter_tta, a.ckpt, a.data, a.landmarks, a.out, a.preset, a.overwrite, a.seed, loss=a.loss,
-             direction=a.tre_direction, device=a.device)
+    with utils.cpu_precision(a.bf16):
+        evaluate(a.iter_tta, a.ckpt, a.data, a.landmarks, a.out, a.preset, a.overwrite, a.seed, loss=a.loss,
+                 direction=a.tre_direction, device=a.device)
 
 
 if __name__ == "__main__":

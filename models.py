@@ -102,10 +102,11 @@ class VQAE(Checkpointed):
 
     def quantise(self, z):
         """z (B, C, h, w, d) -> (z_q with straight-through gradient, codebook loss, ids (B, h, w, d))."""
-        zf = utils.fp32(z).movedim(1, -1)  # distances in fp32 even under autocast
+        zf = utils.fp32(z).movedim(1, -1)
         flat = zf.reshape(-1, self.code_dim)
         e = utils.fp32(self.codebook.weight)
-        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
+        with torch.autocast("cpu", enabled=False):  # bf16 (--bf16) would flip near-tied codes; CUDA unchanged
+            d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
         ids = d.argmin(1)
         zq = utils.fp32(self.codebook(ids)).view_as(zf)
         loss = F.mse_loss(zf, zq.detach()) + self.beta * F.mse_loss(zq, zf.detach())
@@ -445,16 +446,18 @@ class TokenDecoder(Checkpointed):
     part of the paper: it stands in for the reference's decoder, so the grids of training cases we
     have no volumes for become pairs (blurrier than real masks) to train on.
 
-    ids (B, h, w, d) in [0, num_codes) -> learned embedding -> residual 3D convolutions on the token
-    grid (each token sees its neighbours: a code means a local vessel pattern, its context the
-    deformation) -> `ups` x2 transposed convolutions -> logits (B, 2, h*2^ups, w*2^ups, d*2^ups),
-    channel 0 fixed, 1 moving; sigmoid = occupancy (crop to the frame grid with utils.crop_to).
+    ids (B, h, w, d) in [0, num_codes) -> learned embedding -> MONAI residual units on the token
+    grid (kernel 3: a code alone does not place its vessels, its neighbours do; kernel 1 decoded
+    held-out pairs with Dice ~0) -> `ups` x2 transposed convolutions (each followed by `up_blocks`
+    residual units) -> logits (B, 2, h*2^ups, w*2^ups, d*2^ups), channel 0 fixed, 1 moving; sigmoid =
+    occupancy (crop to the frame grid with utils.crop_to). Batch norm: with instance norm the
+    held-out fixed and moving maps collapsed onto each other (RESULTS.md).
     """
 
     kind = "tokendecoder"
 
-    def __init__(self, num_codes=1024, embed=64, width=64, blocks=4, up_channels=(32, 16), norm="INSTANCE",
-                 kernel=3):
+    def __init__(self, num_codes=1024, embed=64, width=64, blocks=4, up_channels=(32, 16), norm="BATCH",
+                 kernel=3, up_blocks=0):
         super().__init__()
         self.num_codes = num_codes
         self.embed = nn.Embedding(num_codes, embed)
@@ -462,7 +465,9 @@ class TokenDecoder(Checkpointed):
         self.blocks = nn.Sequential(*[ResidualUnit(3, width, width, kernel_size=kernel, subunits=2, norm=norm)
                                       for _ in range(blocks)])
         chans = (width, *up_channels)
-        self.up = nn.Sequential(*[Convolution(3, a, b, strides=2, kernel_size=3, is_transposed=True, norm=norm)
+        self.up = nn.Sequential(*[nn.Sequential(Convolution(3, a, b, strides=2, kernel_size=3, is_transposed=True, norm=norm),
+                                                *[ResidualUnit(3, b, b, kernel_size=3, subunits=2, norm=norm)
+                                                  for _ in range(up_blocks)])
                                   for a, b in zip(chans[:-1], chans[1:])])
         self.head = Convolution(3, chans[-1], 2, kernel_size=1, conv_only=True)
         self.ups = len(up_channels)

@@ -218,9 +218,10 @@ def main(argv=None):
     ap.add_argument("--vqae", help="VQ-AE checkpoint that made the tokens: decoded samples in the figure")
     args = ap.parse_args(argv)
     out = args.out or f"diffusion_{args.preset}.pth"
-    model = train(data=args.tokens, out=out, preset=args.preset, batch_size=args.batch_size, iters=args.iters,
-                  seed=args.seed, resume=args.resume, overwrite=args.overwrite, val=args.val, vqae=args.vqae,
-                  device=args.device, compile=args.compile)
+    with utils.cpu_precision(args.bf16):
+        model = train(data=args.tokens, out=out, preset=args.preset, batch_size=args.batch_size, iters=args.iters,
+                      seed=args.seed, resume=args.resume, overwrite=args.overwrite, val=args.val, vqae=args.vqae,
+                      device=args.device, compile=args.compile)
     utils.main_print(f"wrote {out}{utils.peak_memory(model.pos.device)}")
 
 

@@ -199,8 +199,9 @@ def main(argv=None):
                     help="per-step: each UNet its own loss (the reference); composed: one loss on the composed field")
     args = ap.parse_args(argv)
     out = args.out or f"regnets_state_{os.path.basename(os.path.normpath(args.data))}.pth"
-    train(data=args.data, out=out, preset=args.preset, batch_size=args.batch_size, iters=args.iters, seed=args.seed,
-          resume=args.resume, overwrite=args.overwrite, loss=args.loss, device=args.device, compile=args.compile)
+    with utils.cpu_precision(args.bf16):
+        train(data=args.data, out=out, preset=args.preset, batch_size=args.batch_size, iters=args.iters, seed=args.seed,
+              resume=args.resume, overwrite=args.overwrite, loss=args.loss, device=args.device, compile=args.compile)
 
 
 if __name__ == "__main__":

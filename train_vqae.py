@@ -295,10 +295,11 @@ def main(argv=None):
                     "std in mm (default: the preset's; 0 = the reference)")
     args = ap.parse_args(argv)
     out = args.out or f"vqae_{args.preset}.pth"
-    model = train(data=args.data or utils.default_data(args.preset), out=out, preset=args.preset,
-                  batch_size=args.batch_size, iters=args.iters, seed=args.seed, resume=args.resume,
-                  overwrite=args.overwrite, val=args.val, device=args.device, compile=args.compile,
-                  diff_weight=args.diff_weight, pair_warp=args.pair_warp)
+    with utils.cpu_precision(args.bf16):
+        model = train(data=args.data or utils.default_data(args.preset), out=out, preset=args.preset,
+                      batch_size=args.batch_size, iters=args.iters, seed=args.seed, resume=args.resume,
+                      overwrite=args.overwrite, val=args.val, device=args.device, compile=args.compile,
+                      diff_weight=args.diff_weight, pair_warp=args.pair_warp)
     utils.main_print(f"wrote {out}{utils.peak_memory(model.codebook.weight.device)}")
 
 

@@ -67,6 +67,8 @@ def training_parser(doc, presets, default_out):
     ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the network(s) in place, as the reference does (checkpoints unchanged)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 autocast on the CPU (not in any preset yet: benchmark_precision.py); CUDA runs fp16 as the reference")
     return ap
 
 
@@ -247,7 +249,8 @@ CPU_BF16 = False  # utils.autocast on the CPU: bf16 inside `with cpu_precision(T
 
 def autocast(device):
     """Mixed precision: fp16 on CUDA (the reference implementation's setting); on the CPU bf16 inside
-    cpu_precision(True), else none. Losses, code distances and fields stay fp32 (fp32())."""
+    cpu_precision(True), else none. Losses and fields stay fp32 (fp32()); so do the VQ-AE's code
+    distances on the CPU (VQAE.quantise)."""
     if device.type == "cpu":
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=CPU_BF16)
     return torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
@@ -255,7 +258,8 @@ def autocast(device):
 
 def cpu_bf16():
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: absent in some torch versions
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
 
 
 @contextlib.contextmanager
@@ -880,9 +884,12 @@ def read_json(path):
     """A JSON file this project wrote (a manifest); a broken one is a one-line error."""
     try:
         with open(path) as f:
-            return json.load(f)
+            d = json.load(f)
     except ValueError:
         raise DataError(f"{path}: not readable JSON (truncated or edited?)")
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: not a manifest of this project (expected a JSON object)")
+    return d
 
 
 def write_json(path, obj):

@@ -31,7 +31,10 @@ def test_reference_token_list_maps_to_its_cases(tmp_path):
 
 
 def test_shared_reference_tokens_have_the_training_cases(shared_data):
-    ids = utils.read_tokens(os.path.join(shared_data, "paper_tokens_97.pth"))["case_ids"]
+    path = os.path.join(shared_data, "paper_tokens_97.pth")
+    if not os.path.exists(path):
+        pytest.skip("paper_tokens_97.pth not in ../shared")
+    ids = utils.read_tokens(path)["case_ids"]
     pairs = utils.find_pairs(os.path.join(shared_data, "dilated_vessels_10"))
     assert ids[30:40] == pairs  # cases 032-041
     val = set(utils.find_pairs(os.path.join(shared_data, "dilated_vessels_val")))
@@ -64,6 +67,10 @@ def decoded(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(decode_tokens.PRESETS, "demo", dict(decode_tokens.PRESETS["demo"], factor=8))
         manifest = decode_tokens.run(tokens, str(data), str(out), "demo", iters=500, folds=2, bf16=False)
+
+        def no_fit(*args, **kwargs):
+            raise AssertionError("a finished run fitted again")
+        mp.setattr(decode_tokens, "fit", no_fit)
         again = decode_tokens.run(tokens, str(data), str(out), "demo", iters=500, folds=2, bf16=False)
     return tokens, data, out, manifest, grids, again
 
@@ -72,9 +79,9 @@ def test_decoder_learns_a_known_block_pattern(decoded):
     tokens, data, out, manifest, grids, _ = decoded
     assert len(manifest["folds"]) == 2 and manifest["fitted"] == [f"case_{i:03d}" for i in range(N)]
     # pairs it never saw, from their grids alone; filling every block would give Dice ~0.4
-    assert manifest["fold_mean"]["dice_fixed"] > 0.85 and manifest["fold_mean"]["dice_moving"] > 0.85, manifest
-    for f in manifest["folds"]:  # fixed and moving stay as different as the real pairs
-        assert abs(f["dice_fm"] - f["real_dice_fm"]) < 0.15, f
+    assert manifest["fold_mean"]["dice_fixed"] > 0.9 and manifest["fold_mean"]["dice_moving"] > 0.9, manifest
+    for f in manifest["folds"]:  # fixed and moving stay as different as the real pairs, their motion kept
+        assert abs(f["dice_fm"] - f["real_dice_fm"]) < 0.1 and 0.7 < f["kept"] < 1.3, f
     assert manifest["tokens_sha256"] == utils.sha256(tokens) and manifest["complete"]
     ids, pairs = utils.load_pairs(str(out), 8)
     assert ids == [f"case_{i:03d}" for i in range(N + 1)] and pairs.shape == (N + 1, 2, 32, 26, 32)
@@ -87,7 +94,7 @@ def test_decoder_learns_a_known_block_pattern(decoded):
 
 def test_decode_tokens_resumes_and_refuses_other_settings(decoded, run, tmp_path):
     tokens, data, out, manifest, _, again = decoded
-    assert again["folds"] == manifest["folds"]  # a second run refits nothing: the same numbers
+    assert again["folds"] == manifest["folds"] and again["fitted_all"] and again["complete"]  # nothing refitted
     p = run("decode_tokens.py", tokens, "--data", data, "--out", out, "--preset", "demo", "--iters", 5)
     assert_one_line_error(p, str(out), "iters")
     other = tmp_path / "other"  # pairs, but none with a grid in the token file
