@@ -241,25 +241,37 @@ class TokenTransformer(Checkpointed):
     CPU too, except in training with attention dropout, which PyTorch's CPU flash kernel lacks:
     SDPA falls back to its math backend - hence attn_dropout=0 in the cpu preset).
     tests/test_diffusion.py checks both with SDPA's backend switch.
+
+    group g > 1 (not in the paper; for the reference's 16x13x16 grids on a CPU): one position per
+    g x g x g block of the token grid `grid_shape` (padded with masks), so 3328 tokens take 8x7x8 = 448
+    positions. A position embeds its g^3 tokens with one embedding table per slot (summed: the same as
+    a linear map of their concatenated one-hots) and its head predicts all g^3; the loss, masks and
+    sampler still work per token. g = 1 is the paper's model, parameter for parameter.
     """
 
     kind = "diffusion"
     T = 256  # diffusion time steps (the reference implementation's)
 
     def __init__(self, num_codes=1024, seq_len=3328, dim=512, layers=12, heads=16, ff=1024, dropout=0.1,
-                 attn_dropout=None):
+                 attn_dropout=None, grid_shape=None, group=1):
         super().__init__()
         self.num_codes = self.mask_id = num_codes
         self.seq_len = seq_len
-        self.tok = nn.Embedding(num_codes + 1, dim)
-        self.pos = nn.Parameter(torch.empty(1, seq_len, dim))
+        self.group, self.grid_shape = group, tuple(grid_shape or (seq_len,))
+        if math.prod(self.grid_shape) != seq_len:
+            raise ValueError(f"grid_shape {self.grid_shape} does not hold seq_len {seq_len} tokens")
+        slots = group ** len(self.grid_shape) if group > 1 else 1
+        positions = math.prod(-(-n // group) for n in self.grid_shape)
+        self.tok = nn.Embedding((num_codes + 1) * slots, dim)
+        self.pos = nn.Parameter(torch.empty(1, positions, dim))
         # independently initialised layers (PyTorch's default init), as the reference builds them;
         # nn.TransformerEncoder would deep-copy one layer, so all would start identical
         self.blocks = nn.Sequential(*[self._layer(dim, heads, ff, dropout, attn_dropout) for _ in range(layers)])
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_codes, bias=False)
+        self.head = nn.Linear(dim, num_codes * slots, bias=False)
         for w in (self.tok.weight, self.pos, self.head.weight):
             nn.init.normal_(w, 0.0, 0.02)
+        self.register_buffer("slot_offset", torch.arange(slots) * (num_codes + 1), persistent=False)
 
     @staticmethod
     def _layer(dim, heads, ff, dropout, attn_dropout):
@@ -268,12 +280,41 @@ class TokenTransformer(Checkpointed):
             layer.self_attn.dropout = attn_dropout
         return layer
 
+    def blocks_of(self, x, fill):
+        """(B, L, *rest) row-major over grid_shape -> (B, P, g^3, *rest): the tokens of each g x g x g
+        block (the grid padded with `fill`); g = 1: (B, L, 1, *rest)."""
+        g = self.group
+        if g == 1:
+            return x.unsqueeze(2)
+        rest = x.shape[2:]
+        x = x.reshape(len(x), *self.grid_shape, *rest)
+        pad = [0, 0] * len(rest)
+        for n in reversed(self.grid_shape):
+            pad += [0, -n % g]
+        x = F.pad(x, pad, value=fill)
+        (H, W, D), B = x.shape[1:4], len(x)
+        x = x.reshape(B, H // g, g, W // g, g, D // g, g, *rest).permute(0, 1, 3, 5, 2, 4, 6, *range(7, 7 + len(rest)))
+        return x.reshape(B, -1, g ** 3, *rest)
+
+    def tokens_of(self, y):
+        """blocks_of's inverse: (B, P, g^3, *rest) -> (B, L, *rest), the padding dropped."""
+        g = self.group
+        if g == 1:
+            return y.squeeze(2)
+        rest = y.shape[3:]
+        h, w, d = (-(-n // g) for n in self.grid_shape)
+        y = y.reshape(len(y), h, w, d, g, g, g, *rest).permute(0, 1, 4, 2, 5, 3, 6, *range(7, 7 + len(rest)))
+        y = y.reshape(len(y), h * g, w * g, d * g, *rest)[:, :self.grid_shape[0], :self.grid_shape[1], :self.grid_shape[2]]
+        return y.reshape(len(y), self.seq_len, *rest)
+
     def forward(self, ids):
         """ids (B, L) -> logits (B, L, K)."""
         fast = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)  # keep attention on the SDPA kernels (see above)
         try:
-            return self.head(self.norm(self.blocks(self.tok(ids) + self.pos)))
+            x = self.tok(self.blocks_of(ids, self.mask_id) + self.slot_offset).sum(2)  # (B, P, dim)
+            y = self.head(self.norm(self.blocks(x + self.pos)))  # (B, P, g^3 K)
+            return self.tokens_of(y.unflatten(-1, (-1, self.num_codes)))
         finally:
             torch.backends.mha.set_fastpath_enabled(fast)
 

@@ -253,3 +253,40 @@ def test_sampler_benchmark_reports_both_samplers(ckpts, capsys):
     out = capsys.readouterr().out
     assert "reference: 256 steps" in out and "fast: 16 steps" in out
     assert "fast mean within reference mean ± std" in out and out.strip().splitlines()[-1].startswith("speedup: ")
+
+
+def test_grouped_positions_for_the_reference_grid():
+    """group 2 (cpu preset, the reference's 16x13x16 grids): one position per 2x2x2 block, blocks_of
+    and tokens_of invert each other, and a few steps on grids with a block structure lower the loss;
+    group 1 (paper) keeps the paper's parameters and computes head(norm(blocks(tok + pos)))."""
+    cfg = train_diffusion.config_of("cpu", utils.REFERENCE_TOKENS)["model"]
+    assert cfg["group"] == 2 and cfg["grid_shape"] == [16, 13, 16]
+    assert "group" not in train_diffusion.config_of("paper", utils.REFERENCE_TOKENS)["model"]
+    assert "group" not in train_diffusion.config_of("cpu", dict(grid_shape=GRID, num_codes=512, factor=4))["model"]
+    torch.manual_seed(0)
+    m = TokenTransformer(num_codes=8, seq_len=3328, dim=32, layers=1, heads=2, ff=64, dropout=0.0,
+                         grid_shape=(16, 13, 16), group=2)
+    assert m.pos.shape[1] == 8 * 7 * 8
+    x = torch.arange(3328)[None]
+    blocks = m.blocks_of(x, -1)
+    assert blocks.shape == (1, 448, 8) and blocks[0, 0].tolist() == [0, 1, 16, 17, 208, 209, 224, 225]
+    assert (blocks == -1).sum() == 448 * 8 - 3328 and torch.equal(m.tokens_of(blocks), x)
+    coarse = torch.randint(8, (16, 8, 7, 8))  # grids made of 2x2x2 blocks of one code: predictable
+    grids = coarse.repeat_interleave(2, 1).repeat_interleave(2, 2).repeat_interleave(2, 3)[:, :, :13].reshape(16, -1)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(40):
+        loss = m.loss(grids, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+    ids = m.sample(2, steps=4, schedule="cosine", generator=torch.Generator().manual_seed(1))
+    assert ids.shape == (2, 3328) and 0 <= int(ids.min()) and int(ids.max()) < 8
+    plain = TokenTransformer(num_codes=8, seq_len=448, dim=32, layers=1, heads=2, ff=64, dropout=0.0).eval()
+    assert plain.tok.weight.shape == (9, 32) and plain.head.weight.shape == (8, 32)
+    ids = torch.randint(9, (2, 448))
+    with torch.no_grad():  # allclose: the direct call may take the layers' fused inference path
+        assert torch.allclose(plain(ids), plain.head(plain.norm(plain.blocks(plain.tok(ids) + plain.pos))), atol=1e-5)
