@@ -147,6 +147,10 @@ class VQAE(Checkpointed):
         zq, loss, ids = self.encode(x)
         return self.decode(zq), loss, ids
 
+    def decode_pair(self, ids, size, calibrate=False, offsets=None):
+        """Token ids (B, h*w*d) -> (fixed, moving) vessel maps, each (B, *size) (VQAE.pair_probs)."""
+        return VQAE.pair_probs(self.decode_tokens(ids, self.token_grid(size)), size, calibrate, offsets)
+
     def fingerprint(self):
         """A number that identifies the codebook (tokens only mean something with their decoder)."""
         return float(self.codebook.weight.detach().cpu().double().abs().sum())
@@ -247,31 +251,44 @@ class TokenTransformer(Checkpointed):
     positions. A position embeds its g^3 tokens with one embedding table per slot (summed: the same as
     a linear map of their concatenated one-hots) and its head predicts all g^3; the loss, masks and
     sampler still work per token. g = 1 is the paper's model, parameter for parameter.
+
+    vocab (not in the paper; cpu/demo): the codebook ids the model predicts (those of its training
+    grids), so the head and softmax have len(vocab) classes instead of num_codes - the reference's
+    97 grids use 72 of 1024 codes. loss() takes and sample() returns codebook ids; inside, ids are
+    indices into vocab and the mask token is len(vocab). None: every code (the paper).
     """
 
     kind = "diffusion"
     T = 256  # diffusion time steps (the reference implementation's)
 
     def __init__(self, num_codes=1024, seq_len=3328, dim=512, layers=12, heads=16, ff=1024, dropout=0.1,
-                 attn_dropout=None, grid_shape=None, group=1):
+                 attn_dropout=None, grid_shape=None, group=1, vocab=None):
         super().__init__()
-        self.num_codes = self.mask_id = num_codes
+        self.num_codes = num_codes
+        vocab = torch.arange(num_codes) if vocab is None else torch.as_tensor(vocab, dtype=torch.long)
+        if vocab.unique().numel() != len(vocab) or vocab.min() < 0 or vocab.max() >= num_codes:
+            raise ValueError(f"vocab must hold distinct codebook ids in [0, {num_codes})")
+        self.classes = self.mask_id = len(vocab)
+        index = torch.full((num_codes,), -1, dtype=torch.long)
+        index[vocab] = torch.arange(len(vocab))
+        self.register_buffer("vocab", vocab, persistent=False)  # class -> codebook id
+        self.register_buffer("index", index, persistent=False)  # codebook id -> class (-1: not in vocab)
         self.seq_len = seq_len
         self.group, self.grid_shape = group, tuple(grid_shape or (seq_len,))
         if math.prod(self.grid_shape) != seq_len:
             raise ValueError(f"grid_shape {self.grid_shape} does not hold seq_len {seq_len} tokens")
         slots = group ** len(self.grid_shape) if group > 1 else 1
         positions = math.prod(-(-n // group) for n in self.grid_shape)
-        self.tok = nn.Embedding((num_codes + 1) * slots, dim)
+        self.tok = nn.Embedding((self.classes + 1) * slots, dim)
         self.pos = nn.Parameter(torch.empty(1, positions, dim))
         # independently initialised layers (PyTorch's default init), as the reference builds them;
         # nn.TransformerEncoder would deep-copy one layer, so all would start identical
         self.blocks = nn.Sequential(*[self._layer(dim, heads, ff, dropout, attn_dropout) for _ in range(layers)])
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_codes * slots, bias=False)
+        self.head = nn.Linear(dim, self.classes * slots, bias=False)
         for w in (self.tok.weight, self.pos, self.head.weight):
             nn.init.normal_(w, 0.0, 0.02)
-        self.register_buffer("slot_offset", torch.arange(slots) * (num_codes + 1), persistent=False)
+        self.register_buffer("slot_offset", torch.arange(slots) * (self.classes + 1), persistent=False)
 
     @staticmethod
     def _layer(dim, heads, ff, dropout, attn_dropout):
@@ -307,14 +324,19 @@ class TokenTransformer(Checkpointed):
         y = y.reshape(len(y), h * g, w * g, d * g, *rest)[:, :self.grid_shape[0], :self.grid_shape[1], :self.grid_shape[2]]
         return y.reshape(len(y), self.seq_len, *rest)
 
+    def classes_of(self, x0):
+        """Codebook ids (B, L) -> class indices into vocab (-1 outside it: the loss then refuses the
+        batch; train_diffusion builds vocab from every grid it reads)."""
+        return self.index[x0.long()]
+
     def forward(self, ids):
-        """ids (B, L) -> logits (B, L, K)."""
+        """ids (B, L) class indices (mask: len(vocab)) -> logits (B, L, len(vocab))."""
         fast = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)  # keep attention on the SDPA kernels (see above)
         try:
             x = self.tok(self.blocks_of(ids, self.mask_id) + self.slot_offset).sum(2)  # (B, P, dim)
             y = self.head(self.norm(self.blocks(x + self.pos)))  # (B, P, g^3 K)
-            return self.tokens_of(y.unflatten(-1, (-1, self.num_codes)))
+            return self.tokens_of(y.unflatten(-1, (-1, self.classes)))
         finally:
             torch.backends.mha.set_fastpath_enabled(fast)
 
@@ -344,6 +366,7 @@ class TokenTransformer(Checkpointed):
         (rank, processes): x0 is that part of a global batch, the draws are the whole batch's."""
         rank, procs = share
         n = len(x0)
+        x0 = self.classes_of(x0)
         t = torch.randint(1, self.T + 1, (n * procs,), generator=generator, device=x0.device)[rank * n:(rank + 1) * n] / self.T
         xt, masked = self.mask_tokens(x0, t, self.mask_id, generator, share)
         return self.weighted_elbo((net or self)(xt), x0, masked, t).mean()
@@ -351,7 +374,8 @@ class TokenTransformer(Checkpointed):
     @torch.no_grad()
     def sample(self, n, steps=256, temp=0.9, schedule="reference", generator=None, device=None, on_step=None):
         """Reverse process: start fully masked; in `steps` denoiser calls unmask every token exactly
-        once, drawing it from Categorical(logits / temp) and keeping it. Returns ids (n, L) long.
+        once, drawing it from Categorical(logits / temp) and keeping it. Returns codebook ids (n, L)
+        long (on_step sees class indices, masks = mask_id).
         schedule "reference": at step k (0-based) each still-masked token is unmasked with probability
           1 / (steps - k) (the reference's sampler with steps = 256: a uniformly random order);
         "linear" / "cosine": a random order too, but exactly L*(1 - s) resp. L*cos(pi/2 s) tokens
@@ -385,7 +409,7 @@ class TokenTransformer(Checkpointed):
             if on_step:
                 on_step(k, x)
         self.train(was_training)
-        return x
+        return self.vocab[x]
 
 
 # ======================================================================== registration (stage 5)
@@ -522,3 +546,11 @@ class TokenDecoder(Checkpointed):
     def occupancy(self, ids, size):
         """ids (B, h, w, d) -> fixed and moving occupancy (B, 2, *size) in [0, 1], float32."""
         return utils.crop_to(utils.fp32(self(ids)), size).sigmoid()
+
+    def decode_pair(self, ids, size, calibrate=True, offsets=None):
+        """VQAE.decode_pair's counterpart: token ids (B, h*w*d) -> (fixed, moving) occupancies, each
+        (B, *size). Its sigmoid is already calibrated; offsets are not supported."""
+        if offsets is not None:
+            raise ValueError("a TokenDecoder takes no volume offsets")
+        occ = self.occupancy(ids.reshape(-1, *self.config["grid_shape"]), size)
+        return occ[:, 0], occ[:, 1]

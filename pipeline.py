@@ -2,7 +2,16 @@
 registration nets trained on real / synthetic / real+synthetic pairs -> Dice/TRE table.
 
     python pipeline.py --preset demo|cpu|paper [--data FOLDER] [--val FOLDER] [--landmarks FOLDER]
-                       [--out results/PRESET] [--seeds 3] [--num-synth N] [--force STAGE ...]
+                       [--generator-data FOLDER | --generator-tokens TOKENS] [--out results/PRESET]
+                       [--seeds 3] [--num-synth N] [--reg-iters N] [--force STAGE ...]
+
+The generator trains on --data (the registration nets' real pairs) unless --generator-data names
+other pairs (its own VQ-AE and diffusion model), or --generator-tokens a token file whose VQ-AE is
+not available (the reference's 97 grids; not in the paper's code): then decode_tokens.py fits a
+decoder on the --data pairs that have a grid there, its decoded pairs become one more row, and the
+diffusion model trains on the token grids themselves. Both kinds of generator can share one --out:
+the real rows are computed once and results.md holds every row run so far, named by what its nets
+trained on, each tested per case against the real pairs.
 
 Each stage calls the stage script's own main() with the command line a user would type, so what
 runs here is exactly what the README documents. A stage whose outputs exist and whose command line
@@ -22,6 +31,7 @@ import time
 
 import numpy as np
 
+import decode_tokens
 import evaluate_registration
 import infer_vqae
 import make_phantoms
@@ -34,12 +44,17 @@ import utils
 
 # TTA iterations, augmented token copies per pair, phantoms made for the demo. Batch sizes and the
 # number of synthetic pairs come from each stage's own preset table.
+# decode_folds: decode_tokens.py's K-fold check inside the pipeline (0: none; the check is its
+# own measurement, the pipeline needs only the decoder).
 PRESETS = {
-    "paper": dict(tta=50, augment=0),
-    "cpu": dict(tta=50, augment=20),
-    "demo": dict(tta=10, augment=4, n_train=6, n_val=3),
+    "paper": dict(tta=50, augment=0, decode_folds=5),
+    "cpu": dict(tta=50, augment=20, decode_folds=0),
+    "demo": dict(tta=10, augment=4, n_train=6, n_val=3, decode_folds=0),
 }
-ROWS = {"real": "real training pairs", "synth": "synthetic pairs", "mix": "real + synthetic pairs"}
+# registration rows in report order: the real pairs, then each generator's synthetic pairs and their
+# mix with the real pairs (plain names: the generator trained on its VQ-AE's tokens; _tok: on
+# --generator-tokens), and the decoded token grids themselves
+ROWS = ("real", "decoded", "synth", "mix", "synth_tok", "mix_tok")
 
 
 DIGESTS = {}  # file identity and change times -> digest: every stage of a run lists the data folder again
@@ -199,15 +214,32 @@ def log_prefix_paths(prefix):
     return [prefix + ext for ext in (".csv", ".json", ".png", ".md")]
 
 
-def report(out, seeds, times, preset, real=None, synth=None):
-    """results.md: the paper-style table (mean +- sd over seeds), a per-case comparison, figures."""
+def per_case_means(out, row, seeds):
+    """{case: ...} arrays of a row's per-case TRE (net, tta), averaged over its seeds; None if not run."""
+    rows = [np.genfromtxt(c, delimiter=",", names=True, dtype=None, encoding=None)
+            for c in (os.path.join(out, f"eval_{row}_s{s}.csv") for s in range(seeds)) if os.path.exists(c)]
+    if not rows:
+        return None
+    cases = sorted(set(rows[0]["case"]))
+    return {k: np.array([np.mean([x[k][x["case"] == c].mean() for x in rows]) for c in cases]) for k in ("net", "tta")}
+
+
+def report(out, seeds, times, preset, real=None, synth=None, labels=None):
+    """results.md: the paper-style table (mean +- sd over seeds) of every row run so far in `out`,
+    named by labels (kept in rows.json across runs), each row's per-case difference to the real
+    pairs with a paired test, stage times, figures."""
+    labels_path = os.path.join(out, "rows.json")
+    names = utils.read_json(labels_path) if os.path.exists(labels_path) else {}
+    names.update(labels or {})
+    utils.write_json(labels_path, names)
     evals = {"initial / TTA only": [os.path.join(out, "eval_none.json")]}
-    evals.update({ROWS[r]: [os.path.join(out, f"eval_{r}_s{s}.json") for s in range(seeds)] for r in ROWS})
+    evals.update({names.get(r, r): [os.path.join(out, f"eval_{r}_s{s}.json") for s in range(seeds)]
+                  for r in ROWS if r in names})
     evals = {k: [f for f in v if os.path.exists(f)] for k, v in evals.items()}  # a partial run: rows so far
     cols = [f"tre_{k}_{q}" for k in ("net", "tta") for q in ("mean", "p25", "p50", "p75")] + ["dice_tta", "folding_pct"]
     lines = [f"# Results ({preset} preset)", "", "TRE in mm (mean over landmarks; mean ± sd over seeds); "
-             "`net` = registration net alone, `tta` = after test-time adaptation.", "",
-             "| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+             "`net` = registration net alone, `tta` = after test-time adaptation. Rows are named by what "
+             "the nets trained on.", "", "| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     first = json.load(open(evals["initial / TTA only"][0]))
     lines.append("| initial | " + f"{first['tre_initial_mean']:.2f} (Dice {first['dice_initial']:.3f})" + " |" * len(cols))
     for name, files in evals.items():
@@ -217,30 +249,28 @@ def report(out, seeds, times, preset, real=None, synth=None):
         js = [json.load(open(f)) for f in files]
         cells = [f"{np.mean([j[c] for j in js]):.2f} ± {np.std([j[c] for j in js]):.2f}" if len(js) > 1
                  else f"{js[0][c]:.2f}" for c in cols]
-        partial = f" ({len(js)} of {seeds} seeds)" if name in ROWS.values() and len(js) < seeds else ""
+        partial = f" ({len(js)} of {seeds} seeds)" if name != "initial / TTA only" and len(js) < seeds else ""
         lines.append(f"| {name} | " + " | ".join(cells) + partial + " |")
-    per_case = {}
-    for r in ("real", "synth"):
-        csvs = [os.path.join(out, f"eval_{r}_s{s}.csv") for s in range(seeds)]
-        rows = [np.genfromtxt(c, delimiter=",", names=True, dtype=None, encoding=None) for c in csvs
-                if os.path.exists(c)]
-        if not rows:
-            break
-        cases = sorted(set(rows[0]["case"]))
-        per_case[r] = {k: np.array([np.mean([x[k][x["case"] == c].mean() for x in rows]) for c in cases])
-                       for k in ("net", "tta")}
-    for k in ("net", "tta") if len(per_case) == 2 else ():
-        if k == "net":
-            lines += ["", f"Per case, synthetic vs real ({len(cases)} cases, TRE averaged over seeds):", ""]
-        d = per_case["synth"][k] - per_case["real"][k]
-        lines.append(f"- {k}: synthetic better in {(d < 0).sum()}/{len(d)} cases, mean difference {d.mean():+.2f} mm, "
-                     f"paired sign-flip permutation p = {sign_flip_p(d):.3f}")
+    base = per_case_means(out, "real", seeds)
+    compared = [(r, per_case_means(out, r, seeds)) for r in ROWS[1:] if r in names]
+    compared = [(r, m) for r, m in compared if m is not None and base is not None]
+    if compared:
+        n = len(base["net"])
+        lines += ["", f"Per case against {names['real']} ({n} cases, TRE averaged over seeds; "
+                  "negative = better than the real pairs; paired sign-flip permutation test):", ""]
+    for r, m in compared:
+        cells = []
+        for k in ("net", "tta"):
+            d = m[k] - base[k]
+            cells.append(f"{k} {d.mean():+.2f} mm, better in {(d < 0).sum()}/{len(d)}, p = {sign_flip_p(d):.3f}")
+        lines.append(f"- {names[r]}: " + "; ".join(cells))
     total = sum(times.values())
     lines += ["", f"Wall time per stage (summed over resumed runs): total {total / 60:.1f} min", ""]
     lines += [f"- {k}: {v / 60:.1f} min ({100 * v / max(total, 1e-9):.0f} %)" for k, v in times.items()]
-    if os.path.exists(os.path.join(out, "realism.md")):
-        lines += ["", "Realism (4 mm; real training pairs, VQ-AE reconstructions, synthetic pairs):", "",
-                  open(os.path.join(out, "realism.md")).read().strip()]
+    for f, what in (("realism", "real training pairs, VQ-AE reconstructions, synthetic pairs"),
+                    ("realism_tok", "real training pairs, decoded token grids, synthetic pairs of the token generator")):
+        if os.path.exists(os.path.join(out, f + ".md")):
+            lines += ["", f"Realism (4 mm; {what}):", "", open(os.path.join(out, f + ".md")).read().strip()]
     if real and synth:
         figures(out, {k: v for k, v in evals.items() if v}, real, synth, train_registration.PRESETS[preset]["factor"])
     lines += ["", "Figures: `results_tre.png` (TRE box plots per row), `results_pairs.png` (real vs synthetic pairs); "
@@ -249,6 +279,34 @@ def report(out, seeds, times, preset, real=None, synth=None):
     with utils.atomic_path(os.path.join(out, "results.md")) as tmp:
         open(tmp, "w").write(md)
     print(md)
+
+
+def generator(run, path, preset, data, val, n):
+    """The paper's generator on the pairs in `data`: VQ-AE, tokens, diffusion, n synthetic pairs and
+    their realism report (`val`: held-out pairs for the VQ-AE's and the diffusion model's validation).
+    Returns the synthetic pairs' folder."""
+    p = PRESETS[preset]
+    run("vqae", utils.log_paths(path("vqae.pth")), train_vqae.main,
+        [train_vqae.PRESETS[preset]["batch"], "--preset", preset, "--data", data, "--val", val, "--out", path("vqae.pth")],
+        preset, [data, val], resume=["--resume"])
+    run("tokens", utils.log_paths(path("tokens.pth")), infer_vqae.main,
+        [path("vqae.pth"), "--data", data, "--out", path("tokens.pth"), "--augment", p["augment"]], preset,
+        [path("vqae.pth"), data])
+    # validation pairs' tokens: held-out reconstruction Dice and the diffusion model's validation loss
+    run("tokens_val", utils.log_paths(path("tokens_val.pth")), infer_vqae.main,
+        [path("vqae.pth"), "--data", val, "--out", path("tokens_val.pth")], preset, [path("vqae.pth"), val])
+    run("diffusion", utils.log_paths(path("diffusion.pth")), train_diffusion.main,
+        [train_diffusion.PRESETS[preset]["batch"], path("tokens.pth"), "--val", path("tokens_val.pth"), "--vqae",
+         path("vqae.pth"), "--preset", preset, "--out", path("diffusion.pth")], preset,
+        [path("tokens.pth"), path("tokens_val.pth"), path("vqae.pth")], resume=["--resume"])
+    run("synth", [path("synth")], synthesise.main,
+        [n, "--preset", preset, "--diffusion", path("diffusion.pth"), "--vqae", path("vqae.pth"), "--out", path("synth")],
+        preset, [path("diffusion.pth"), path("vqae.pth")], resume=[])  # synthesise.py keeps complete pairs
+    # the deformation each generator stage keeps: real vs VQ-AE reconstructions vs synthetic pairs
+    run("realism", log_prefix_paths(path("realism")), realism_report.main,
+        [path("synth"), "--reference", data, "--val", val, "--vqae", path("vqae.pth"), "--out", path("realism"),
+         "--overwrite"], preset, [data, val, path("synth"), path("vqae.pth")])
+    return path("synth")
 
 
 def main(argv=None):
@@ -260,6 +318,10 @@ def main(argv=None):
     ap.add_argument("--out")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--num-synth", type=int)
+    gen = ap.add_mutually_exclusive_group()
+    gen.add_argument("--generator-data", metavar="FOLDER", help="pairs the generator trains on (default: --data)")
+    gen.add_argument("--generator-tokens", metavar="TOKENS",
+                     help="token grids the generator trains on, decoded by a decoder fitted on --data (not in the paper)")
     ap.add_argument("--reg-iters", type=int, help="override the registration preset's iterations")
     ap.add_argument("--force", nargs="*", default=[], metavar="STAGE")
     args = ap.parse_args(argv)
@@ -289,35 +351,47 @@ def main(argv=None):
     def path(name):
         return os.path.join(out, name)
 
-    run("vqae", utils.log_paths(path("vqae.pth")), train_vqae.main,
-        [train_vqae.PRESETS[preset]["batch"], "--preset", preset, "--data", data, "--val", val, "--out", path("vqae.pth")],
-        preset, [data, val], resume=["--resume"])
-    run("tokens", utils.log_paths(path("tokens.pth")), infer_vqae.main,
-        [path("vqae.pth"), "--data", data, "--out", path("tokens.pth"), "--augment", p["augment"]], preset,
-        [path("vqae.pth"), data])
-    # validation pairs' tokens: held-out reconstruction Dice and the diffusion model's validation loss
-    run("tokens_val", utils.log_paths(path("tokens_val.pth")), infer_vqae.main,
-        [path("vqae.pth"), "--data", val, "--out", path("tokens_val.pth")], preset, [path("vqae.pth"), val])
-    run("diffusion", utils.log_paths(path("diffusion.pth")), train_diffusion.main,
-        [train_diffusion.PRESETS[preset]["batch"], path("tokens.pth"), "--val", path("tokens_val.pth"), "--vqae",
-         path("vqae.pth"), "--preset", preset, "--out", path("diffusion.pth")], preset,
-        [path("tokens.pth"), path("tokens_val.pth"), path("vqae.pth")], resume=["--resume"])
     n = synthesise.PRESETS[preset]["num_pairs"] if args.num_synth is None else args.num_synth
-    run("synth", [path("synth")], synthesise.main,
-        [n, "--preset", preset, "--diffusion", path("diffusion.pth"), "--vqae", path("vqae.pth"), "--out", path("synth")],
-        preset, [path("diffusion.pth"), path("vqae.pth")], resume=[])  # synthesise.py keeps complete pairs
-    # the deformation each generator stage keeps: real vs VQ-AE reconstructions vs synthetic pairs
-    run("realism", log_prefix_paths(path("realism")), realism_report.main,
-        [path("synth"), "--reference", data, "--val", val, "--vqae", path("vqae.pth"), "--out", path("realism"),
-         "--overwrite"], preset, [data, val, path("synth"), path("vqae.pth")])
-    folders = {"real": data, "synth": path("synth"), "mix": mix_folder(data, path("synth"), path("mix"))}
-    reads = {"real": [data], "synth": [path("synth")], "mix": [data, path("synth")]}  # mix/ only holds links
+    real = f"real-{len(train_ids)}"
+    if args.generator_tokens:
+        tokens = args.generator_tokens
+        grids = len(utils.read_tokens(tokens)["tokens"])
+        synth, dec = path("synth_tok"), path("decoded")
+        decoder = os.path.join(dec, "decoder.pth")
+        run("decode", [dec], decode_tokens.main,
+            [tokens, "--data", data, "--out", dec, "--preset", preset, "--folds", p["decode_folds"]], preset,
+            [tokens, data], resume=[])  # decode_tokens.py keeps finished fits
+        run("diffusion_tok", utils.log_paths(path("diffusion_tok.pth")), train_diffusion.main,
+            [train_diffusion.PRESETS[preset]["batch"], tokens, "--decoder", decoder, "--preset", preset,
+             "--out", path("diffusion_tok.pth")], preset, [tokens, decoder], resume=["--resume"])
+        run("synth_tok", [synth], synthesise.main,
+            [n, "--preset", preset, "--diffusion", path("diffusion_tok.pth"), "--decoder", decoder, "--out", synth],
+            preset, [path("diffusion_tok.pth"), decoder], resume=[])
+        run("realism_tok", log_prefix_paths(path("realism_tok")), realism_report.main,
+            [dec, synth, "--reference", data, "--val", val, "--out", path("realism_tok"), "--overwrite"], preset,
+            [data, val, dec, synth])
+        folders = {"decoded": dec, "synth_tok": synth, "mix_tok": mix_folder(data, synth, path("mix_tok"))}
+        labels = {"decoded": f"decoded-{grids} (token grids decoded)",
+                  "synth_tok": f"synth-{n}, generator on {grids} token grids",
+                  "mix_tok": f"{real} + synth-{n} ({grids}-grid generator)"}
+    else:
+        gdata = args.generator_data or data
+        gen_pairs = len(utils.find_pairs(gdata))
+        synth = generator(run, path, preset, gdata, val, n)
+        folders = {"synth": synth, "mix": mix_folder(data, synth, path("mix"))}
+        labels = {"synth": f"synth-{n}, generator on {gen_pairs} pairs",
+                  "mix": f"{real} + synth-{n} ({gen_pairs}-pair generator)"}
+    folders = {"real": data, **folders}
+    labels = {"real": real, **labels}
+    mixes = {"mix": "synth", "mix_tok": "synth_tok"}  # a mix stage reads the pairs behind mix/'s links
+    reads = {r: [data, folders[mixes[r]]] if r in mixes else [f] for r, f in folders.items()}
     iters = ["--iters", args.reg_iters] if args.reg_iters else []
     ev = ["--data", val, "--landmarks", lms, "--overwrite"]
     run("eval_none", [path("eval_none.json")], evaluate_registration.main,
         [p["tta"], "none", "--preset", preset, "--out", path("eval_none"), *ev], preset, [val, lms])
     reg_batch = train_registration.PRESETS[preset]["batch"]
-    for r, folder in folders.items():
+    for r in [r for r in ROWS if r in folders]:
+        folder = folders[r]
         for s in range(args.seeds):
             ck = path(f"reg_{r}_s{s}.pth")
             run(f"reg_{r}_s{s}", [ck], train_registration.main,
@@ -325,7 +399,7 @@ def main(argv=None):
                 resume=["--resume"])
             run(f"eval_{r}_s{s}", [path(f"eval_{r}_s{s}.json")], evaluate_registration.main,
                 [p["tta"], ck, "--out", path(f"eval_{r}_s{s}"), *ev], preset, [ck, val, lms])
-    report(out, args.seeds, run.times, preset, data, path("synth"))
+    report(out, args.seeds, run.times, preset, data, synth, labels)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Stage 4: sample token grids with the diffusion transformer, decode them into synthetic pairs.
 
-    python synthesise.py [NUM_PAIRS] [--preset paper|cpu|demo] [--diffusion CKPT] [--vqae CKPT]
+    python synthesise.py [NUM_PAIRS] [--preset paper|cpu|demo] [--diffusion CKPT] [--vqae CKPT | --decoder CKPT]
                          [--out synth] [--sampler reference|fast] [--steps S] [--schedule reference|linear|cosine]
                          [--temp 0.9] [--batch B] [--seed S] [--calibrate | --no-calibrate] [--decode TOKENS]
                          [--match-volume DATA] [--device D]
@@ -21,6 +21,9 @@ training pairs': the VQ-AE's 'perfect memoriser') instead of sampling. --benchma
 pair of both samplers side by side. --match-volume DATA (not in the paper; calibrated maps only):
 shift each map's logit by one offset per channel, fitted so that the VQ-AE's reconstructions of the
 real pairs in DATA (the training pairs) have their vessel volume (VQAE.volume_offsets).
+--decoder CKPT (not in the paper): decode with decode_tokens.py's models.TokenDecoder instead of a
+VQ-AE, for a diffusion model trained on a token file whose VQ-AE is not available (the reference's
+97 grids); it writes occupancies on its own frame grid (4 mm at cpu).
 """
 import argparse
 import math
@@ -34,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 import utils
-from models import TokenTransformer, VQAE
+from models import TokenDecoder, TokenTransformer, VQAE
 
 # The reference sampler: 256 denoiser calls on batches of 2; at step k every still-masked token is
 # unmasked with probability 1 / (256 - k) ("reference" schedule). The fast sampler (chosen by measurement,
@@ -63,12 +66,21 @@ def sampler_settings(preset, sampler=None, temp=TEMP, **overrides):
     return settings
 
 
-def load_models(diffusion, vqae_path=None, preset=None, device=None):
-    """(transformer, VQ-AE); refuses a VQ-AE whose token grid or codebook does not match the
-    transformer's, or (when known) not the one that made its tokens."""
+def load_models(diffusion, vqae_path=None, preset=None, device=None, decoder=None):
+    """(transformer, decoder): the VQ-AE, or with `decoder` a TokenDecoder checkpoint; refuses a
+    decoder whose token grid or codebook does not match the transformer's, or (when known) a VQ-AE
+    that did not make its tokens."""
     device = utils.distributed(device)[2]  # under torchrun: this process's GPU
     model = TokenTransformer.from_checkpoint(diffusion, device, preset)
     cfg = model.config
+    decoder = decoder or (None if vqae_path else model.saved.get("decoder"))
+    if decoder:
+        dec = TokenDecoder.from_checkpoint(decoder, device)
+        if dec.config["grid_shape"] != cfg["grid_shape"] or dec.num_codes != cfg["model"]["num_codes"]:
+            raise utils.DataError(f"{decoder}: token decoder for a {'x'.join(map(str, dec.config['grid_shape']))} grid "
+                                  f"with {dec.num_codes} codes, not the diffusion model's "
+                                  f"{'x'.join(map(str, cfg['grid_shape']))} with {cfg['model']['num_codes']}")
+        return model, dec
     vqae_path = vqae_path or model.saved.get("vqae") or f"vqae_{cfg['preset']}.pth"
     vqae = VQAE.from_checkpoint(vqae_path, device)
     grid = vqae.token_grid(utils.grid_shape(vqae.config["factor"]))
@@ -86,30 +98,29 @@ def pair_paths(out, i):
     return [os.path.join(out, f"case_{i:04d}_{k}.nii.gz") for k in (1, 2)]
 
 
-def decode_chunk(vqae, ids, grid, dev, probe):
+def decode_chunk(ids, dev, probe):
     """How many volumes to decode at once: on a GPU, as many as fit in 80 % of the free memory
-    after `probe` (one decoded volume) showed the peak of one; on a CPU, CPU_DECODE_BATCH."""
+    after `probe` (decoding one grid) showed the peak of one; on a CPU, CPU_DECODE_BATCH."""
     if dev.type != "cuda":
         return CPU_DECODE_BATCH
     torch.cuda.synchronize(dev)
     torch.cuda.reset_peak_memory_stats(dev)
     base = torch.cuda.memory_allocated(dev)
     with torch.no_grad(), utils.autocast(dev):
-        probe(vqae.decode_tokens(ids[:1], grid))
+        probe(ids[:1])
     per_volume = max(torch.cuda.max_memory_allocated(dev) - base, 1)
     return max(1, int(0.8 * torch.cuda.mem_get_info(dev)[0] / per_volume))
 
 
-def synthesise(model, vqae, out, n, sampler, seed=0, tokens=None, overwrite=False, progress=True, calibrate=False,
+def synthesise(model, decoder, out, n, sampler, seed=0, tokens=None, overwrite=False, progress=True, calibrate=False,
                offsets=None):
     """Write n pairs into `out` (skipping complete ones unless overwrite); returns (seconds, pairs made).
-    sampler: sampler_settings(). tokens (n, L): decode these instead of sampling. calibrate:
-    VQAE.pair_probs(calibrate=True) occupancies instead of the raw vessel softmax (the reference's).
-    offsets: VQAE.volume_offsets() applied to the maps (None: none)."""
+    decoder: a VQAE or TokenDecoder. sampler: sampler_settings(). tokens (n, L): decode these instead
+    of sampling. calibrate: VQAE.pair_probs(calibrate=True) occupancies instead of the raw vessel
+    softmax (the reference's). offsets: VQAE.volume_offsets() applied to the maps (None: none)."""
     dev = next(model.parameters()).device
-    factor = vqae.config["factor"]
+    factor = decoder.config["factor"]
     size = utils.grid_shape(factor)
-    grid = vqae.token_grid(size)
     batch = sampler["batch"]
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
@@ -117,8 +128,8 @@ def synthesise(model, vqae, out, n, sampler, seed=0, tokens=None, overwrite=Fals
     pending = []
     chunk = None
 
-    def probs(logits):
-        return VQAE.pair_probs(logits, size, calibrate, offsets)
+    def probs(ids):
+        return decoder.decode_pair(ids, size, calibrate, offsets)
 
     rank, procs = utils.world()
     mine = range(rank, -(-n // batch), procs)  # under torchrun each batch on exactly one process
@@ -134,10 +145,10 @@ def synthesise(model, vqae, out, n, sampler, seed=0, tokens=None, overwrite=Fals
                                    device=dev)
             else:
                 ids = tokens[idx].to(dev)
-            chunk = chunk or decode_chunk(vqae, ids, grid, dev, probs)
+            chunk = chunk or decode_chunk(ids, dev, probs)
             for c in range(0, len(idx), chunk):
                 with torch.no_grad(), utils.autocast(dev):
-                    fixed, moving = probs(vqae.decode_tokens(ids[c:c + chunk], grid))
+                    fixed, moving = probs(ids[c:c + chunk])
                 for j, i in enumerate(idx[c:c + chunk]):
                     if i in todo:
                         for path, vol in zip(pair_paths(out, i), (fixed[j], moving[j])):
@@ -169,8 +180,11 @@ def run(models, out, n, sampler, seed=0, decode=None, calibrate=False, overwrite
     """Synthesise into `out` with a manifest; the settings of an unfinished run must match.
     models: load_models(); decode: a token file to decode instead of sampling; match_volume: a
     folder of real pairs whose vessel volume the maps are shifted to (VQAE.volume_offsets)."""
-    model, vqae = models
-    factor = vqae.config["factor"]
+    model, decoder = models
+    factor = decoder.config["factor"]
+    token_decoder = isinstance(decoder, TokenDecoder)
+    if token_decoder and (match_volume or not calibrate):
+        raise utils.DataError("a token decoder (--decoder) writes occupancies: use it with --calibrate, without --match-volume")
     mpath = os.path.join(out, "manifest.json")
     old = {}
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(mpath) and not overwrite:
@@ -182,11 +196,13 @@ def run(models, out, n, sampler, seed=0, decode=None, calibrate=False, overwrite
         raise utils.DataError("--match-volume shifts calibrated maps: use it with --calibrate")
     offsets = None
     if match_volume:  # fitted after the cheap checks above
-        offsets = vqae.volume_offsets(utils.load_pairs(match_volume, factor, progress=progress)[1])
+        offsets = decoder.volume_offsets(utils.load_pairs(match_volume, factor, progress=progress)[1])
         if progress and utils.is_main():
             print(f"--match-volume {match_volume}: logit offsets fixed {offsets[0]:+.3f}, moving {offsets[1]:+.3f}")
     # match_volume always recorded (None: off), so resuming with or without it is caught either way
-    settings = {"diffusion": os.path.abspath(model.path), "vqae": os.path.abspath(vqae.path), "seed": seed, **sampler,
+    # token_decoder only when used, so folders written before it existed still resume
+    paths = {"token_decoder": os.path.abspath(decoder.path)} if token_decoder else {"vqae": os.path.abspath(decoder.path)}
+    settings = {"diffusion": os.path.abspath(model.path), **paths, "seed": seed, **sampler,
                 "factor": factor, "decode": decode and os.path.abspath(decode), "calibrate": calibrate,
                 "match_volume": offsets and {"data": os.path.abspath(match_volume), "offsets": list(offsets)}}
     if os.path.exists(mpath) and not overwrite:
@@ -197,15 +213,15 @@ def run(models, out, n, sampler, seed=0, decode=None, calibrate=False, overwrite
     tokens = None
     if decode:
         d = utils.read_tokens(decode)
-        if (d["num_codes"], d["grid_shape"]) != (vqae.num_codes, tuple(model.config["grid_shape"])):
-            raise utils.DataError(f"{decode}: tokens of another VQ-AE ({d['num_codes']} codes, grid "
-                                  f"{'x'.join(map(str, d['grid_shape']))}) than {vqae.path}")
+        if (d["num_codes"], d["grid_shape"]) != (decoder.num_codes, tuple(model.config["grid_shape"])):
+            raise utils.DataError(f"{decode}: tokens of another codebook or grid ({d['num_codes']} codes, grid "
+                                  f"{'x'.join(map(str, d['grid_shape']))}) than {decoder.path}'s")
         tokens = d["tokens"]
         n = len(tokens)
     utils.barrier()  # every process has read the old manifest before process 0 replaces it
     if utils.is_main():
         utils.write_json(mpath, {**settings, "num_pairs": n, "complete": False})
-    secs, made = synthesise(model, vqae, out, n, sampler, seed, tokens, overwrite, progress, calibrate, offsets)
+    secs, made = synthesise(model, decoder, out, n, sampler, seed, tokens, overwrite, progress, calibrate, offsets)
     if not utils.is_main():
         return secs / max(made, 1), made
     per_pair = secs / max(made, 1)
@@ -222,7 +238,7 @@ def run(models, out, n, sampler, seed=0, decode=None, calibrate=False, overwrite
 
 def benchmark(models, pairs, temp=TEMP):
     """Seconds per pair of the reference and the fast sampler, side by side, plus the realism of both."""
-    model, vqae = models
+    model, decoder = models
     preset = model.config["preset"]
     dev = next(model.parameters()).device
     tmp = tempfile.mkdtemp(prefix="synth_bench_")
@@ -234,7 +250,7 @@ def benchmark(models, pairs, temp=TEMP):
             n = pairs if name == "reference" else max(pairs, s["batch"])
             seconds[name] = run(models, os.path.join(tmp, name), n, s, overwrite=True, progress=False)[0]
             print(f"{name}: {s['steps']} steps ({s['schedule']}), batch {s['batch']}: {seconds[name]:.3f} s per pair")
-        groups = {k: utils.folder_stats(os.path.join(tmp, k), vqae.config["factor"]) for k in seconds}
+        groups = {k: utils.folder_stats(os.path.join(tmp, k), decoder.config["factor"]) for k in seconds}
         print(utils.realism_table(groups, baseline="reference"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -247,6 +263,7 @@ def main(argv=None):
     ap.add_argument("--preset", choices=sorted(PRESETS), help="default paths and sampler; refuses other presets")
     ap.add_argument("--diffusion", help="diffusion checkpoint (default diffusion_<preset>.pth)")
     ap.add_argument("--vqae", help="VQ-AE checkpoint (default: the one the diffusion model was trained with)")
+    ap.add_argument("--decoder", help="decode_tokens.py decoder checkpoint, instead of a VQ-AE")
     ap.add_argument("--out", default="synth")
     ap.add_argument("--sampler", choices=("reference", "fast"),
                     help="reference: 256 steps, batch 2 (default at paper); fast: the preset's few-step cosine schedule")
@@ -271,7 +288,9 @@ def main(argv=None):
     if min(counts) < 1 or not (0 < args.temp < math.inf):
         raise utils.DataError("NUM_PAIRS, --pairs, --steps, --batch and --temp must be positive and finite")
     utils.check_seed(args.seed)
-    models = load_models(diffusion, args.vqae, args.preset, args.device)
+    if args.vqae and args.decoder:
+        raise utils.DataError("--vqae and --decoder: give one decoder")
+    models = load_models(diffusion, args.vqae, args.preset, args.device, args.decoder)
     if args.benchmark:
         if utils.world()[1] > 1:
             raise utils.DataError("--benchmark times the samplers in one process: run it without torchrun")
@@ -280,6 +299,7 @@ def main(argv=None):
     sampler = sampler_settings(preset, args.sampler, args.temp, steps=args.steps, schedule=args.schedule, batch=args.batch)
     num_pairs = PRESETS[preset]["num_pairs"] if args.num_pairs is None else args.num_pairs
     calibrate = PRESETS[preset]["calibrate"] if args.calibrate is None else args.calibrate
+    calibrate = calibrate or (isinstance(models[1], TokenDecoder) and args.calibrate is None)  # occupancies
     if args.match_volume and not os.path.isdir(args.match_volume):
         raise utils.DataError(f"{args.match_volume}: --match-volume folder not found")
     run(models, args.out, num_pairs, sampler, args.seed, args.decode, calibrate, args.overwrite,

@@ -1,13 +1,14 @@
 """Stage 3: train the absorbing-diffusion transformer (models.TokenTransformer) on VQ token grids.
 
-    python train_diffusion.py [BATCH_SIZE] TOKENS [--val TOKENS] [--vqae CKPT] [--preset paper|cpu|demo]
+    python train_diffusion.py [BATCH_SIZE] TOKENS [--val TOKENS] [--vqae CKPT | --decoder CKPT] [--preset paper|cpu|demo]
                               [--iters N] [--out CKPT] [--seed S] [--resume | --overwrite]
 
 TOKENS: infer_vqae.py's file ({case_ids, tokens (N, L), grid_shape, config, ...}) or a plain list of
 1-D token tensors of 3328 = 16x13x16 ids (codebook 1024; the format of paper_tokens_97.pth).
 Each step: t ~ U{1..256}/256 per grid, every token masked with probability t, loss = the weighted
 ELBO (models.TokenTransformer.weighted_elbo). --val: the same loss on held-out grids with fixed
-draws of t and masks (comparable between runs). --vqae: a sampled pair is decoded into a figure.
+draws of t and masks (comparable between runs). --vqae: a sampled pair is decoded into a figure
+(--decoder: by decode_tokens.py's decoder, for tokens without a VQ-AE; synthesise.py then uses it).
 Writes CKPT (kind 'diffusion': preset, factor and token grid of the tokens, model kwargs), CKPT.csv, CKPT.png.
 """
 import os
@@ -18,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 import utils
-from models import TokenTransformer, VQAE, model_config
+from models import TokenDecoder, TokenTransformer, VQAE, model_config
 
 PAPER_BATCH = 8
 # The token grid, codebook size and data factor come from the token file (utils.read_tokens).
@@ -32,10 +33,12 @@ PRESETS = {
     # a 4-layer, 192-wide transformer for the 8x7x8 tokens of the cpu VQ-AE. max_positions (not in the
     # paper): a larger grid (the reference's 16x13x16) takes one position per 2x2x2 block of tokens
     # (TokenTransformer's group), which keeps the 448 positions the cpu preset's attention is sized for
+    # compact (not in the paper): the model predicts only the codes its grids use (TokenTransformer's
+    # vocab): a code no training grid holds gets no probability either way, the head shrinks to them
     "cpu": dict(samples=24000, batch=32, lr=5e-4, warmup=200, every=250, val_repeats=16, max_positions=448,
-                model=dict(dim=192, layers=4, heads=6, ff=384, attn_dropout=0.0)),
+                compact=True, model=dict(dim=192, layers=4, heads=6, ff=384, attn_dropout=0.0)),
     "demo": dict(samples=1600, batch=16, lr=1e-3, warmup=20, every=50, val_repeats=4, max_positions=448,
-                 model=dict(dim=64, layers=2, heads=4, ff=128, attn_dropout=0.0)),
+                 compact=True, model=dict(dim=64, layers=2, heads=4, ff=128, attn_dropout=0.0)),
 }
 LOG_FIELDS = ["iter", "loss", "val_loss", "lr", "seconds"]
 
@@ -49,11 +52,16 @@ def read_tokens(path, preset):
     return d
 
 
-def config_of(preset, tokens):
+def config_of(preset, tokens, val=None):
     """Checkpoint config: preset, the tokens' frame factor and grid, the transformer's kwargs (with
-    the smallest block grouping that keeps the preset's max_positions; none at paper)."""
+    the smallest block grouping that keeps the preset's max_positions, and with `compact` the codes
+    of the training and validation grids as vocab; neither at paper). tokens, val: utils.read_tokens
+    dicts (without 'tokens', e.g. utils.REFERENCE_TOKENS: the shapes alone, every code)."""
     grid = list(tokens["grid_shape"])
     kw = dict(num_codes=tokens["num_codes"], seq_len=int(np.prod(grid)), **PRESETS[preset]["model"])
+    if PRESETS[preset].get("compact") and "tokens" in tokens:
+        used = tokens["tokens"] if val is None else torch.cat([tokens["tokens"], val["tokens"]])
+        kw.update(vocab=torch.unique(used).tolist())
     limit = PRESETS[preset].get("max_positions")
     group = 1
     while limit and np.prod([-(-n // group) for n in grid]) > limit:
@@ -78,8 +86,9 @@ def val_loss(model, tokens, repeats, seed=1234, batch=16):
     return float(total) / len(data)
 
 
-def figure(model, vqae, grid, size, rows, path, seed=0):
-    """Loss curves and the coronal MIPs of two sampled pairs (fast sampler), decoded by the VQ-AE."""
+def figure(model, vqae, rows, path, seed=0):
+    """Loss curves and the coronal MIPs of two sampled pairs (fast sampler), decoded by `vqae` (a
+    VQAE or TokenDecoder; None: curves only)."""
     import matplotlib.pyplot as plt
 
     col = {h: np.array([np.nan if r[h] == "" else float(r[h]) for r in rows]) for h in LOG_FIELDS}
@@ -94,7 +103,7 @@ def figure(model, vqae, grid, size, rows, path, seed=0):
         dev = next(model.parameters()).device
         ids = model.sample(n, steps=32, schedule="cosine", generator=torch.Generator(dev).manual_seed(seed))
         with torch.no_grad(), utils.autocast(dev):
-            fixed, moving = VQAE.pair_probs(vqae.decode_tokens(ids, grid), size)
+            fixed, moving = vqae.decode_pair(ids, utils.grid_shape(vqae.config["factor"]))
         for i in range(n):
             ax[0, 1 + i].imshow(utils.mip_rgb(fixed[i].cpu(), moving[i].cpu()))
             ax[0, 1 + i].set_title(f"sample {i} (fixed blue, moving orange)", fontsize=8)
@@ -117,16 +126,24 @@ def diffusion_step(model, opt, scaler, sched, x0, loss_scale=1.0, net=None):
 
 
 def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, overwrite=False, val=None, vqae=None,
-          device=None, compile=False):
+          device=None, compile=False, decoder=None):
     """Train on the token grids of the token file `data` (`val`: held-out token file; `vqae`: the
-    VQ-AE checkpoint that made the tokens, for decoded samples in the figure). Returns the model."""
+    VQ-AE checkpoint that made the tokens, or `decoder` a TokenDecoder's, for decoded samples in the
+    figure and as synthesise.py's default). Returns the model."""
     p = PRESETS[preset]
     utils.check_positive({"BATCH_SIZE": batch_size, "--iters": iters})
     utils.check_seed(seed)
     if not resume:
         utils.check_output(utils.log_paths(out), overwrite, resumable=True)
     tokens = read_tokens(data, preset)
-    config = config_of(preset, tokens)
+    grid, codes = tokens["grid_shape"], tokens["num_codes"]
+    val_tokens = None
+    if val:
+        v = read_tokens(val, preset)
+        if (v["grid_shape"], v["num_codes"]) != (grid, codes):
+            raise utils.DataError(f"{val}: token grid or codebook size differs from {data}")
+        val_tokens = v["tokens"]
+    config = config_of(preset, tokens, v if val else None)
     ck = None
     if resume and os.path.exists(out):
         ck = utils.load_checkpoint(out, "diffusion", config)  # other preset / grid / codebook -> one-line error
@@ -137,22 +154,22 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         iters = iters or ck["iters"]
     batch_size = p["batch"] if batch_size is None else batch_size
     seed = 0 if seed is None else seed
-    grid, codes = tokens["grid_shape"], tokens["num_codes"]
-    val_tokens = None
-    if val:
-        v = read_tokens(val, preset)
-        if (v["grid_shape"], v["num_codes"]) != (grid, codes):
-            raise utils.DataError(f"{val}: token grid or codebook size differs from {data}")
-        val_tokens = v["tokens"]
     rank, _, device = utils.distributed(device)
     local = utils.local_batch(batch_size)
     vqae_model = None
-    if vqae:
+    if vqae and decoder:
+        raise utils.DataError("--vqae and --decoder: give one decoder")
+    if decoder:
+        vqae_model = TokenDecoder.from_checkpoint(decoder, device=device)
+        if tuple(vqae_model.config["grid_shape"]) != tuple(grid) or vqae_model.num_codes != codes:
+            raise utils.DataError(f"{decoder}: token decoder grid / codebook differ from the tokens in {data}")
+    elif vqae:
         vqae_model = VQAE.from_checkpoint(vqae, device=device)
         if vqae_model.token_grid(utils.grid_shape(vqae_model.config["factor"])) != grid or vqae_model.num_codes != codes:
             raise utils.DataError(f"{vqae}: VQ-AE grid / codebook differ from the tokens in {data}")
     utils.main_print(f"{len(tokens['tokens'])} token grids {'x'.join(map(str, grid))} ({codes} codes, "
-          f"{len(torch.unique(tokens['tokens']))} used)" + (f", {len(val_tokens)} validation grids" if val else ""))
+          f"{len(torch.unique(tokens['tokens']))} used; the model predicts {len(config['model'].get('vocab', range(codes)))})"
+          + (f", {len(val_tokens)} validation grids" if val else ""))
     iters = iters or p["samples"] // batch_size
     utils.seed_all(seed)
     model = TokenTransformer.build(config).to(device)
@@ -176,9 +193,9 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     train_tokens = tokens["tokens"].to(device)
     val_tokens = None if val_tokens is None else val_tokens.to(device)
     base = os.path.splitext(out)[0]
-    size = utils.grid_shape(tokens["factor"])
     extra = {"tokens": os.path.abspath(data), "case_ids": tokens["case_ids"], "vqae": vqae and os.path.abspath(vqae),
-             "vqae_fingerprint": vqae_model.fingerprint() if vqae_model is not None else None}
+             "vqae_fingerprint": vqae_model.fingerprint() if vqae and not decoder else None,
+             "decoder": decoder and os.path.abspath(decoder)}
     loss_scale = 1 / codes if ref else 1.0
 
     def save(it):
@@ -188,7 +205,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
                               scheduler=sched.state_dict(), scaler=scaler.state_dict(), iteration=it, iters=iters,
                               batch=batch_size, seed=seed, log=rows, rng=utils.rng_state([gen]), **extra)
         utils.write_csv(base + ".csv", LOG_FIELDS, rows)
-        figure(model, vqae_model, grid, size, rows, base + ".png", seed)
+        figure(model, vqae_model, rows, base + ".png", seed)
         utils.barrier()
 
     t0 = time.time() - (rows[-1]["seconds"] if rows else 0)
@@ -226,12 +243,13 @@ def main(argv=None):
     ap.add_argument("tokens", help="token file of the training pairs (infer_vqae.py output or a list)")
     ap.add_argument("--val", help="token file of held-out pairs (validation loss)")
     ap.add_argument("--vqae", help="VQ-AE checkpoint that made the tokens: decoded samples in the figure")
+    ap.add_argument("--decoder", help="decode_tokens.py decoder of the tokens (instead of --vqae)")
     args = ap.parse_args(argv)
     out = args.out or f"diffusion_{args.preset}.pth"
     with utils.cpu_precision(args.bf16):
         model = train(data=args.tokens, out=out, preset=args.preset, batch_size=args.batch_size, iters=args.iters,
                       seed=args.seed, resume=args.resume, overwrite=args.overwrite, val=args.val, vqae=args.vqae,
-                      device=args.device, compile=args.compile)
+                      device=args.device, compile=args.compile, decoder=args.decoder)
     utils.main_print(f"wrote {out}{utils.peak_memory(model.pos.device)}")
 
 

@@ -105,3 +105,27 @@ def test_decode_tokens_resumes_and_refuses_other_settings(decoded, run, tmp_path
     assert_one_line_error(p, str(other), "token grid")
     p = run("decode_tokens.py", tokens, "--data", data, "--out", tmp_path / "o", "--folds", 1)
     assert_one_line_error(p, "--folds")
+
+
+def test_generator_on_a_token_file_synthesises_through_its_decoder(decoded, run, tmp_path):
+    """train_diffusion.py --decoder (tokens without a VQ-AE) -> synthesise.py decodes by the token
+    decoder by default: occupancy pairs on the decoder's frame grid, codes only from the grids."""
+    import synthesise
+    import train_diffusion
+
+    tokens, _, out, _, grids, _ = decoded
+    ckpt = str(tmp_path / "diff.pth")
+    train_diffusion.main(["4", tokens, "--preset", "demo", "--iters", "3", "--out", ckpt,
+                          "--decoder", str(out / "decoder.pth")])
+    synth = tmp_path / "synth"
+    synthesise.main(["3", "--diffusion", ckpt, "--out", str(synth), "--batch", "2"])
+    manifest = utils.read_json(str(synth / "manifest.json"))
+    assert manifest["token_decoder"] == str(out / "decoder.pth") and "vqae" not in manifest and manifest["complete"]
+    ids, pairs = utils.load_pairs(str(synth), 8)
+    assert len(ids) == 3 and pairs.shape == (3, 2, 32, 26, 32) and 0 <= float(pairs.min()) and float(pairs.max()) <= 1
+    assert np.allclose(nib.load(str(synth / "case_0000_1.nii.gz")).affine, utils.frame_affine(8))
+    p = run("synthesise.py", 2, "--diffusion", ckpt, "--out", tmp_path / "s2", "--no-calibrate")
+    assert_one_line_error(p, "--calibrate")
+    p = run("synthesise.py", 2, "--diffusion", ckpt, "--out", tmp_path / "s2", "--vqae", ckpt, "--decoder", ckpt)
+    assert_one_line_error(p, "--decoder")
+    assert not os.path.exists(tmp_path / "s2")

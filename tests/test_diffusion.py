@@ -290,3 +290,52 @@ def test_grouped_positions_for_the_reference_grid():
     ids = torch.randint(9, (2, 448))
     with torch.no_grad():  # allclose: the direct call may take the layers' fused inference path
         assert torch.allclose(plain(ids), plain.head(plain.norm(plain.blocks(plain.tok(ids) + plain.pos))), atol=1e-5)
+
+
+def test_compact_vocab_is_the_full_model_restricted_to_the_used_codes():
+    """compact (cpu/demo): a model over the codes its grids use computes the full model's logits at
+    those codes (weights copied row for row, grouped positions), takes and returns codebook ids;
+    the paper keeps every code. The loss equals the full model's CE with the unused codes removed."""
+    grids = torch.randint(5, (4, 3328)) * 7 + 3  # codes 3, 10, ..., 31 of 64
+    tokens = dict(utils.REFERENCE_TOKENS, tokens=grids, num_codes=64)
+    vocab = train_diffusion.config_of("cpu", tokens)["model"]["vocab"]
+    assert vocab == sorted(set(grids.flatten().tolist())) and len(vocab) == 5
+    assert "vocab" not in train_diffusion.config_of("paper", tokens)["model"]
+    val = dict(tokens, tokens=torch.full((1, 3328), 50))
+    assert 50 in train_diffusion.config_of("cpu", tokens, val)["model"]["vocab"]  # validation codes too
+    kw = dict(num_codes=64, seq_len=3328, dim=32, layers=1, heads=2, ff=64, dropout=0.0, grid_shape=(16, 13, 16), group=2)
+    torch.manual_seed(0)
+    full = TokenTransformer(**kw).eval()
+    compact = TokenTransformer(**kw, vocab=vocab).eval()
+    v = torch.tensor(vocab)
+    slots = torch.arange(8)[:, None]
+    with torch.no_grad():
+        compact.load_state_dict({k: w for k, w in full.state_dict().items() if k not in ("tok.weight", "head.weight")},
+                                strict=False)
+        compact.tok.weight.copy_(full.tok.weight[(slots * 65 + torch.cat([v, torch.tensor([64])])).flatten()])
+        compact.head.weight.copy_(full.head.weight[(slots * 64 + v).flatten()])
+        x = grids[:2].clone()
+        x[:, ::3] = 64  # partly masked, in codebook ids
+        xc = compact.classes_of(x.clamp(max=63))
+        xc[:, ::3] = compact.mask_id
+        assert torch.allclose(compact(xc), full(x)[..., v], atol=1e-5)
+        gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731 - the same draws of t and masks in both
+        g = gen()
+        t = torch.randint(1, 257, (2,), generator=g) / 256
+        xt, masked = TokenTransformer.mask_tokens(grids[:2], t, 64, g)
+        ref = TokenTransformer.weighted_elbo(full(xt)[..., v], compact.classes_of(grids[:2]), masked, t).mean()
+        assert compact.loss(grids[:2], gen()) == pytest.approx(float(ref), rel=1e-5)
+    ids = compact.sample(2, steps=3, schedule="cosine", generator=torch.Generator().manual_seed(1))
+    assert set(ids.unique().tolist()) <= set(vocab)
+    with pytest.raises(ValueError, match="distinct codebook ids"):
+        TokenTransformer(**kw, vocab=[3, 3])
+
+
+def test_vocab_benchmark_runs(tmp_path, capsys):
+    import benchmark_diffusion
+
+    grids = torch.randint(4, (3, *GRID)) * 5
+    utils.write_tokens(str(tmp_path / "t.pth"), grids, ["a", "b", "c"], 128, {"factor": 4})
+    benchmark_diffusion.main([str(tmp_path / "t.pth"), "--preset", "demo", "--steps", "1", "--batch", "2"])
+    out = capsys.readouterr().out
+    assert "128 codes, 4 used" in out and out.strip().splitlines()[-1].startswith("speedup: train ")

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+import decode_tokens
 import pipeline
 import train_diffusion
 import train_registration
@@ -42,9 +43,10 @@ def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys, monkeypatch):
                  "synth/manifest.json"):
         assert os.path.exists(os.path.join(out, name)), name
     md = open(os.path.join(out, "results.md")).read()
-    for row in ("initial", "TTA only", "real training pairs", "synthetic pairs", "real + synthetic pairs"):
+    for row in ("initial", "TTA only", "| real-3 |", "| synth-4, generator on 3 pairs |",
+                "| real-3 + synth-4 (3-pair generator) |", "- synth-4, generator on 3 pairs: net"):
         assert row in md, row
-    assert "paired sign-flip permutation p" in md
+    assert "paired sign-flip permutation test" in md
 
     # nothing changed: every stage is skipped
     pipeline.main(argv)
@@ -70,6 +72,23 @@ def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys, monkeypatch):
     # --force redoes one stage (a prefix names several)
     pipeline.main(argv + ["--force", "eval_"])
     assert stages_run(capsys.readouterr().out) == ["eval_none", "eval_real_s0", "eval_synth_s0", "eval_mix_s0"]
+
+    # a second generator on token grids (3 of the training pairs' cases and 2 more) into the same
+    # folder: its stages and rows are added, the real rows are not recomputed
+    cases = utils.find_pairs(os.path.join(out, "phantoms_train")) + ["case_900", "case_901"]
+    grids = torch.randint(6, (len(cases), 4, 4, 4), generator=torch.Generator().manual_seed(0)) * 3
+    utils.write_tokens(str(tmp_path / "tok.pth"), grids, cases, 32, {"factor": 1})
+    monkeypatch.setitem(decode_tokens.PRESETS, "demo", dict(decode_tokens.PRESETS["demo"], iters=3))
+    pipeline.main(argv + ["--generator-tokens", str(tmp_path / "tok.pth")])
+    text = capsys.readouterr().out
+    assert stages_run(text) == ["decode", "diffusion_tok", "synth_tok", "realism_tok"] + [
+        f"{k}_{r}_s0" for r in ("decoded", "synth_tok", "mix_tok") for k in ("reg", "eval")]
+    md = open(os.path.join(out, "results.md")).read()
+    for row in ("| real-3 |", "| decoded-5 (token grids decoded) |", "| synth-4, generator on 3 pairs |",
+                "| synth-4, generator on 5 token grids |", "| real-3 + synth-4 (5-grid generator) |",
+                "- synth-4, generator on 5 token grids: net", "Realism (4 mm; real training pairs, decoded"):
+        assert row in md, row
+    assert len(os.listdir(os.path.join(out, "mix_tok"))) == 2 * (3 + 4)
 
 
 def test_pipeline_needs_val_with_data(tmp_path):
