@@ -16,6 +16,7 @@ import torch
 
 import train_diffusion
 import utils
+from benchmark_precision import frozen
 from models import TokenTransformer
 
 
@@ -39,9 +40,7 @@ def main(argv=None):
     for name, cfg in configs.items():
         utils.seed_all(0)
         model = TokenTransformer.build(cfg)
-        opt = torch.optim.Adam(model.parameters(), lr=0.0)  # lr 0: every step computes the same
-        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
-        runs[name] = (model, opt, sched)
+        runs[name] = (model, *frozen(model.parameters()))
     print(f"{len(tokens['tokens'])} grids {'x'.join(map(str, tokens['grid_shape']))}, {tokens['num_codes']} codes, "
           f"{len(configs['compact']['model']['vocab'])} used; preset {args.preset}, batch {batch}, "
           f"group {configs['full']['model'].get('group', 1)}; {torch.get_num_threads()} threads")

@@ -3,7 +3,7 @@ the other presets pass keyword arguments (their tables live in the stage scripts
 loads itself from its checkpoint: Class.from_checkpoint(path).
 
   VQAE             paired 3D VQ-autoencoder           (B, 2, H, W, D) masks  <-> (B, h, w, d) token ids
-  TokenTransformer absorbing-diffusion denoiser        (B, L) ids (mask = K)  ->  (B, L, K) logits
+  TokenTransformer absorbing-diffusion denoiser        (B, L) ids (mask = K)  ->  (B, L, K) logits (K = len(vocab))
   RegistrationNet  two-step inverse-consistent net     fixed, moving (B, 1, H, W, D) -> ddfs (B, 3, H, W, D)
   TokenDecoder     stand-in decoder of a token file    (B, h, w, d) ids       ->  (B, 2, H, W, D) logits
                    whose VQ-AE is not available (the reference's 97 grids; not part of the paper)
@@ -148,8 +148,8 @@ class VQAE(Checkpointed):
         return self.decode(zq), loss, ids
 
     def decode_pair(self, ids, size, calibrate=False, offsets=None):
-        """Token ids (B, h*w*d) -> (fixed, moving) vessel maps, each (B, *size) (VQAE.pair_probs)."""
-        return VQAE.pair_probs(self.decode_tokens(ids, self.token_grid(size)), size, calibrate, offsets)
+        """Token ids (B, h, w, d) -> (fixed, moving) vessel maps, each (B, *size) (VQAE.pair_probs)."""
+        return VQAE.pair_probs(self.decode_tokens(ids, ids.shape[1:]), size, calibrate, offsets)
 
     def fingerprint(self):
         """A number that identifies the codebook (tokens only mean something with their decoder)."""
@@ -234,8 +234,8 @@ class TokenTransformer(Checkpointed):
     "Unleashing Transformers", 2022): a bidirectional transformer that predicts the original code
     at every position of a partly masked grid.
 
-    Shapes: ids (B, L) long in [0, K], K = num_codes is the mask token, L = seq_len = h*w*d
-    (row-major over the VQ-AE token grid) -> logits (B, L, K) over the real codes.
+    Shapes: ids (B, L) long in [0, K], K = len(vocab) (num_codes without vocab) is the mask token,
+    L = seq_len = h*w*d (row-major over the VQ-AE token grid) -> logits (B, L, K) over the codes.
     Paper: K = 1024, 16x13x16 grid (L = 3328), 12 post-norm layers of width 512, 16 heads, ff 1024,
     GELU, dropout 0.1; embeddings and head N(0, 0.02), the layers PyTorch's default init.
     Attention always runs through F.scaled_dot_product_attention: nn.MultiheadAttention calls it
@@ -325,8 +325,9 @@ class TokenTransformer(Checkpointed):
         return y.reshape(len(y), self.seq_len, *rest)
 
     def classes_of(self, x0):
-        """Codebook ids (B, L) -> class indices into vocab (-1 outside it: the loss then refuses the
-        batch; train_diffusion builds vocab from every grid it reads)."""
+        """Codebook ids (B, L) -> class indices into vocab. Precondition: every id is in vocab
+        (train_diffusion builds vocab from every grid it reads); an id outside maps to -1, which the
+        cross-entropy rejects (an error, not a one-line message)."""
         return self.index[x0.long()]
 
     def forward(self, ids):
@@ -505,6 +506,23 @@ class RegistrationNet(Checkpointed):
 
 # ======================================================================== token decoder (decode_tokens.py)
 
+def load_decoder(grid, num_codes, vqae=None, decoder=None, device=None):
+    """The decoder of token grids `grid` (h, w, d) with `num_codes` codes: the VQAE checkpoint `vqae`
+    or the TokenDecoder checkpoint `decoder` (one of them); refuses one made for other grids."""
+    if vqae and decoder:
+        raise utils.DataError("--vqae and --decoder: give one decoder")
+    if decoder:
+        model = TokenDecoder.from_checkpoint(decoder, device)
+        has, what = tuple(model.config["grid_shape"]), "token decoder"
+    else:
+        model = VQAE.from_checkpoint(vqae, device)
+        has, what = model.token_grid(utils.grid_shape(model.config["factor"])), "VQ-AE"
+    if tuple(has) != tuple(grid) or model.num_codes != num_codes:
+        raise utils.DataError(f"{decoder or vqae}: {what} of {'x'.join(map(str, has))} token grids with {model.num_codes} "
+                              f"codes, not {'x'.join(map(str, grid))} with {num_codes}")
+    return model
+
+
 class TokenDecoder(Checkpointed):
     """A decoder for token grids whose VQ-AE is not available (the reference's paper_tokens_97.pth:
     only its encoder's output survives), fitted on the pairs that have both a grid and volumes. Not
@@ -548,9 +566,9 @@ class TokenDecoder(Checkpointed):
         return utils.crop_to(utils.fp32(self(ids)), size).sigmoid()
 
     def decode_pair(self, ids, size, calibrate=True, offsets=None):
-        """VQAE.decode_pair's counterpart: token ids (B, h*w*d) -> (fixed, moving) occupancies, each
-        (B, *size). Its sigmoid is already calibrated; offsets are not supported."""
-        if offsets is not None:
-            raise ValueError("a TokenDecoder takes no volume offsets")
-        occ = self.occupancy(ids.reshape(-1, *self.config["grid_shape"]), size)
+        """VQAE.decode_pair's counterpart: token ids (B, h, w, d) -> (fixed, moving) occupancies, each
+        (B, *size). Its sigmoid is an occupancy already (calibrated); volume offsets are not supported."""
+        if not calibrate or offsets is not None:
+            raise ValueError("a TokenDecoder writes occupancies: calibrate=True, no volume offsets")
+        occ = self.occupancy(ids, size)
         return occ[:, 0], occ[:, 1]

@@ -44,17 +44,17 @@ import utils
 
 # TTA iterations, augmented token copies per pair, phantoms made for the demo. Batch sizes and the
 # number of synthetic pairs come from each stage's own preset table.
-# decode_folds: decode_tokens.py's K-fold check inside the pipeline (0: none; the check is its
-# own measurement, the pipeline needs only the decoder).
+# decode_folds: decode_tokens.py's K-fold check inside the pipeline (0: none; on 2 cores it would
+# cost five more fits, and the check is a measurement of its own: RESULTS.md).
 PRESETS = {
     "paper": dict(tta=50, augment=0, decode_folds=5),
     "cpu": dict(tta=50, augment=20, decode_folds=0),
     "demo": dict(tta=10, augment=4, n_train=6, n_val=3, decode_folds=0),
 }
-# registration rows in report order: the real pairs, then each generator's synthetic pairs and their
-# mix with the real pairs (plain names: the generator trained on its VQ-AE's tokens; _tok: on
-# --generator-tokens), and the decoded token grids themselves
-ROWS = ("real", "decoded", "synth", "mix", "synth_tok", "mix_tok")
+# registration rows in report order: the real pairs, the decoded token grids, then each generator's
+# synthetic pairs and their mix with the real pairs (plain: the generator trained on --data;
+# _gdata: on --generator-data; _tok: on --generator-tokens)
+ROWS = ("real", "decoded", "synth", "mix", "synth_gdata", "mix_gdata", "synth_tok", "mix_tok")
 
 
 DIGESTS = {}  # file identity and change times -> digest: every stage of a run lists the data folder again
@@ -274,39 +274,64 @@ def report(out, seeds, times, preset, real=None, synth=None, labels=None):
     if real and synth:
         figures(out, {k: v for k, v in evals.items() if v}, real, synth, train_registration.PRESETS[preset]["factor"])
     lines += ["", "Figures: `results_tre.png` (TRE box plots per row), `results_pairs.png` (real vs synthetic pairs); "
-              "how much deformation the VQ-AE and the diffusion model keep: `realism.csv` / `.png`.", ""]
+              "how much deformation the VQ-AE (or the token decoder) and the diffusion model keep: "
+              "`realism.csv` / `.png` (`realism_tok.*`).", ""]
     md = "\n".join(lines) + "\n"
     with utils.atomic_path(os.path.join(out, "results.md")) as tmp:
         open(tmp, "w").write(md)
     print(md)
 
 
-def generator(run, path, preset, data, val, n):
-    """The paper's generator on the pairs in `data`: VQ-AE, tokens, diffusion, n synthetic pairs and
-    their realism report (`val`: held-out pairs for the VQ-AE's and the diffusion model's validation).
-    Returns the synthetic pairs' folder."""
+def generator(run, path, preset, data, val, n, tag="", tokens=None):
+    """A generator and its n synthetic pairs (stages and files named with `tag`). Without `tokens`
+    the paper's: VQ-AE on the pairs in `data` (`val`: held-out pairs for its and the diffusion
+    model's validation), tokens, diffusion. With a token file `tokens`: decode_tokens.py fits a
+    decoder on the `data` pairs that have a grid there (`decoded/`), the diffusion model trains on
+    the grids. Then synthesis and a realism report. Returns (synthetic folder, decoded folder or None)."""
     p = PRESETS[preset]
-    run("vqae", utils.log_paths(path("vqae.pth")), train_vqae.main,
-        [train_vqae.PRESETS[preset]["batch"], "--preset", preset, "--data", data, "--val", val, "--out", path("vqae.pth")],
-        preset, [data, val], resume=["--resume"])
-    run("tokens", utils.log_paths(path("tokens.pth")), infer_vqae.main,
-        [path("vqae.pth"), "--data", data, "--out", path("tokens.pth"), "--augment", p["augment"]], preset,
-        [path("vqae.pth"), data])
-    # validation pairs' tokens: held-out reconstruction Dice and the diffusion model's validation loss
-    run("tokens_val", utils.log_paths(path("tokens_val.pth")), infer_vqae.main,
-        [path("vqae.pth"), "--data", val, "--out", path("tokens_val.pth")], preset, [path("vqae.pth"), val])
-    run("diffusion", utils.log_paths(path("diffusion.pth")), train_diffusion.main,
-        [train_diffusion.PRESETS[preset]["batch"], path("tokens.pth"), "--val", path("tokens_val.pth"), "--vqae",
-         path("vqae.pth"), "--preset", preset, "--out", path("diffusion.pth")], preset,
-        [path("tokens.pth"), path("tokens_val.pth"), path("vqae.pth")], resume=["--resume"])
-    run("synth", [path("synth")], synthesise.main,
-        [n, "--preset", preset, "--diffusion", path("diffusion.pth"), "--vqae", path("vqae.pth"), "--out", path("synth")],
-        preset, [path("diffusion.pth"), path("vqae.pth")], resume=[])  # synthesise.py keeps complete pairs
-    # the deformation each generator stage keeps: real vs VQ-AE reconstructions vs synthetic pairs
-    run("realism", log_prefix_paths(path("realism")), realism_report.main,
-        [path("synth"), "--reference", data, "--val", val, "--vqae", path("vqae.pth"), "--out", path("realism"),
-         "--overwrite"], preset, [data, val, path("synth"), path("vqae.pth")])
-    return path("synth")
+    diffusion, synth, batch = path(f"diffusion{tag}.pth"), path(f"synth{tag}"), train_diffusion.PRESETS[preset]["batch"]
+    if tokens is None:
+        vqae = path(f"vqae{tag}.pth")
+        run(f"vqae{tag}", utils.log_paths(vqae), train_vqae.main,
+            [train_vqae.PRESETS[preset]["batch"], "--preset", preset, "--data", data, "--val", val, "--out", vqae],
+            preset, [data, val], resume=["--resume"])
+        tokens, val_tokens = path(f"tokens{tag}.pth"), path(f"tokens_val{tag}.pth")
+        run(f"tokens{tag}", utils.log_paths(tokens), infer_vqae.main,
+            [vqae, "--data", data, "--out", tokens, "--augment", p["augment"]], preset, [vqae, data])
+        # validation pairs' tokens: held-out reconstruction Dice and the diffusion model's validation loss
+        run(f"tokens_val{tag}", utils.log_paths(val_tokens), infer_vqae.main,
+            [vqae, "--data", val, "--out", val_tokens], preset, [vqae, val])
+        decoder, inputs, decoded = ["--vqae", vqae], [tokens, val_tokens, vqae], None
+        train_args = ["--val", val_tokens]
+        # the deformation each generator stage keeps: real vs VQ-AE reconstructions vs synthetic pairs
+        groups, realism = [synth], ["--vqae", vqae]
+    else:
+        decoded = path("decoded")
+        run("decode", [decoded], decode_tokens.main,
+            [tokens, "--data", data, "--out", decoded, "--preset", preset, "--folds", p["decode_folds"]], preset,
+            [tokens, data], resume=[])  # decode_tokens.py keeps finished fits
+        model = os.path.join(decoded, "decoder.pth")
+        decoder, inputs, train_args = ["--decoder", model], [tokens, model], []
+        groups, realism = [decoded, synth], []
+    run(f"diffusion{tag}", utils.log_paths(diffusion), train_diffusion.main,
+        [batch, tokens, *train_args, *decoder, "--preset", preset, "--out", diffusion], preset, inputs,
+        resume=["--resume"])
+    run(f"synth{tag}", [synth], synthesise.main,
+        [n, "--preset", preset, "--diffusion", diffusion, *decoder, "--out", synth], preset, [diffusion, inputs[-1]],
+        resume=[])  # synthesise.py keeps complete pairs
+    report = path(f"realism{tag}")
+    run(f"realism{tag}", log_prefix_paths(report), realism_report.main,
+        [*groups, "--reference", data, "--val", val, *realism, "--out", report, "--overwrite"], preset,
+        [data, val, *groups, *realism[1:]])
+    return synth, decoded
+
+
+def warn_overlap(cases, val, source):
+    """A generator that saw validation cases makes rows that are not held out: say so."""
+    both = sorted(set(cases) & set(utils.find_pairs(val)))
+    if both:
+        print(f"[pipeline] warning: {source} holds validation cases ({', '.join(both[:3])}"
+              f"{' ...' if len(both) > 3 else ''}): the generator's rows are not held out", file=sys.stderr)
 
 
 def main(argv=None):
@@ -354,37 +379,25 @@ def main(argv=None):
     n = synthesise.PRESETS[preset]["num_pairs"] if args.num_synth is None else args.num_synth
     real = f"real-{len(train_ids)}"
     if args.generator_tokens:
-        tokens = args.generator_tokens
-        grids = len(utils.read_tokens(tokens)["tokens"])
-        synth, dec = path("synth_tok"), path("decoded")
-        decoder = os.path.join(dec, "decoder.pth")
-        run("decode", [dec], decode_tokens.main,
-            [tokens, "--data", data, "--out", dec, "--preset", preset, "--folds", p["decode_folds"]], preset,
-            [tokens, data], resume=[])  # decode_tokens.py keeps finished fits
-        run("diffusion_tok", utils.log_paths(path("diffusion_tok.pth")), train_diffusion.main,
-            [train_diffusion.PRESETS[preset]["batch"], tokens, "--decoder", decoder, "--preset", preset,
-             "--out", path("diffusion_tok.pth")], preset, [tokens, decoder], resume=["--resume"])
-        run("synth_tok", [synth], synthesise.main,
-            [n, "--preset", preset, "--diffusion", path("diffusion_tok.pth"), "--decoder", decoder, "--out", synth],
-            preset, [path("diffusion_tok.pth"), decoder], resume=[])
-        run("realism_tok", log_prefix_paths(path("realism_tok")), realism_report.main,
-            [dec, synth, "--reference", data, "--val", val, "--out", path("realism_tok"), "--overwrite"], preset,
-            [data, val, dec, synth])
-        folders = {"decoded": dec, "synth_tok": synth, "mix_tok": mix_folder(data, synth, path("mix_tok"))}
-        labels = {"decoded": f"decoded-{grids} (token grids decoded)",
-                  "synth_tok": f"synth-{n}, generator on {grids} token grids",
-                  "mix_tok": f"{real} + synth-{n} ({grids}-grid generator)"}
-    else:
+        grids = utils.read_tokens(args.generator_tokens)
+        warn_overlap(grids["case_ids"], val, args.generator_tokens)
+        synth, decoded = generator(run, path, preset, data, val, n, "_tok", args.generator_tokens)
+        folders = {"decoded": decoded, "synth_tok": synth, "mix_tok": mix_folder(data, synth, path("mix_tok"))}
+        k = len(grids["tokens"])
+        labels = {"decoded": f"decoded-{k} (token grids decoded)", "synth_tok": f"synth-{n}, generator on {k} token grids",
+                  "mix_tok": f"{real} + synth-{n} ({k}-grid generator)"}
+    else:  # the generator's own pairs: a separate set of stages and rows unless they are --data
         gdata = args.generator_data or data
-        gen_pairs = len(utils.find_pairs(gdata))
-        synth = generator(run, path, preset, gdata, val, n)
-        folders = {"synth": synth, "mix": mix_folder(data, synth, path("mix"))}
-        labels = {"synth": f"synth-{n}, generator on {gen_pairs} pairs",
-                  "mix": f"{real} + synth-{n} ({gen_pairs}-pair generator)"}
+        tag = "" if os.path.abspath(gdata) == os.path.abspath(data) else "_gdata"
+        k = len(utils.find_pairs(gdata))
+        warn_overlap(utils.find_pairs(gdata), val, gdata)
+        synth = generator(run, path, preset, gdata, val, n, tag)[0]
+        folders = {f"synth{tag}": synth, f"mix{tag}": mix_folder(data, synth, path(f"mix{tag}"))}
+        labels = {f"synth{tag}": f"synth-{n}, generator on {k} pairs", f"mix{tag}": f"{real} + synth-{n} ({k}-pair generator)"}
     folders = {"real": data, **folders}
     labels = {"real": real, **labels}
-    mixes = {"mix": "synth", "mix_tok": "synth_tok"}  # a mix stage reads the pairs behind mix/'s links
-    reads = {r: [data, folders[mixes[r]]] if r in mixes else [f] for r, f in folders.items()}
+    # a mix stage reads the pairs behind mix/'s links
+    reads = {r: [data, folders["synth" + r[3:]]] if r.startswith("mix") else [f] for r, f in folders.items()}
     iters = ["--iters", args.reg_iters] if args.reg_iters else []
     ev = ["--data", val, "--landmarks", lms, "--overwrite"]
     run("eval_none", [path("eval_none.json")], evaluate_registration.main,

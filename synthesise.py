@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 import utils
-from models import TokenDecoder, TokenTransformer, VQAE
+from models import TokenDecoder, TokenTransformer, load_decoder
 
 # The reference sampler: 256 denoiser calls on batches of 2; at step k every still-masked token is
 # unmasked with probability 1 / (256 - k) ("reference" schedule). The fast sampler (chosen by measurement,
@@ -73,21 +73,12 @@ def load_models(diffusion, vqae_path=None, preset=None, device=None, decoder=Non
     device = utils.distributed(device)[2]  # under torchrun: this process's GPU
     model = TokenTransformer.from_checkpoint(diffusion, device, preset)
     cfg = model.config
-    decoder = decoder or (None if vqae_path else model.saved.get("decoder"))
+    if not vqae_path and not decoder:  # the decoder the diffusion model was trained with
+        decoder = model.saved.get("decoder")
+        vqae_path = None if decoder else model.saved.get("vqae") or f"vqae_{cfg['preset']}.pth"
+    vqae = load_decoder(cfg["grid_shape"], cfg["model"]["num_codes"], vqae_path, decoder, device)
     if decoder:
-        dec = TokenDecoder.from_checkpoint(decoder, device)
-        if dec.config["grid_shape"] != cfg["grid_shape"] or dec.num_codes != cfg["model"]["num_codes"]:
-            raise utils.DataError(f"{decoder}: token decoder for a {'x'.join(map(str, dec.config['grid_shape']))} grid "
-                                  f"with {dec.num_codes} codes, not the diffusion model's "
-                                  f"{'x'.join(map(str, cfg['grid_shape']))} with {cfg['model']['num_codes']}")
-        return model, dec
-    vqae_path = vqae_path or model.saved.get("vqae") or f"vqae_{cfg['preset']}.pth"
-    vqae = VQAE.from_checkpoint(vqae_path, device)
-    grid = vqae.token_grid(utils.grid_shape(vqae.config["factor"]))
-    if list(grid) != cfg["grid_shape"] or vqae.num_codes != cfg["model"]["num_codes"]:
-        raise utils.DataError(f"{vqae_path}: VQ-AE token grid {'x'.join(map(str, grid))} with {vqae.num_codes} "
-                              f"codes does not match the diffusion model's {'x'.join(map(str, cfg['grid_shape']))} "
-                              f"with {cfg['model']['num_codes']}")
+        return model, vqae
     fingerprint = model.saved.get("vqae_fingerprint")
     if fingerprint is not None and not math.isclose(fingerprint, vqae.fingerprint(), rel_tol=1e-6):
         raise utils.DataError(f"{vqae_path}: not the VQ-AE whose tokens trained {diffusion} (codebook differs)")
@@ -121,6 +112,7 @@ def synthesise(model, decoder, out, n, sampler, seed=0, tokens=None, overwrite=F
     dev = next(model.parameters()).device
     factor = decoder.config["factor"]
     size = utils.grid_shape(factor)
+    grid = model.config["grid_shape"]
     batch = sampler["batch"]
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
@@ -129,7 +121,7 @@ def synthesise(model, decoder, out, n, sampler, seed=0, tokens=None, overwrite=F
     chunk = None
 
     def probs(ids):
-        return decoder.decode_pair(ids, size, calibrate, offsets)
+        return decoder.decode_pair(ids.reshape(-1, *grid), size, calibrate, offsets)
 
     rank, procs = utils.world()
     mine = range(rank, -(-n // batch), procs)  # under torchrun each batch on exactly one process
@@ -236,6 +228,11 @@ def run(models, out, n, sampler, seed=0, decode=None, calibrate=False, overwrite
     return per_pair, made
 
 
+def default_calibrate(decoder, preset):
+    """Occupancies or the raw softmax: the preset's choice for a VQ-AE; a token decoder's are occupancies."""
+    return isinstance(decoder, TokenDecoder) or PRESETS[preset]["calibrate"]
+
+
 def benchmark(models, pairs, temp=TEMP):
     """Seconds per pair of the reference and the fast sampler, side by side, plus the realism of both."""
     model, decoder = models
@@ -248,7 +245,8 @@ def benchmark(models, pairs, temp=TEMP):
         for name in ("reference", "fast"):
             s = sampler_settings(preset, name, temp)
             n = pairs if name == "reference" else max(pairs, s["batch"])
-            seconds[name] = run(models, os.path.join(tmp, name), n, s, overwrite=True, progress=False)[0]
+            seconds[name] = run(models, os.path.join(tmp, name), n, s, overwrite=True, progress=False,
+                                calibrate=isinstance(decoder, TokenDecoder))[0]
             print(f"{name}: {s['steps']} steps ({s['schedule']}), batch {s['batch']}: {seconds[name]:.3f} s per pair")
         groups = {k: utils.folder_stats(os.path.join(tmp, k), decoder.config["factor"]) for k in seconds}
         print(utils.realism_table(groups, baseline="reference"))
@@ -288,8 +286,6 @@ def main(argv=None):
     if min(counts) < 1 or not (0 < args.temp < math.inf):
         raise utils.DataError("NUM_PAIRS, --pairs, --steps, --batch and --temp must be positive and finite")
     utils.check_seed(args.seed)
-    if args.vqae and args.decoder:
-        raise utils.DataError("--vqae and --decoder: give one decoder")
     models = load_models(diffusion, args.vqae, args.preset, args.device, args.decoder)
     if args.benchmark:
         if utils.world()[1] > 1:
@@ -298,8 +294,7 @@ def main(argv=None):
     preset = models[0].config["preset"]
     sampler = sampler_settings(preset, args.sampler, args.temp, steps=args.steps, schedule=args.schedule, batch=args.batch)
     num_pairs = PRESETS[preset]["num_pairs"] if args.num_pairs is None else args.num_pairs
-    calibrate = PRESETS[preset]["calibrate"] if args.calibrate is None else args.calibrate
-    calibrate = calibrate or (isinstance(models[1], TokenDecoder) and args.calibrate is None)  # occupancies
+    calibrate = default_calibrate(models[1], preset) if args.calibrate is None else args.calibrate
     if args.match_volume and not os.path.isdir(args.match_volume):
         raise utils.DataError(f"{args.match_volume}: --match-volume folder not found")
     run(models, args.out, num_pairs, sampler, args.seed, args.decode, calibrate, args.overwrite,

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 import utils
-from models import TokenDecoder, TokenTransformer, VQAE, model_config
+from models import TokenTransformer, load_decoder, model_config
 
 PAPER_BATCH = 8
 # The token grid, codebook size and data factor come from the token file (utils.read_tokens).
@@ -34,7 +34,7 @@ PRESETS = {
     # paper): a larger grid (the reference's 16x13x16) takes one position per 2x2x2 block of tokens
     # (TokenTransformer's group), which keeps the 448 positions the cpu preset's attention is sized for
     # compact (not in the paper): the model predicts only the codes its grids use (TokenTransformer's
-    # vocab): a code no training grid holds gets no probability either way, the head shrinks to them
+    # vocab): training would only push a code no grid holds towards zero probability; the head shrinks
     "cpu": dict(samples=24000, batch=32, lr=5e-4, warmup=200, every=250, val_repeats=16, max_positions=448,
                 compact=True, model=dict(dim=192, layers=4, heads=6, ff=384, attn_dropout=0.0)),
     "demo": dict(samples=1600, batch=16, lr=1e-3, warmup=20, every=50, val_repeats=4, max_positions=448,
@@ -71,6 +71,22 @@ def config_of(preset, tokens, val=None):
     return model_config(preset, tokens["factor"], kw, grid_shape=grid)
 
 
+def resumable_config(path, old, new):
+    """The config to resume with: the checkpoint's (`old`) when it differs from today's (`new`) only
+    in the vocab and its vocab (none: every code) holds every code today's grids use - e.g. a
+    checkpoint from before `compact`, or another --val; otherwise today's (utils.check_config then
+    names what differs)."""
+    def without_vocab(c):
+        return {**c, "model": {k: v for k, v in c["model"].items() if k != "vocab"}}
+
+    if not isinstance(old, dict) or not isinstance(old.get("model"), dict) or without_vocab(old) != without_vocab(new):
+        return new
+    have = set(old["model"].get("vocab", range(new["model"]["num_codes"])))
+    if not set(new["model"].get("vocab", [])) <= have:
+        raise utils.DataError(f"{path}: the checkpoint predicts {len(have)} codes; the token grids now use others too")
+    return old
+
+
 @torch.no_grad()
 def val_loss(model, tokens, repeats, seed=1234, batch=16):
     """Mean weighted ELBO on held-out grids; fixed draws of t and masks, so runs are comparable."""
@@ -86,9 +102,9 @@ def val_loss(model, tokens, repeats, seed=1234, batch=16):
     return float(total) / len(data)
 
 
-def figure(model, vqae, rows, path, seed=0):
+def figure(model, vqae, grid, rows, path, seed=0):
     """Loss curves and the coronal MIPs of two sampled pairs (fast sampler), decoded by `vqae` (a
-    VQAE or TokenDecoder; None: curves only)."""
+    VQAE or TokenDecoder; None: curves only); grid: the token grid (h, w, d)."""
     import matplotlib.pyplot as plt
 
     col = {h: np.array([np.nan if r[h] == "" else float(r[h]) for r in rows]) for h in LOG_FIELDS}
@@ -103,7 +119,7 @@ def figure(model, vqae, rows, path, seed=0):
         dev = next(model.parameters()).device
         ids = model.sample(n, steps=32, schedule="cosine", generator=torch.Generator(dev).manual_seed(seed))
         with torch.no_grad(), utils.autocast(dev):
-            fixed, moving = vqae.decode_pair(ids, utils.grid_shape(vqae.config["factor"]))
+            fixed, moving = vqae.decode_pair(ids.reshape(-1, *grid), utils.grid_shape(vqae.config["factor"]))
         for i in range(n):
             ax[0, 1 + i].imshow(utils.mip_rgb(fixed[i].cpu(), moving[i].cpu()))
             ax[0, 1 + i].set_title(f"sample {i} (fixed blue, moving orange)", fontsize=8)
@@ -146,7 +162,9 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     config = config_of(preset, tokens, v if val else None)
     ck = None
     if resume and os.path.exists(out):
-        ck = utils.load_checkpoint(out, "diffusion", config)  # other preset / grid / codebook -> one-line error
+        ck = utils.load_checkpoint(out, "diffusion")
+        config = resumable_config(out, ck["config"], config)
+        utils.check_config(out, ck, config)  # other preset / grid / codebook -> one-line error
         # warm-up, then a constant rate: a larger --iters simply trains on to the new target
         utils.check_resume(out, ck, batch=batch_size, seed=seed, tokens=os.path.abspath(data))
         batch_size = ck["batch"]
@@ -157,16 +175,8 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     rank, _, device = utils.distributed(device)
     local = utils.local_batch(batch_size)
     vqae_model = None
-    if vqae and decoder:
-        raise utils.DataError("--vqae and --decoder: give one decoder")
-    if decoder:
-        vqae_model = TokenDecoder.from_checkpoint(decoder, device=device)
-        if tuple(vqae_model.config["grid_shape"]) != tuple(grid) or vqae_model.num_codes != codes:
-            raise utils.DataError(f"{decoder}: token decoder grid / codebook differ from the tokens in {data}")
-    elif vqae:
-        vqae_model = VQAE.from_checkpoint(vqae, device=device)
-        if vqae_model.token_grid(utils.grid_shape(vqae_model.config["factor"])) != grid or vqae_model.num_codes != codes:
-            raise utils.DataError(f"{vqae}: VQ-AE grid / codebook differ from the tokens in {data}")
+    if vqae or decoder:
+        vqae_model = load_decoder(grid, codes, vqae, decoder, device)
     utils.main_print(f"{len(tokens['tokens'])} token grids {'x'.join(map(str, grid))} ({codes} codes, "
           f"{len(torch.unique(tokens['tokens']))} used; the model predicts {len(config['model'].get('vocab', range(codes)))})"
           + (f", {len(val_tokens)} validation grids" if val else ""))
@@ -205,7 +215,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
                               scheduler=sched.state_dict(), scaler=scaler.state_dict(), iteration=it, iters=iters,
                               batch=batch_size, seed=seed, log=rows, rng=utils.rng_state([gen]), **extra)
         utils.write_csv(base + ".csv", LOG_FIELDS, rows)
-        figure(model, vqae_model, rows, base + ".png", seed)
+        figure(model, vqae_model, grid, rows, base + ".png", seed)
         utils.barrier()
 
     t0 = time.time() - (rows[-1]["seconds"] if rows else 0)

@@ -988,7 +988,13 @@ def load_checkpoint(path, kind, config=None):
         raise DataError(f"{path}: not a checkpoint of this project")
     if ck["kind"] != kind:
         raise DataError(f"{path}: is a '{ck['kind']}' checkpoint, expected '{kind}'")
-    if config is not None and ck["config"] != config:
+    if config is not None:
+        check_config(path, ck, config)
+    return ck
+
+
+def check_config(path, ck, config):
+    """Refuse a checkpoint `ck` (read from `path`) whose config is not `config`, naming what differs."""
+    if ck["config"] != config:
         diff = sorted(k for k in set(config) | set(ck["config"]) if config.get(k) != ck["config"].get(k))
         raise DataError(f"{path}: checkpoint config differs in {', '.join(diff)} (another preset?)")
-    return ck

@@ -57,12 +57,12 @@ def main(data, out):
     result["codebook"] = vqae.codebook.weight.detach().clone()
 
     utils.seed_all(0)
-    tokens = dict(grid_shape=(8, 7, 8), num_codes=128, factor=4)
-    config = train_diffusion.config_of("demo", tokens)
+    x0 = torch.randint(32, (BATCH, 448), generator=torch.Generator().manual_seed(0)) * 4  # 32 of 128 codes
+    tokens = dict(grid_shape=(8, 7, 8), num_codes=128, factor=4, tokens=x0)
+    config = train_diffusion.config_of("demo", tokens)  # compact: the vocab's buffers go through DDP too
     config["model"]["dropout"] = 0.0  # dropout masks are drawn per process: alike in law, not in value
     model = TokenTransformer.build(config)
     opt, sched = frozen(model.parameters())
-    x0 = torch.randint(128, (BATCH, 448), generator=torch.Generator().manual_seed(0))
     train_diffusion.diffusion_step(model, opt, scaler, sched, x0[part], 1.0, utils.parallel(model, device))
     result["diffusion"] = grads(model)
 

@@ -208,7 +208,7 @@ def test_synthesise_files_seed_and_resume(ckpts, tmp_path, capsys):
 @pytest.mark.parametrize("diffusion, vqae, message", [
     ("nope.pth", "vqae.pth", "checkpoint not found"),
     ("vqae.pth", "vqae.pth", "is a 'vqae' checkpoint, expected 'diffusion'"),
-    ("diff.pth", "vqae32.pth", "does not match the diffusion model"),
+    ("diff.pth", "vqae32.pth", "VQ-AE of 8x7x8 token grids with 32 codes, not 8x7x8 with 16"),
     ("diff.pth", "diff.pth", "is a 'diffusion' checkpoint, expected 'vqae'"),
     ("junk.pth", "vqae.pth", "not a readable checkpoint"),
 ])
@@ -226,7 +226,7 @@ def test_train_refuses_bad_tokens(ckpts, run, tmp_path):
         train_diffusion.main([tr[0], str(ckpts / "tokens.pth")] + tr[1:] + ["--preset", "cpu"])
     with pytest.raises(utils.DataError, match="not found"):
         train_diffusion.main([tr[0], str(tmp_path / "none.pth")] + tr[1:])
-    with pytest.raises(utils.DataError, match="differ from the tokens"):
+    with pytest.raises(utils.DataError, match="VQ-AE of 8x7x8 token grids with 32 codes"):
         train_diffusion.main([tr[0], str(ckpts / "tokens.pth")] + tr[1:] + ["--vqae", str(ckpts / "vqae32.pth")])
     assert not os.path.exists(tmp_path / "d.pth")
     # as a user sees it: one line, no traceback
@@ -339,3 +339,23 @@ def test_vocab_benchmark_runs(tmp_path, capsys):
     benchmark_diffusion.main([str(tmp_path / "t.pth"), "--preset", "demo", "--steps", "1", "--batch", "2"])
     out = capsys.readouterr().out
     assert "128 codes, 4 used" in out and out.strip().splitlines()[-1].startswith("speedup: train ")
+
+
+def test_resume_keeps_a_checkpoints_vocab(ckpts, tmp_path, monkeypatch):
+    """A checkpoint written without `compact` (every code) or with another --val resumes with its own
+    vocab when that holds every code of today's grids; grids with codes outside it are refused."""
+    out = str(tmp_path / "d.pth")
+    args = ["2", str(ckpts / "tokens.pth"), "--preset", "demo", "--out", out]
+    with monkeypatch.context() as m:
+        m.setitem(train_diffusion.PRESETS, "demo", dict(train_diffusion.PRESETS["demo"], compact=False))
+        train_diffusion.main(args + ["--iters", "2"])
+    train_diffusion.main(args + ["--iters", "3", "--resume"])
+    ck = utils.load_checkpoint(out, "diffusion")
+    assert ck["iteration"] == 3 and "vocab" not in ck["config"]["model"]
+    small = str(tmp_path / "small.pth")  # grids of codes 0-3 only: a checkpoint predicting those four
+    utils.write_tokens(small, torch.randint(0, 4, (4, *GRID)), list("abcd"), 16, {"preset": "demo", "factor": 4})
+    out2 = str(tmp_path / "e.pth")
+    train_diffusion.main(["2", small, "--preset", "demo", "--out", out2, "--iters", "2"])
+    with pytest.raises(utils.DataError, match="predicts 4 codes"):
+        train_diffusion.main(["2", small, "--val", str(ckpts / "tokens.pth"), "--preset", "demo", "--out", out2,
+                              "--iters", "3", "--resume"])

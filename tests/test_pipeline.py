@@ -89,6 +89,9 @@ def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys, monkeypatch):
                 "- synth-4, generator on 5 token grids: net", "Realism (4 mm; real training pairs, decoded"):
         assert row in md, row
     assert len(os.listdir(os.path.join(out, "mix_tok"))) == 2 * (3 + 4)
+    pipeline.main(argv)  # the first generator again: nothing to redo, every row stays in the table
+    assert stages_run(capsys.readouterr().out) == []
+    assert "| synth-4, generator on 5 token grids |" in open(os.path.join(out, "results.md")).read()
 
 
 def test_pipeline_needs_val_with_data(tmp_path):
