@@ -76,13 +76,13 @@ def load_models(diffusion, vqae_path=None, preset=None, device=None, decoder=Non
     if not vqae_path and not decoder:  # the decoder the diffusion model was trained with
         decoder = model.saved.get("decoder")
         vqae_path = None if decoder else model.saved.get("vqae") or f"vqae_{cfg['preset']}.pth"
-    vqae = load_decoder(cfg["grid_shape"], cfg["model"]["num_codes"], vqae_path, decoder, device)
+    dec = load_decoder(cfg["grid_shape"], cfg["model"]["num_codes"], vqae_path, decoder, device)
     if decoder:
-        return model, vqae
+        return model, dec
     fingerprint = model.saved.get("vqae_fingerprint")
-    if fingerprint is not None and not math.isclose(fingerprint, vqae.fingerprint(), rel_tol=1e-6):
+    if fingerprint is not None and not math.isclose(fingerprint, dec.fingerprint(), rel_tol=1e-6):
         raise utils.DataError(f"{vqae_path}: not the VQ-AE whose tokens trained {diffusion} (codebook differs)")
-    return model, vqae
+    return model, dec
 
 
 def pair_paths(out, i):
