@@ -3,7 +3,7 @@ registration nets trained on real / synthetic / real+synthetic pairs -> Dice/TRE
 
     python pipeline.py --preset demo|cpu|paper [--data FOLDER] [--val FOLDER] [--landmarks FOLDER]
                        [--generator-data FOLDER | --generator-tokens TOKENS] [--out results/PRESET]
-                       [--seeds 3] [--num-synth N] [--reg-iters N] [--force STAGE ...]
+                       [--seeds 3] [--num-synth N] [--reg-iters N] [--force STAGE ...] [--jobs 1]
 
 The generator trains on --data (the registration nets' real pairs) unless --generator-data names
 other pairs (its own VQ-AE and diffusion model), or --generator-tokens a token file whose VQ-AE is
@@ -17,19 +17,23 @@ Each stage calls the stage script's own main() with the command line a user woul
 runs here is exactly what the README documents. A stage whose outputs exist and whose command line
 is unchanged is skipped (a killed run resumes); --force STAGE redoes it (a prefix such as `reg`
 matches all registration stages). --preset demo without --data makes phantom pairs first.
-Everything runs in this one process; for several GPUs run the printed stage commands under
-torchrun (README, "More than one GPU").
+Everything runs in this one process, except that --jobs N runs N registration trainings and
+evaluations at once in worker processes (CPU throughput); for several GPUs run the printed stage
+commands under torchrun (README, "More than one GPU").
 """
 import argparse
+import concurrent.futures as cf
 import glob
 import inspect
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import time
 
 import numpy as np
+import torch
 
 import decode_tokens
 import evaluate_registration
@@ -121,6 +125,15 @@ class Stages:
 
     def __call__(self, name, outputs, fn, argv, preset=None, inputs=(), resume=None):
         """resume: the arguments that continue an interrupted run of the stage (None: it restarts)."""
+        job = self.plan(name, outputs, fn, argv, preset, inputs, resume)
+        if job:
+            t = time.time()
+            fn(job["argv"])
+            self.finish(job, time.time() - t)
+
+    def plan(self, name, outputs, fn, argv, preset=None, inputs=(), resume=None):
+        """None if the stage is done; otherwise its outputs are cleared (or kept to resume), it is
+        recorded as started and returned as a job {name, record, fn, argv} for finish()."""
         # the record: command line, the stage's preset table (editing a preset re-runs the stage) and
         # the contents of the files it reads (a changed input or re-made checkpoint re-runs it)
         table = getattr(inspect.getmodule(fn), "PRESETS", {}).get(preset)
@@ -139,7 +152,7 @@ class Stages:
             if previous != {**record, "complete": True}:  # an earlier version's record: store today's
                 self.done[name] = {**record, "complete": True}
                 utils.write_json(self.path, self.done)
-            return
+            return None
         if resume is not None and not forced and same and not previous.get("complete", True):
             argv = argv + resume  # killed midway: continue from its last checkpoint
         else:
@@ -152,15 +165,67 @@ class Stages:
                     shutil.rmtree(o)
                 elif os.path.exists(o):
                     os.remove(o)
-        print(f"[pipeline] {name}: {fn.__module__}.py {' '.join(argv)}")
+        print(f"[pipeline] {name}: {fn.__module__}.py {' '.join(argv)}", flush=True)
         self.done[name] = {**record, "complete": False}
         utils.write_json(self.path, self.done)
-        t = time.time()
-        fn(argv)
-        self.times[name] = time.time() - t
-        self.done[name] = {**record, "complete": True}
+        return {"name": name, "record": record, "fn": fn, "argv": argv}
+
+    def finish(self, job, seconds):
+        self.times[job["name"]] = seconds
+        self.done[job["name"]] = {**job["record"], "complete": True}
         utils.write_json(self.path, self.done)
         utils.write_json(self.times_path, self.times)
+
+
+def _stage_process(fn, argv):
+    """What a worker process of run_chains runs: one stage, with the threads its initializer set."""
+    fn(argv)
+
+
+def run_chains(run, chains, jobs):
+    """Runs each chain's stages in order (a registration training, then its evaluation: a chain is a
+    list of run() keyword arguments). jobs > 1: up to `jobs` chains at once, each stage in a worker
+    process with 1/jobs of torch's threads - on a CPU, two 1-thread registration trainings (or test-time
+    adaptations) finish more pairs per second than one 2-thread one (RESULTS.md). With the same threads
+    per process a stage computes bit for bit what it computes alone; its time in times.json overlaps
+    the other workers'. The records stay with this process: a stage is planned when it is its chain's
+    turn, so an evaluation reads the checkpoint its training has just written."""
+    if jobs == 1:
+        for chain in chains:
+            for stage in chain:
+                run(**stage)
+        return
+    threads = max(1, torch.get_num_threads() // jobs)
+    # fork starts a worker with this process's modules as they are, but a forked child's OpenMP
+    # hangs in its first region of more than one thread (libgomp): fork only for 1-thread workers
+    fork = threads == 1 and sys.platform.startswith("linux")
+    ctx = multiprocessing.get_context("fork" if fork else "spawn")
+    queue, running, errors = [list(c) for c in chains], {}, []
+    start = time.time()
+    with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        while running or (queue and not errors):
+            while queue and not errors and len(running) < jobs:
+                chain = queue.pop(0)
+                while chain:
+                    job = run.plan(**chain.pop(0))
+                    if job:
+                        running[pool.submit(_stage_process, job["fn"], job["argv"])] = (chain, job, time.time())
+                        break
+            if not running:
+                continue
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for f in done:
+                chain, job, t = running.pop(f)
+                if f.exception() is not None:
+                    errors.append(f.exception())  # the others finish and are recorded; nothing new starts
+                    continue
+                run.finish(job, time.time() - t)
+                if chain:
+                    queue.insert(0, chain)  # its next stage (the evaluation) goes first
+    if errors:
+        raise errors[0]
+    print(f"[pipeline] {len(chains)} stage chains, {jobs} at a time ({threads} threads each): "
+          f"{(time.time() - start) / 60:.1f} min wall", flush=True)
 
 
 def mix_folder(real, synth, out):
@@ -349,8 +414,12 @@ def main(argv=None):
                      help="token grids the generator trains on, decoded by a decoder fitted on --data (not in the paper)")
     ap.add_argument("--reg-iters", type=int, help="override the registration preset's iterations")
     ap.add_argument("--force", nargs="*", default=[], metavar="STAGE")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="registration trainings and evaluations run this many at a time, each in its own process "
+                         "with 1/JOBS of the threads (on a 2-core CPU: 2; RESULTS.md)")
     args = ap.parse_args(argv)
-    utils.check_positive({"--seeds": args.seeds, "--num-synth": args.num_synth, "--reg-iters": args.reg_iters})
+    utils.check_positive({"--seeds": args.seeds, "--num-synth": args.num_synth, "--reg-iters": args.reg_iters,
+                          "--jobs": args.jobs})
     preset = args.preset
     p = PRESETS[preset]
     out = args.out or os.path.join("results", preset)
@@ -400,18 +469,20 @@ def main(argv=None):
     reads = {r: [data, folders["synth" + r[3:]]] if r.startswith("mix") else [f] for r, f in folders.items()}
     iters = ["--iters", args.reg_iters] if args.reg_iters else []
     ev = ["--data", val, "--landmarks", lms, "--overwrite"]
-    run("eval_none", [path("eval_none.json")], evaluate_registration.main,
-        [p["tta"], "none", "--preset", preset, "--out", path("eval_none"), *ev], preset, [val, lms])
+    chains = [[dict(name="eval_none", outputs=[path("eval_none.json")], fn=evaluate_registration.main,
+                    argv=[p["tta"], "none", "--preset", preset, "--out", path("eval_none"), *ev], preset=preset,
+                    inputs=[val, lms])]]
     reg_batch = train_registration.PRESETS[preset]["batch"]
     for r in [r for r in ROWS if r in folders]:
-        folder = folders[r]
         for s in range(args.seeds):
             ck = path(f"reg_{r}_s{s}.pth")
-            run(f"reg_{r}_s{s}", [ck], train_registration.main,
-                [reg_batch, folder, "--preset", preset, "--seed", s, "--out", ck, *iters], preset, reads[r],
-                resume=["--resume"])
-            run(f"eval_{r}_s{s}", [path(f"eval_{r}_s{s}.json")], evaluate_registration.main,
-                [p["tta"], ck, "--out", path(f"eval_{r}_s{s}"), *ev], preset, [ck, val, lms])
+            chains.append([
+                dict(name=f"reg_{r}_s{s}", outputs=[ck], fn=train_registration.main, preset=preset, inputs=reads[r],
+                     argv=[reg_batch, folders[r], "--preset", preset, "--seed", s, "--out", ck, *iters],
+                     resume=["--resume"]),
+                dict(name=f"eval_{r}_s{s}", outputs=[path(f"eval_{r}_s{s}.json")], fn=evaluate_registration.main,
+                     argv=[p["tta"], ck, "--out", path(f"eval_{r}_s{s}"), *ev], preset=preset, inputs=[ck, val, lms])])
+    run_chains(run, chains, args.jobs)
     report(out, args.seeds, run.times, preset, data, synth, labels)
 
 

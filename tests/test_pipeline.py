@@ -3,10 +3,12 @@ resume after a deleted output, and --force."""
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
 import decode_tokens
+import make_phantoms
 import pipeline
 import train_diffusion
 import train_registration
@@ -31,6 +33,20 @@ def micro(monkeypatch):
 
 def stages_run(out):
     return re.findall(r"\[pipeline\] (\w+): (?!done|changed)", out)
+
+
+def contents(path):
+    """A file's bytes, or for a checkpoint its tensors and values (bit for bit) as nested lists."""
+    if not path.endswith(".pth"):
+        return open(path, "rb").read()
+
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return (x.dtype, x.shape, x.view(-1).view(torch.uint8).tolist() if x.numel() else []) if torch.is_tensor(x) else x
+    return plain(torch.load(path, weights_only=True))
 
 
 def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys, monkeypatch):
@@ -73,6 +89,21 @@ def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys, monkeypatch):
     pipeline.main(argv + ["--force", "eval_"])
     assert stages_run(capsys.readouterr().out) == ["eval_none", "eval_real_s0", "eval_synth_s0", "eval_mix_s0"]
 
+    # --jobs 2: the rows in two 1-thread worker processes compute what one process computes, bit for bit
+    # (checkpoints compared by content: torch.save names its archive after the writing process's temporary file)
+    rows = ["eval_none.csv"] + [f"{f}_{r}_s0.{e}" for r in ("real", "synth", "mix") for f, e in (("reg", "pth"), ("eval", "csv"))]
+    before = {f: contents(os.path.join(out, f)) for f in rows}
+    del before["reg_synth_s0.pth"]["note"]  # the edit above; the forced training writes it afresh
+    pipeline.main(argv + ["--force", "reg_", "eval_", "--jobs", "2"])
+    text = capsys.readouterr().out
+    assert sorted(stages_run(text)) == sorted(["eval_none"] + [f"{k}_{r}_s0" for r in ("real", "synth", "mix")
+                                                                for k in ("reg", "eval")])
+    assert "4 stage chains, 2 at a time (1 threads each)" in text
+    for f in rows:
+        assert contents(os.path.join(out, f)) == before[f], f
+    pipeline.main(argv + ["--jobs", "2"])  # and its records are the parent's: nothing left to redo
+    assert stages_run(capsys.readouterr().out) == []
+
     # a second generator on token grids (3 of the training pairs' cases and 2 more) into the same
     # folder: its stages and rows are added, the real rows are not recomputed
     cases = utils.find_pairs(os.path.join(out, "phantoms_train")) + ["case_900", "case_901"]
@@ -97,3 +128,29 @@ def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys, monkeypatch):
 def test_pipeline_needs_val_with_data(tmp_path):
     with pytest.raises(utils.DataError, match="--val"):
         pipeline.main(["--preset", "cpu", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_run_chains_spawned_workers_and_a_failing_stage(tmp_path):
+    """Workers with more than one thread are spawned (a forked OpenMP hangs): they write what the
+    stage writes alone. A failing stage fails the run after the running ones are finished and recorded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(4)  # 2 jobs x 2 threads: spawned workers
+    try:
+        def chains(root, bad=False):
+            return [[dict(name=f"ph{i}_{k}", outputs=[str(root / f"ph{i}_{k}")], fn=make_phantoms.main,
+                          argv=[str(root / f"ph{i}_{k}"), 0 if bad and i == 1 else 1, "--seed", i + k,
+                                "--size", 32, 26, 32]) for k in range(2)] for i in range(2)]
+        pipeline.run_chains(pipeline.Stages(str(tmp_path / "a"), []), chains(tmp_path / "a"), 1)
+        pipeline.run_chains(pipeline.Stages(str(tmp_path / "b"), []), chains(tmp_path / "b"), 2)
+        for i in range(2):
+            for k in range(2):
+                for c in utils.find_pairs(str(tmp_path / "a" / f"ph{i}_{k}")):
+                    for j in (1, 2):
+                        a, b = (utils.load_volume(str(tmp_path / x / f"ph{i}_{k}" / f"{c}_{j}.nii.gz")) for x in "ab")
+                        assert np.array_equal(a, b)
+        with pytest.raises(utils.DataError, match=">= 1"):
+            pipeline.run_chains(pipeline.Stages(str(tmp_path / "c"), []), chains(tmp_path / "c", bad=True), 2)
+        done = utils.read_json(str(tmp_path / "c" / "stages.json"))
+        assert done["ph0_0"]["complete"] and not done["ph1_0"]["complete"] and "ph1_1" not in done
+    finally:
+        torch.set_num_threads(n)
