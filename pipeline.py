@@ -177,8 +177,19 @@ class Stages:
         utils.write_json(self.times_path, self.times)
 
 
+def _worker_init(threads):
+    """A run_chains worker: its share of the threads, and (Linux) it dies with the pipeline process, so
+    a killed pipeline leaves no stage running that a resumed one would redo beside it."""
+    torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _stage_process(fn, argv):
-    """What a worker process of run_chains runs: one stage, with the threads its initializer set."""
+    """What a worker process of run_chains runs: one stage."""
     fn(argv)
 
 
@@ -189,7 +200,8 @@ def run_chains(run, chains, jobs):
     adaptations) finish more pairs per second than one 2-thread one (RESULTS.md). With the same threads
     per process a stage computes bit for bit what it computes alone; its time in times.json overlaps
     the other workers'. The records stay with this process: a stage is planned when it is its chain's
-    turn, so an evaluation reads the checkpoint its training has just written."""
+    turn, so an evaluation reads the checkpoint its training has just written. A failing stage stops
+    new ones from starting; the running ones finish and are recorded, then its error is raised."""
     if jobs == 1:
         for chain in chains:
             for stage in chain:
@@ -197,12 +209,14 @@ def run_chains(run, chains, jobs):
         return
     threads = max(1, torch.get_num_threads() // jobs)
     # fork starts a worker with this process's modules as they are, but a forked child's OpenMP
-    # hangs in its first region of more than one thread (libgomp): fork only for 1-thread workers
-    fork = threads == 1 and sys.platform.startswith("linux")
+    # hangs in its first region of more than one thread (libgomp), and its CUDA cannot start again
+    fork = threads == 1 and sys.platform.startswith("linux") and not torch.cuda.is_initialized()
     ctx = multiprocessing.get_context("fork" if fork else "spawn")
+    print(f"[pipeline] {len(chains)} stage chains, {jobs} at a time ({threads} threads each)", flush=True)
     queue, running, errors = [list(c) for c in chains], {}, []
     start = time.time()
-    with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+    pool = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,))
+    try:
         while running or (queue and not errors):
             while queue and not errors and len(running) < jobs:
                 chain = queue.pop(0)
@@ -222,10 +236,18 @@ def run_chains(run, chains, jobs):
                 run.finish(job, time.time() - t)
                 if chain:
                     queue.insert(0, chain)  # its next stage (the evaluation) goes first
+    except BaseException:
+        # this process failed (or was interrupted): stop the workers now rather than wait for their
+        # stages; those stay recorded as started and resume from their checkpoints next time
+        for p in list(pool._processes.values()):  # no public call stops a busy worker
+            p.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     if errors:
         raise errors[0]
-    print(f"[pipeline] {len(chains)} stage chains, {jobs} at a time ({threads} threads each): "
-          f"{(time.time() - start) / 60:.1f} min wall", flush=True)
+    print(f"[pipeline] {len(chains)} stage chains, {jobs} at a time: {(time.time() - start) / 60:.1f} min wall",
+          flush=True)
 
 
 def mix_folder(real, synth, out):
@@ -330,7 +352,7 @@ def report(out, seeds, times, preset, real=None, synth=None, labels=None):
             cells.append(f"{k} {d.mean():+.2f} mm, better in {(d < 0).sum()}/{len(d)}, p = {sign_flip_p(d):.3f}")
         lines.append(f"- {names[r]}: " + "; ".join(cells))
     total = sum(times.values())
-    lines += ["", f"Wall time per stage (summed over resumed runs): total {total / 60:.1f} min", ""]
+    lines += ["", f"Time per stage (summed over resumed runs; stages run by --jobs overlap): total {total / 60:.1f} min", ""]
     lines += [f"- {k}: {v / 60:.1f} min ({100 * v / max(total, 1e-9):.0f} %)" for k, v in times.items()]
     for f, what in (("realism", "real training pairs, VQ-AE reconstructions, synthetic pairs"),
                     ("realism_tok", "real training pairs, decoded token grids, synthetic pairs of the token generator")):
