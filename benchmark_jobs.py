@@ -42,7 +42,12 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=2)
     a = ap.parse_args(argv)
     utils.check_positive({"--chains": a.chains, "--iters": a.iters, "--tta": a.tta, "--jobs": a.jobs})
-    tmp = tempfile.mkdtemp()
+    with tempfile.TemporaryDirectory() as tmp:  # checkpoints and evaluations go with it
+        compare(a, tmp)
+
+
+def compare(a, tmp):
+    """Runs the chains with --jobs N, then one at a time, in folders under tmp; prints both."""
     if a.data is None:
         import make_phantoms
 

@@ -188,11 +188,6 @@ def _worker_init(threads):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _stage_process(fn, argv):
-    """What a worker process of run_chains runs: one stage."""
-    fn(argv)
-
-
 def run_chains(run, chains, jobs):
     """Runs each chain's stages in order (a registration training, then its evaluation: a chain is a
     list of run() keyword arguments). jobs > 1: up to `jobs` chains at once, each stage in a worker
@@ -223,7 +218,7 @@ def run_chains(run, chains, jobs):
                 while chain:
                     job = run.plan(**chain.pop(0))
                     if job:
-                        running[pool.submit(_stage_process, job["fn"], job["argv"])] = (chain, job, time.time())
+                        running[pool.submit(job["fn"], job["argv"])] = (chain, job, time.time())
                         break
             if not running:
                 continue
