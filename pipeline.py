@@ -296,10 +296,14 @@ def log_prefix_paths(prefix):
     return [prefix + ext for ext in (".csv", ".json", ".png", ".md")]
 
 
+def eval_csv(out, row, seed):
+    return os.path.join(out, f"eval_{row}_s{seed}.csv")
+
+
 def per_case_means(out, row, seeds):
-    """{case: ...} arrays of a row's per-case TRE (net, tta), averaged over its seeds; None if not run."""
+    """{case: ...} arrays of a row's per-case TRE (net, tta), averaged over the given seeds; None if none ran."""
     rows = [np.genfromtxt(c, delimiter=",", names=True, dtype=None, encoding=None)
-            for c in (os.path.join(out, f"eval_{row}_s{s}.csv") for s in range(seeds)) if os.path.exists(c)]
+            for c in (eval_csv(out, row, s) for s in seeds) if os.path.exists(c)]
     if not rows:
         return None
     cases = sorted(set(rows[0]["case"]))
@@ -333,19 +337,21 @@ def report(out, seeds, times, preset, real=None, synth=None, labels=None):
                  else f"{js[0][c]:.2f}" for c in cols]
         partial = f" ({len(js)} of {seeds} seeds)" if name != "initial / TTA only" and len(js) < seeds else ""
         lines.append(f"| {name} | " + " | ".join(cells) + partial + " |")
-    base = per_case_means(out, "real", seeds)
-    compared = [(r, per_case_means(out, r, seeds)) for r in ROWS[1:] if r in names]
-    compared = [(r, m) for r, m in compared if m is not None and base is not None]
+    # each row against the real pairs over the seeds both have (a partial run may lack some)
+    paired = {r: [s for s in range(seeds) if all(os.path.exists(eval_csv(out, x, s)) for x in ("real", r))]
+              for r in ROWS[1:] if r in names}
+    compared = [(r, ss, per_case_means(out, "real", ss), per_case_means(out, r, ss)) for r, ss in paired.items() if ss]
     if compared:
-        n = len(base["net"])
-        lines += ["", f"Per case against {names['real']} ({n} cases, TRE averaged over seeds; "
+        n = len(compared[0][2]["net"])
+        lines += ["", f"Per case against {names['real']} ({n} cases, TRE averaged over the seeds both rows have; "
                   "negative = better than the real pairs; paired sign-flip permutation test):", ""]
-    for r, m in compared:
+    for r, ss, base, m in compared:
         cells = []
         for k in ("net", "tta"):
             d = m[k] - base[k]
             cells.append(f"{k} {d.mean():+.2f} mm, better in {(d < 0).sum()}/{len(d)}, p = {sign_flip_p(d):.3f}")
-        lines.append(f"- {names[r]}: " + "; ".join(cells))
+        some = f" (seeds {', '.join(map(str, ss))})" if len(ss) < seeds else ""
+        lines.append(f"- {names[r]}{some}: " + "; ".join(cells))
     total = sum(times.values())
     lines += ["", f"Time per stage (summed over resumed runs; stages run by --jobs overlap): total {total / 60:.1f} min", ""]
     lines += [f"- {k}: {v / 60:.1f} min ({100 * v / max(total, 1e-9):.0f} %)" for k, v in times.items()]
@@ -490,8 +496,9 @@ def main(argv=None):
                     argv=[p["tta"], "none", "--preset", preset, "--out", path("eval_none"), *ev], preset=preset,
                     inputs=[val, lms])]]
     reg_batch = train_registration.PRESETS[preset]["batch"]
-    for r in [r for r in ROWS if r in folders]:
-        for s in range(args.seeds):
+    # seed-major: a run stopped part-way has the same seeds of every row, which the per-case tests pair
+    for s in range(args.seeds):
+        for r in [r for r in ROWS if r in folders]:
             ck = path(f"reg_{r}_s{s}.pth")
             chains.append([
                 dict(name=f"reg_{r}_s{s}", outputs=[ck], fn=train_registration.main, preset=preset, inputs=reads[r],

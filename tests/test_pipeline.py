@@ -168,3 +168,23 @@ def test_run_chains_spawned_workers_and_a_failing_stage(tmp_path, capsys):
         assert done["ph0_0"]["complete"] and not done["ph1_0"]["complete"] and "ph1_1" not in done
     finally:
         torch.set_num_threads(n)
+
+
+def test_report_compares_rows_over_the_seeds_both_have(tmp_path):
+    """A partial run (real-10 with seeds 0 and 1, synth only seed 0): the per-case test pairs seed 0
+    with seed 0, not synth's seed 0 with the mean of real's two seeds."""
+    out = str(tmp_path)
+    stats = {f"tre_{k}_{q}": 5.0 for k in ("net", "tta") for q in ("mean", "p25", "p50", "p75")}
+    stats.update(dice_tta=0.7, folding_pct=0.0, tre_initial_mean=14.0, dice_initial=0.2)
+    utils.write_json(os.path.join(out, "eval_none.json"), stats)
+    cases = ["case_001", "case_002", "case_003"]
+    tre = {("real", 0): [10.0, 10.0, 10.0], ("real", 1): [20.0, 20.0, 20.0], ("synth", 0): [9.0, 11.0, 8.0]}
+    for (row, s), values in tre.items():
+        utils.write_json(os.path.join(out, f"eval_{row}_s{s}.json"), stats)
+        with open(os.path.join(out, f"eval_{row}_s{s}.csv"), "w") as f:
+            f.write("case,net,tta\n" + "".join(f"{c},{v},{v / 2}\n" for c, v in zip(cases, values)))
+    pipeline.report(out, 2, {}, "demo", labels={"real": "real-3", "synth": "synth-4"})
+    md = open(os.path.join(out, "results.md")).read()
+    # seed 0 alone: differences -1, +1, -2 (mean -0.67, 2 of 3 better); with real's mean over both seeds: -6.67
+    assert "- synth-4 (seeds 0): net -0.67 mm, better in 2/3" in md
+    assert "| synth-4 | " in md and "(1 of 2 seeds)" in md
