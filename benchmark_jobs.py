@@ -15,20 +15,14 @@ import time
 
 import torch
 
-import evaluate_registration
 import pipeline
-import train_registration
 import utils
 
 
 def chains(out, data, val, landmarks, n, iters, tta):
-    """n chains (seeds 0..n-1) of the cpu preset: train on `data`, evaluate on `val`."""
-    ev = ["--data", val, "--landmarks", landmarks, "--overwrite"]
-    batch = train_registration.PRESETS["cpu"]["batch"]
-    return [[dict(name=f"reg_s{s}", outputs=[f"{out}/reg_s{s}.pth"], fn=train_registration.main, preset="cpu",
-                  argv=[batch, data, "--preset", "cpu", "--seed", s, "--iters", iters, "--out", f"{out}/reg_s{s}.pth"]),
-             dict(name=f"eval_s{s}", outputs=[f"{out}/eval_s{s}.json"], fn=evaluate_registration.main, preset="cpu",
-                  argv=[tta, f"{out}/reg_s{s}.pth", "--out", f"{out}/eval_s{s}", *ev])] for s in range(n)]
+    """n chains (seeds 0..n-1) of the cpu preset, as pipeline.py builds them: train on `data`, evaluate on `val`."""
+    return [pipeline.reg_chain(out, f"s{s}", data, [data], "cpu", s, tta, val, landmarks, ["--iters", iters])
+            for s in range(n)]
 
 
 def main(argv=None):

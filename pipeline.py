@@ -414,6 +414,19 @@ def generator(run, path, preset, data, val, n, tag="", tokens=None):
     return synth, decoded
 
 
+def reg_chain(out, tag, data, reads, preset, seed, tta, val, landmarks, iters=()):
+    """One registration row and seed as a stage chain: reg_TAG trains on `data` (the files it reads:
+    `reads`), then eval_TAG evaluates its net on `val` with `tta` test-time-adaptation iterations."""
+    ck = os.path.join(out, f"reg_{tag}.pth")
+    ev = ["--data", val, "--landmarks", landmarks, "--overwrite"]
+    return [dict(name=f"reg_{tag}", outputs=[ck], fn=train_registration.main, preset=preset, inputs=reads,
+                 argv=[train_registration.PRESETS[preset]["batch"], data, "--preset", preset, "--seed", seed,
+                       "--out", ck, *iters], resume=["--resume"]),
+            dict(name=f"eval_{tag}", outputs=[os.path.join(out, f"eval_{tag}.json")], fn=evaluate_registration.main,
+                 argv=[tta, ck, "--out", os.path.join(out, f"eval_{tag}"), *ev], preset=preset,
+                 inputs=[ck, val, landmarks])]
+
+
 def warn_overlap(cases, val, source):
     """A generator that saw validation cases makes rows that are not held out: say so."""
     both = sorted(set(cases) & set(utils.find_pairs(val)))
@@ -495,17 +508,10 @@ def main(argv=None):
     chains = [[dict(name="eval_none", outputs=[path("eval_none.json")], fn=evaluate_registration.main,
                     argv=[p["tta"], "none", "--preset", preset, "--out", path("eval_none"), *ev], preset=preset,
                     inputs=[val, lms])]]
-    reg_batch = train_registration.PRESETS[preset]["batch"]
     # seed-major: a run stopped part-way has the same seeds of every row, which the per-case tests pair
     for s in range(args.seeds):
         for r in [r for r in ROWS if r in folders]:
-            ck = path(f"reg_{r}_s{s}.pth")
-            chains.append([
-                dict(name=f"reg_{r}_s{s}", outputs=[ck], fn=train_registration.main, preset=preset, inputs=reads[r],
-                     argv=[reg_batch, folders[r], "--preset", preset, "--seed", s, "--out", ck, *iters],
-                     resume=["--resume"]),
-                dict(name=f"eval_{r}_s{s}", outputs=[path(f"eval_{r}_s{s}.json")], fn=evaluate_registration.main,
-                     argv=[p["tta"], ck, "--out", path(f"eval_{r}_s{s}"), *ev], preset=preset, inputs=[ck, val, lms])])
+            chains.append(reg_chain(out, f"{r}_s{s}", folders[r], reads[r], preset, s, p["tta"], val, lms, iters))
     run_chains(run, chains, args.jobs)
     report(out, args.seeds, run.times, preset, data, synth, labels)
 
