@@ -87,7 +87,7 @@ def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys, monkeypatch):
 
     # --force redoes one stage (a prefix names several)
     pipeline.main(argv + ["--force", "eval_"])
-    assert stages_run(capsys.readouterr().out) == ["eval_none", "eval_real_s0", "eval_synth_s0", "eval_mix_s0"]
+    assert stages_run(capsys.readouterr().out) == ["eval_real_s0", "eval_synth_s0", "eval_mix_s0", "eval_none"]
 
     # --jobs 2: the rows in two 1-thread worker processes compute what one process computes, bit for bit
     # (checkpoints compared by content: torch.save names its archive after the writing process's temporary
