@@ -213,7 +213,8 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
             return utils.barrier()  # one writer; nobody reads before it has written
         utils.save_checkpoint(out, "diffusion", config, model.state_dict(), optimizer=opt.state_dict(),
                               scheduler=sched.state_dict(), scaler=scaler.state_dict(), iteration=it, iters=iters,
-                              batch=batch_size, seed=seed, log=rows, rng=utils.rng_state([gen]), **extra)
+                              batch=batch_size, seed=seed, log=rows, rng=utils.rng_state([gen]),
+                              precision=utils.precision(device), **extra)
         utils.write_csv(base + ".csv", LOG_FIELDS, rows)
         figure(model, vqae_model, grid, rows, base + ".png", seed)
         utils.barrier()

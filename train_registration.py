@@ -177,7 +177,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
             utils.save_checkpoint(out, "regnet", cfg, net.state_dict(), iteration=i, loss=loss_value,
                                   optimisers=[o.state_dict() for o in opts], rng=utils.rng_state([gen]), iters=iters,
                                   data=os.path.abspath(data), cases=ids, seed=seed, batch_size=batch_size,
-                                  loss_scheme=loss)
+                                  loss_scheme=loss, precision=utils.precision(device))
         utils.barrier()  # nobody reads the checkpoint before it is written
 
     t = time.time()

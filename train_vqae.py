@@ -230,7 +230,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
                               scheduler=sched.state_dict(), scaler=scaler.state_dict(), iteration=it,
                               iters=iters, batch=batch_size, seed=seed, log=rows, rng=utils.rng_state([gen, aug_gen]),
                               seen=seen.cpu(), diff_weight=diff_weight,
-                              pair_warp=pair_warp)
+                              pair_warp=pair_warp, precision=utils.precision(device))
         utils.write_csv(base + ".csv", LOG_FIELDS, rows)
         plot_log(rows, base + ".png")
         utils.barrier()

@@ -256,6 +256,13 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
 
 
+def precision(device):
+    """The arithmetic utils.autocast gives on `device` now, as checkpoints record it."""
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if device.type == "cpu" and CPU_BF16 else "fp32"
+
+
 def cpu_bf16():
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: absent in some torch versions

@@ -76,3 +76,19 @@ def test_precision_benchmark_runs_and_reports(phantoms, capsys):
     assert "vqae" in out and "decoder" in out and "registration " not in out
     last = out.strip().splitlines()[-1]
     assert last.startswith("speedup: vqae ") and float(last.split()[2].rstrip(",")) > 0
+
+
+def test_checkpoints_record_their_precision(phantoms, tmp_path):
+    """A checkpoint says whether it was trained under bf16 autocast (--bf16) or in fp32."""
+    import train_diffusion
+
+    tokens = str(tmp_path / "t.pth")
+    utils.write_tokens(tokens, torch.randint(0, 4, (4, 4, 3, 4)), list("abcd"), 16, {"preset": "demo", "factor": 4})
+    runs = {"vqae": (train_vqae, ["1", "--data", phantoms]), "regnet": (train_registration, ["1", phantoms]),
+            "diffusion": (train_diffusion, ["2", tokens])}
+    for kind, (script, args) in runs.items():
+        for flags, want in (([], "fp32"), (["--bf16"], "bf16")):
+            out = str(tmp_path / f"{kind}{want}.pth")
+            script.main(args + ["--preset", "demo", "--iters", "1", "--out", out] + flags)
+            assert utils.load_checkpoint(out, kind)["precision"] == want
+            assert not utils.CPU_BF16  # the flag ends with the run
