@@ -168,7 +168,8 @@ def run(tokens_path, data, out, preset, iters=None, folds=5, seed=0, bf16=None, 
     if bf16 and device.type != "cpu":
         raise utils.DataError(f"--bf16 is for the CPU; on {device} the decoder runs under fp16 autocast")
     bf16 = (device.type == "cpu" and utils.cpu_bf16()) if bf16 is None else bf16
-    precision = "fp16" if device.type == "cuda" else ("bf16" if bf16 else "fp32")
+    with utils.cpu_precision(bf16):  # the rule the training scripts record
+        precision = utils.precision(device)
     cfg = config_of(preset, tokens)
     have = set(utils.find_pairs(data))
     fitted = sorted(c for c in tokens["case_ids"] if c in have)
