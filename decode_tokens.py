@@ -1,7 +1,7 @@
 """Decode a token file whose VQ-AE is not available (the reference's paper_tokens_97.pth) into pairs.
 
     python decode_tokens.py TOKENS --data DIR [--out DIR] [--preset paper|cpu|demo] [--iters N]
-                            [--folds 5] [--seed S] [--bf16 | --no-bf16] [--device D] [--overwrite]
+                            [--folds 5] [--seed S] [--device D] [--overwrite]
 
 Not part of the paper: the reference trained its generator on 97 Lung250M-4B training pairs, and of
 87 of them only the token grids of its VQ-AE are public. A models.TokenDecoder is fitted on the pairs
@@ -74,10 +74,7 @@ def decoder_step(model, opt, scaler, grids, x, diff_weight):
     with utils.autocast(x.device):
         logits = utils.crop_to(model(grids), x.shape[2:])
     loss = decoder_loss(logits, x, diff_weight)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
+    utils.optimiser_step(loss, opt, scaler)
     return loss.detach()
 
 
@@ -147,7 +144,7 @@ def preview(path, shown):
     utils.save_figure(fig, path)
 
 
-def run(tokens_path, data, out, preset, iters=None, folds=5, seed=0, bf16=None, device=None, overwrite=False):
+def run(tokens_path, data, out, preset, iters=None, folds=5, seed=0, device=None, overwrite=False):
     """Fold check, final fit and decoding into `out`; returns the manifest."""
     utils.check_positive({"--iters": iters})
     utils.check_seed(seed)
@@ -165,11 +162,7 @@ def run(tokens_path, data, out, preset, iters=None, folds=5, seed=0, bf16=None, 
     p = PRESETS[preset]
     iters = iters or p["iters"]
     device = utils.get_device(device)
-    if bf16 and device.type != "cpu":
-        raise utils.DataError(f"--bf16 is for the CPU; on {device} the decoder runs under fp16 autocast")
-    bf16 = (device.type == "cpu" and utils.cpu_bf16()) if bf16 is None else bf16
-    with utils.cpu_precision(bf16):  # the rule the training scripts record
-        precision = utils.precision(device)
+    precision = utils.precision(device)
     cfg = config_of(preset, tokens)
     have = set(utils.find_pairs(data))
     fitted = sorted(c for c in tokens["case_ids"] if c in have)
@@ -199,46 +192,45 @@ def run(tokens_path, data, out, preset, iters=None, folds=5, seed=0, bf16=None, 
             if os.path.basename(f)[:-len("_1.nii.gz")] not in row:
                 os.remove(f)
 
-    with utils.cpu_precision(bf16):  # utils.autocast in fit and decode
-        manifest = {**settings, "folds": old.get("folds", []), "fitted_all": old.get("fitted_all", False),
-                    "complete": False}
-        utils.write_json(mpath, manifest)
-        shown = []
-        for k, held in enumerate(np.array_split(np.arange(len(fitted)), folds) if folds else []):
-            train = np.setdiff1d(np.arange(len(fitted)), held)
-            if k >= len(manifest["folds"]):
-                model, loss = fit(cfg, fit_grids[train], pairs[train], iters, seed + 1 + k, device, desc=f"fold {k}")
-                recon = decode(model, fit_grids[held], size, device)
-                m = {"held_out": [fitted[i] for i in held], "train_loss": loss, **fold_metrics(pairs[held], recon, p["factor"])}
-                manifest["folds"].append(m)
-                utils.write_json(mpath, manifest)  # a finished fold survives an interruption
-                shown.append((fitted[held[0]], pairs[held[0]], recon[0]))
-                print(f"fold {k}: held out {', '.join(m['held_out'])}: Dice {m['dice_fixed']:.3f} / {m['dice_moving']:.3f}, "
-                      f"deformation kept {100 * m['kept']:.0f} %")
-        if manifest["folds"]:
-            print(fold_table(manifest["folds"]))
-            manifest["fold_mean"] = {c: float(np.mean([f[c] for f in manifest["folds"]]))
-                                     for c in ("dice_fixed", "dice_moving", "kept", "dice_fm", "real_dice_fm")}
-        if shown and len(shown) == len(manifest["folds"]):  # a resumed run keeps the earlier figure
-            preview(os.path.join(out, "preview.png"), shown)
+    manifest = {**settings, "folds": old.get("folds", []), "fitted_all": old.get("fitted_all", False),
+                "complete": False}
+    utils.write_json(mpath, manifest)
+    shown = []
+    for k, held in enumerate(np.array_split(np.arange(len(fitted)), folds) if folds else []):
+        train = np.setdiff1d(np.arange(len(fitted)), held)
+        if k >= len(manifest["folds"]):
+            model, loss = fit(cfg, fit_grids[train], pairs[train], iters, seed + 1 + k, device, desc=f"fold {k}")
+            recon = decode(model, fit_grids[held], size, device)
+            m = {"held_out": [fitted[i] for i in held], "train_loss": loss, **fold_metrics(pairs[held], recon, p["factor"])}
+            manifest["folds"].append(m)
+            utils.write_json(mpath, manifest)  # a finished fold survives an interruption
+            shown.append((fitted[held[0]], pairs[held[0]], recon[0]))
+            print(f"fold {k}: held out {', '.join(m['held_out'])}: Dice {m['dice_fixed']:.3f} / {m['dice_moving']:.3f}, "
+                  f"deformation kept {100 * m['kept']:.0f} %")
+    if manifest["folds"]:
+        print(fold_table(manifest["folds"]))
+        manifest["fold_mean"] = {c: float(np.mean([f[c] for f in manifest["folds"]]))
+                                 for c in ("dice_fixed", "dice_moving", "kept", "dice_fm", "real_dice_fm")}
+    if shown and len(shown) == len(manifest["folds"]):  # a resumed run keeps the earlier figure
+        preview(os.path.join(out, "preview.png"), shown)
 
-        ckpt = os.path.join(out, "decoder.pth")
-        if old.get("fitted_all") and os.path.exists(ckpt):
-            model = TokenDecoder.from_checkpoint(ckpt, device)
-        else:
-            model, loss = fit(cfg, fit_grids, pairs, iters, seed, device, desc="fit all")
-            utils.save_checkpoint(ckpt, "tokendecoder", cfg, model.state_dict(), tokens=os.path.abspath(tokens_path),
-                                  cases=fitted, train_loss=loss)
-            manifest["fitted_all"] = True
-            utils.write_json(mpath, manifest)
-        for c in range(0, len(grids), 8):
-            occ = decode(model, grids[c:c + 8], size, device)
-            for case, x in zip(case_ids[c:c + 8], occ):
-                for k in (0, 1):
-                    utils.write_nifti(os.path.join(out, f"{case}_{k + 1}.nii.gz"), x[k].numpy(), p["factor"])
-        manifest.update(complete=True, num_pairs=len(grids), factor=p["factor"], shape=list(size))
+    ckpt = os.path.join(out, "decoder.pth")
+    if old.get("fitted_all") and os.path.exists(ckpt):
+        model = TokenDecoder.from_checkpoint(ckpt, device)
+    else:
+        model, loss = fit(cfg, fit_grids, pairs, iters, seed, device, desc="fit all")
+        utils.save_checkpoint(ckpt, "tokendecoder", cfg, model.state_dict(), tokens=os.path.abspath(tokens_path),
+                              cases=fitted, train_loss=loss)
+        manifest["fitted_all"] = True
         utils.write_json(mpath, manifest)
-        print(f"{out}: {len(grids)} decoded pairs (reconstructions: blurrier than real masks)")
+    for c in range(0, len(grids), 8):
+        occ = decode(model, grids[c:c + 8], size, device)
+        for case, x in zip(case_ids[c:c + 8], occ):
+            for k in (0, 1):
+                utils.write_nifti(os.path.join(out, f"{case}_{k + 1}.nii.gz"), x[k].numpy(), p["factor"])
+    manifest.update(complete=True, num_pairs=len(grids), factor=p["factor"], shape=list(size))
+    utils.write_json(mpath, manifest)
+    print(f"{out}: {len(grids)} decoded pairs (reconstructions: blurrier than real masks)")
     return manifest
 
 
@@ -251,14 +243,11 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, help="fitting iterations (default: the preset's)")
     ap.add_argument("--folds", type=int, default=5, help="K of the K-fold check over the fitted pairs (0: none)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction,
-                    help="bf16 autocast on the CPU (default: where the CPU computes bf16 natively)")
     ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     out = args.out or "decoded_" + os.path.splitext(os.path.basename(args.tokens))[0]
-    run(args.tokens, args.data, out, args.preset, args.iters, args.folds, args.seed, args.bf16, args.device,
-        args.overwrite)
+    run(args.tokens, args.data, out, args.preset, args.iters, args.folds, args.seed, args.device, args.overwrite)
 
 
 if __name__ == "__main__":

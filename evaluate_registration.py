@@ -1,8 +1,8 @@
 """Stage 6: evaluate a registration net on pairs with landmarks: TRE, Dice, folding, time.
 
     python evaluate_registration.py [ITER_TTA] [CKPT] [--preset cpu] [--data FOLDER] [--landmarks FOLDER]
-                                    [--out PREFIX] [--seed S] [--overwrite] [--loss per-step|composed]
-                                    [--tre-direction reference|fixed] [--device D]
+                                    [--out PREFIX] [--seed S] [--overwrite] [--tre-direction reference|fixed]
+                                    [--device D]
 
 CKPT = none evaluates an untrained net of --preset, i.e. pure instance optimisation (the "no
 training data" baseline); a checkpoint names its own preset. Writes PREFIX.csv (per landmark), PREFIX.json (summary) and PREFIX.png (MIPs).
@@ -18,7 +18,7 @@ import torch
 
 import utils
 from models import RegistrationNet
-from train_registration import LOSSES, PRESETS, REG, TTA_LR, config_of, optimise
+from train_registration import PRESETS, REG, TTA_LR, config_of, optimise
 
 KEYS = ("initial", "net", "tta")
 
@@ -35,6 +35,27 @@ def load_model(ckpt, preset, seed=0):
     return RegistrationNet.from_checkpoint(ckpt, device=torch.device("cpu"))
 
 
+def summary(values):
+    """mean and 25/50/75 % of an array of TREs."""
+    v = np.asarray(values)
+    return {"mean": float(v.mean()), "p25": float(np.percentile(v, 25)),
+            "p50": float(np.percentile(v, 50)), "p75": float(np.percentile(v, 75))}
+
+
+def jacobian_det(ddf):
+    """Jacobian determinant of x + ddf(x) (central differences), (B, H, W, D)."""
+    g = torch.stack(torch.gradient(ddf, dim=(2, 3, 4)), dim=2)  # (B, 3 comp, 3 deriv, H, W, D)
+    J = g + torch.eye(3, dtype=ddf.dtype, device=ddf.device).view(1, 3, 3, 1, 1, 1)
+    return torch.linalg.det(J.permute(0, 3, 4, 5, 1, 2))
+
+
+def jacobian_stats(ddf):
+    """(% voxels with det J <= 0, std of log det J) as in Learn2Reg (log of det+3, clipped)."""
+    det = jacobian_det(ddf.float())
+    logj = torch.log((det + 3).clamp(1e-9, 1e9))
+    return float((det <= 0).float().mean() * 100), float(logj.std())
+
+
 def native_factor(path):
     """Finest pooled-frame factor a file offers (1 for original scans); read from the header only."""
     return utils.frame_factor(nib.load(path).shape[:3]) or 1
@@ -43,7 +64,7 @@ def native_factor(path):
 FIGURE_PAIRS = 3  # pairs shown in OUT.png
 
 
-def evaluate_pair(net, data, case, lms, iter_tta, device, loss="per-step", direction="reference"):
+def evaluate_pair(net, data, case, lms, iter_tta, device, direction="reference"):
     """Register one pair without and with test-time adaptation; returns metrics and fields.
     As the reference: the net alone under autocast; TTA adapts a copy of both UNets with the training
     loss and is measured on the fields of its last iteration's forward pass (before that update)."""
@@ -57,7 +78,7 @@ def evaluate_pair(net, data, case, lms, iter_tta, device, loss="per-step", direc
     fields_tta = fields_net
     if iter_tta > 0:
         tta = copy.deepcopy(net).train()
-        _, (v1, v2) = optimise(tta, lambda i: (fixed, moving), iter_tta, TTA_LR, REG, device, desc=case, loss=loss)
+        _, (v1, v2) = optimise(tta, lambda i: (fixed, moving), iter_tta, TTA_LR, REG, device, desc=case)
         with torch.no_grad():
             fields_tta = tta.fields(v1, v2, size)
     seconds = time.time() - t
@@ -75,7 +96,7 @@ def evaluate_pair(net, data, case, lms, iter_tta, device, loss="per-step", direc
         else:
             warped = utils.warp(moving_mask, utils.resize_ddf(fields[0].cpu(), fixed_mask.shape[2:]))
         res[f"dice_{k}"] = utils.dice(fixed_mask, warped)
-    res["folding_pct"], res["std_logjac"] = utils.jacobian_stats(fields_tta[0].cpu())
+    res["folding_pct"], res["std_logjac"] = jacobian_stats(fields_tta[0].cpu())
     res["mips"] = (fixed_mask[0, 0].numpy(), moving_mask[0, 0].numpy(), warped[0, 0].numpy())  # warped = after TTA
     return res
 
@@ -98,7 +119,7 @@ def figure(results, path, n=FIGURE_PAIRS):
 
 
 def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, overwrite=False, seed=0, log=print,
-             loss="per-step", direction="reference", device=None):
+             direction="reference", device=None):
     """Evaluate every pair of `data` against `landmarks`; writes out.csv/json/png, returns summary."""
     landmarks = landmarks or os.path.join(data, "landmarks")
     if iter_tta < 0:
@@ -118,7 +139,7 @@ def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, over
     results = []
     for i in range(rank, len(cases), procs):  # under torchrun each pair on exactly one process
         c = cases[i]
-        results.append(evaluate_pair(net, data, c, lms[c], iter_tta, device, loss, direction))
+        results.append(evaluate_pair(net, data, c, lms[c], iter_tta, device, direction))
         r = results[-1]
         if i >= FIGURE_PAIRS:
             del r["mips"]  # only the figure's pairs travel with their volumes
@@ -129,10 +150,9 @@ def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, over
         return None  # process 0 writes the summary of all pairs
     rows = [{"case": r["case"], "landmark": i, **{k: f"{r[k][i]:.4f}" for k in KEYS}}
             for r in results for i in range(len(r["initial"]))]
-    summ = {"checkpoint": ckpt, "preset": net.config["preset"], "iter_tta": iter_tta, "tta_loss": loss,
-            "tre_direction": direction}
+    summ = {"checkpoint": ckpt, "preset": net.config["preset"], "iter_tta": iter_tta, "tre_direction": direction}
     for k in KEYS:
-        s = utils.summary(np.concatenate([r[k] for r in results]))
+        s = summary(np.concatenate([r[k] for r in results]))
         summ.update({f"tre_{k}_{q}": v for q, v in s.items()})
         summ[f"dice_{k}"] = float(np.mean([r[f"dice_{k}"] for r in results]))
         other = [d for d in utils.TRE_DIRECTIONS if d != direction][0]
@@ -171,17 +191,13 @@ def main(argv=None):
     ap.add_argument("--out", default="eval", help="output prefix")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--loss", choices=LOSSES, default="per-step", help="test-time adaptation loss (see train_registration.py)")
     ap.add_argument("--tre-direction", choices=utils.TRE_DIRECTIONS, default="reference",
                     help="reference: moving landmarks mapped to fixed, the reference's sampling (paper_tre_val.csv); "
                          "fixed: fixed landmarks mapped to moving (Lung250M-4B / Learn2Reg)")
     ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU for the net and its TTA "
-                    "(not in any preset yet: benchmark_precision.py)")
     a = ap.parse_args(argv)
-    with utils.cpu_precision(a.bf16):
-        evaluate(a.iter_tta, a.ckpt, a.data, a.landmarks, a.out, a.preset, a.overwrite, a.seed, loss=a.loss,
-                 direction=a.tre_direction, device=a.device)
+    evaluate(a.iter_tta, a.ckpt, a.data, a.landmarks, a.out, a.preset, a.overwrite, a.seed, direction=a.tre_direction,
+             device=a.device)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def infer(ckpt, data, out, augment_k=0, seed=0, preset=None, overwrite=False):
     utils.check_seed(seed)
     model = VQAE.from_checkpoint(ckpt, utils.distributed()[2], preset)
     cfg = model.config
-    ids, pairs = utils.load_pairs(data or utils.default_data(cfg["preset"]), cfg["factor"])
+    ids, pairs = utils.load_pairs(data, cfg["factor"])
     pairs = pairs.half()  # as training sees them
     tokens, dice, probs = reconstruct(model, pairs, keep_probs=FIGURE_PAIRS)
     for c, d in zip(ids, dice):
@@ -108,7 +108,7 @@ def infer(ckpt, data, out, augment_k=0, seed=0, preset=None, overwrite=False):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("ckpt")
-    ap.add_argument("--data", help="folder of case_XXX_{1,2}.nii.gz pairs (default: the preset's)")
+    ap.add_argument("--data", default="dilated_vessels", help="folder of case_XXX_{1,2}.nii.gz pairs")
     ap.add_argument("--out", help="token file (default tokens_<preset>.pth)")
     ap.add_argument("--augment", type=int, default=0, metavar="K", help="also encode K augmented copies per pair")
     ap.add_argument("--seed", type=int, default=0)

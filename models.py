@@ -53,7 +53,7 @@ class Checkpointed(nn.Module):
         ck = utils.load_checkpoint(path, cls.kind)
         cfg = ck["config"]
         if not isinstance(cfg, dict) or not {"preset", "factor", "model"} <= set(cfg):
-            raise utils.DataError(f"{path}: checkpoint config lacks preset / factor / model (an older layout?)")
+            raise utils.DataError(f"{path}: checkpoint config lacks preset / factor / model")
         if preset is not None and cfg["preset"] != preset:
             raise utils.DataError(f"{path}: is a '{cfg['preset']}' {cls.kind} checkpoint, expected '{preset}'")
         try:
@@ -105,8 +105,7 @@ class VQAE(Checkpointed):
         zf = utils.fp32(z).movedim(1, -1)
         flat = zf.reshape(-1, self.code_dim)
         e = utils.fp32(self.codebook.weight)
-        with torch.autocast("cpu", enabled=False):  # bf16 (--bf16) would flip near-tied codes; CUDA unchanged
-            d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
+        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ e.t() + e.pow(2).sum(1)[None]
         ids = d.argmin(1)
         zq = utils.fp32(self.codebook(ids)).view_as(zf)
         loss = F.mse_loss(zf, zq.detach()) + self.beta * F.mse_loss(zq, zf.detach())
@@ -147,9 +146,9 @@ class VQAE(Checkpointed):
         zq, loss, ids = self.encode(x)
         return self.decode(zq), loss, ids
 
-    def decode_pair(self, ids, size, calibrate=False, offsets=None):
+    def decode_pair(self, ids, size, calibrate=False):
         """Token ids (B, h, w, d) -> (fixed, moving) vessel maps, each (B, *size) (VQAE.pair_probs)."""
-        return VQAE.pair_probs(self.decode_tokens(ids, ids.shape[1:]), size, calibrate, offsets)
+        return VQAE.pair_probs(self.decode_tokens(ids, ids.shape[1:]), size, calibrate)
 
     def fingerprint(self):
         """A number that identifies the codebook (tokens only mean something with their decoder)."""
@@ -180,7 +179,7 @@ class VQAE(Checkpointed):
     CLASS_WEIGHTS = (1.0, 2.5)  # the paper's cross-entropy weights (background, vessel)
 
     @staticmethod
-    def pair_probs(logits, size=None, calibrate=False, offsets=None):
+    def pair_probs(logits, size=None, calibrate=False):
         """Logits (B, 4, ...) -> vessel probabilities (fixed, moving), each (B, H, W, D), cropped to
         `size` (e.g. utils.grid_shape(factor), undoing utils.pad_to_multiple) when given.
 
@@ -189,8 +188,7 @@ class VQAE(Checkpointed):
         vessels (s > 0.5 already at q = 0.29). The default is the raw softmax, what the reference
         implementation writes and thresholds; calibrate=True inverts that map,
         q = w0 s / (w1 - (w1 - w0) s): outputs are then occupancies on the scale of the real data,
-        and q > 0.5 is the matching threshold. offsets (fixed, moving): subtracted from each map's
-        logit afterwards (VQAE.volume_offsets)."""
+        and q > 0.5 is the matching threshold."""
         if size is not None:
             logits = utils.crop_to(logits, size)
         logits = logits.float()
@@ -198,34 +196,7 @@ class VQAE(Checkpointed):
         if calibrate:
             w0, w1 = VQAE.CLASS_WEIGHTS
             s = tuple(w0 * p / (w1 - (w1 - w0) * p) for p in s)
-        if offsets is not None:
-            s = tuple(VQAE.shift_logit(p, b) for p, b in zip(s, offsets))
         return s
-
-    @staticmethod
-    def shift_logit(q, b):
-        """sigmoid(logit(q) - b), written so that q = 0 and q = 1 stay exact."""
-        return q / (q + (1 - q) * math.exp(b))
-
-    def volume_offsets(self, pairs):
-        """Real pairs (N, 2, H, W, D) at the VQ-AE's grid -> per-channel logit offsets (fixed, moving)
-        that give the calibrated reconstructions of these pairs the pairs' own mean vessel
-        occupancy (bisection; the mean falls monotonically with the offset). A loss that weights
-        some voxels more (diff_weight) shifts the decoder's vessel prior; one offset per channel
-        fitted on the training pairs undoes such a shift and keeps the order of the voxels' occupancies."""
-        recon = self.reconstruct(pairs, keep_probs=True)[2].double()
-        offsets = []
-        for c in (0, 1):
-            target = float(pairs[:, c].double().mean())
-            lo, hi = -20.0, 20.0
-            for _ in range(60):
-                mid = (lo + hi) / 2
-                if float(VQAE.shift_logit(recon[:, c], mid).mean()) > target:
-                    lo = mid
-                else:
-                    hi = mid
-            offsets.append(round((lo + hi) / 2, 6))
-        return tuple(offsets)
 
 
 # ======================================================================== absorbing diffusion (stage 3-4)
@@ -379,9 +350,11 @@ class TokenTransformer(Checkpointed):
         long (on_step sees class indices, masks = mask_id).
         schedule "reference": at step k (0-based) each still-masked token is unmasked with probability
           1 / (steps - k) (the reference's sampler with steps = 256: a uniformly random order);
-        "linear" / "cosine": a random order too, but exactly L*(1 - s) resp. L*cos(pi/2 s) tokens
-          stay masked after a fraction s of the steps (cosine: few tokens first, many at the end,
-          as MaskGIT). `generator` (on `device`) makes it reproducible; on_step(k, ids) observes."""
+        "cosine": a random order too, but exactly L*cos(pi/2 s) tokens stay masked after a fraction s
+          of the steps (few tokens first, many at the end, as MaskGIT). `generator` (on `device`) makes
+          it reproducible; on_step(k, ids) observes."""
+        if schedule not in ("reference", "cosine"):
+            raise ValueError(f"schedule must be 'reference' or 'cosine', got {schedule!r}")
         device = device or self.pos.device
         was_training = self.training
         self.eval()
@@ -390,8 +363,7 @@ class TokenTransformer(Checkpointed):
         if schedule != "reference":  # random order; position order[:, j] is unmasked j-th from the end
             order = torch.rand((n, L), generator=generator, device=device).argsort(1)
             frac = torch.linspace(0, 1, steps + 1)[1:]
-            left = (1 - frac) if schedule == "linear" else torch.cos(math.pi / 2 * frac)
-            left = (left * L).floor().long().tolist()
+            left = (torch.cos(math.pi / 2 * frac) * L).floor().long().tolist()
             left[-1] = 0
         for k in range(steps):
             still = x == self.mask_id
@@ -565,10 +537,10 @@ class TokenDecoder(Checkpointed):
         """ids (B, h, w, d) -> fixed and moving occupancy (B, 2, *size) in [0, 1], float32."""
         return utils.crop_to(utils.fp32(self(ids)), size).sigmoid()
 
-    def decode_pair(self, ids, size, calibrate=True, offsets=None):
+    def decode_pair(self, ids, size, calibrate=True):
         """VQAE.decode_pair's counterpart: token ids (B, h, w, d) -> (fixed, moving) occupancies, each
-        (B, *size). Its sigmoid is an occupancy already (calibrated); volume offsets are not supported."""
-        if not calibrate or offsets is not None:
-            raise ValueError("a TokenDecoder writes occupancies: calibrate=True, no volume offsets")
+        (B, *size). Its sigmoid is an occupancy already (calibrated)."""
+        if not calibrate:
+            raise ValueError("a TokenDecoder writes occupancies: calibrate=True")
         occ = self.occupancy(ids, size)
         return occ[:, 0], occ[:, 1]

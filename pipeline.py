@@ -2,14 +2,14 @@
 registration nets trained on real / synthetic / real+synthetic pairs -> Dice/TRE table.
 
     python pipeline.py --preset demo|cpu|paper [--data FOLDER] [--val FOLDER] [--landmarks FOLDER]
-                       [--generator-data FOLDER | --generator-tokens TOKENS] [--out results/PRESET]
-                       [--seeds 3] [--num-synth N] [--reg-iters N] [--force STAGE ...] [--jobs 1]
+                       [--generator-tokens TOKENS] [--out results/PRESET] [--seeds N] [--num-synth N]
+                       [--reg-iters N] [--force STAGE ...] [--jobs 1]
 
-The generator trains on --data (the registration nets' real pairs) unless --generator-data names
-other pairs (its own VQ-AE and diffusion model), or --generator-tokens a token file whose VQ-AE is
-not available (the reference's 97 grids; not in the paper's code): then decode_tokens.py fits a
-decoder on the --data pairs that have a grid there, its decoded pairs become one more row, and the
-diffusion model trains on the token grids themselves. Both kinds of generator can share one --out:
+The generator trains on --data (the registration nets' real pairs) unless --generator-tokens names
+a token file whose VQ-AE is not available (the reference's 97 grids; not in the paper's code): then
+decode_tokens.py fits a decoder on the --data pairs that have a grid there, its decoded pairs become
+one more row, and the diffusion model trains on the token grids themselves. Both kinds of generator
+can share one --out:
 the real rows are computed once and results.md holds every row run so far, named by what its nets
 trained on, each tested per case against the real pairs.
 
@@ -46,19 +46,19 @@ import train_registration
 import train_vqae
 import utils
 
-# TTA iterations, augmented token copies per pair, phantoms made for the demo. Batch sizes and the
-# number of synthetic pairs come from each stage's own preset table.
+# TTA iterations, augmented token copies per pair, seeds per registration row, phantoms made for the
+# demo. Batch sizes and the number of synthetic pairs come from each stage's own preset table.
 # decode_folds: decode_tokens.py's K-fold check inside the pipeline (0: none; on 2 cores it would
 # cost five more fits, and the check is a measurement of its own: RESULTS.md).
 PRESETS = {
-    "paper": dict(tta=50, augment=0, decode_folds=5),
-    "cpu": dict(tta=50, augment=20, decode_folds=0),
-    "demo": dict(tta=10, augment=4, n_train=6, n_val=3, decode_folds=0),
+    "paper": dict(tta=50, augment=0, seeds=3, decode_folds=5),
+    "cpu": dict(tta=50, augment=20, seeds=3, decode_folds=0),
+    "demo": dict(tta=10, augment=4, seeds=1, n_train=6, n_val=3, decode_folds=0),
 }
 # registration rows in report order: the real pairs, the decoded token grids, then each generator's
-# synthetic pairs and their mix with the real pairs (plain: the generator trained on --data;
-# _gdata: on --generator-data; _tok: on --generator-tokens)
-ROWS = ("real", "decoded", "synth", "mix", "synth_gdata", "mix_gdata", "synth_tok", "mix_tok")
+# synthetic pairs and their mix with the real pairs (plain: the generator trained on --data; _tok: on
+# --generator-tokens)
+ROWS = ("real", "decoded", "synth", "mix", "synth_tok", "mix_tok")
 
 
 DIGESTS = {}  # file identity and change times -> digest: every stage of a run lists the data folder again
@@ -74,26 +74,15 @@ def digest(path):
     return list(DIGESTS[key])
 
 
-def same_input(old, new):
-    """Whether a recorded input equals today's: a file's [size, sha256] or a folder's {name: ...}.
-    Records of earlier versions hold [size, mtime] and are taken as equal when the size is: they
-    cannot be checked, and redoing a finished run for a changed format loses hours."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return old.keys() == new.keys() and all(same_input(old[k], new[k]) for k in old)
-    if isinstance(old, list) and len(old) == 2 and isinstance(old[1], float):
-        return old[0] == new[0]
-    return old == new
-
-
 def changed_inputs(old, new):
-    """The input paths (files inside folders named relative to them) whose record differs."""
+    """The input paths (files inside folders named relative to them) whose record (a file's [size,
+    sha256], a folder's {name: ...}) differs."""
     out = []
     for path in sorted(old.keys() | new.keys()):
         a, b = old.get(path), new.get(path)
         if isinstance(a, dict) and isinstance(b, dict):
-            names = [k for k in sorted(a.keys() | b.keys()) if k not in a or k not in b or not same_input(a[k], b[k])]
-            out += [os.path.join(path, k) for k in names]
-        elif a is None or b is None or not same_input(a, b):
+            out += [os.path.join(path, k) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+        elif a != b:
             out.append(path)
     return out
 
@@ -147,13 +136,10 @@ class Stages:
         changed = [k for k in ("argv", "preset") if previous.get(k) != record[k]]
         changed += changed_inputs(previous.get("inputs", {}), record["inputs"])
         same = bool(previous) and not changed
-        if not forced and same and previous.get("complete", True) and all(os.path.exists(o) for o in outputs):
+        if not forced and same and previous["complete"] and all(os.path.exists(o) for o in outputs):
             print(f"[pipeline] {name}: done, skipped")
-            if previous != {**record, "complete": True}:  # an earlier version's record: store today's
-                self.done[name] = {**record, "complete": True}
-                utils.write_json(self.path, self.done)
             return None
-        if resume is not None and not forced and same and not previous.get("complete", True):
+        if resume is not None and not forced and same and not previous["complete"]:
             argv = argv + resume  # killed midway: continue from its last checkpoint
         else:
             if previous and not forced and not same:  # say why a stage's outputs go
@@ -427,12 +413,17 @@ def reg_chain(out, tag, data, reads, preset, seed, tta, val, landmarks, iters=()
                  inputs=[ck, val, landmarks])]
 
 
-def warn_overlap(cases, val, source):
-    """A generator that saw validation cases makes rows that are not held out: say so."""
-    both = sorted(set(cases) & set(utils.find_pairs(val)))
+def warn_overlap(both, source):
+    """Validation cases that the nets or the generator saw make rows that are not held out: say so."""
     if both:
         print(f"[pipeline] warning: {source} holds validation cases ({', '.join(both[:3])}"
-              f"{' ...' if len(both) > 3 else ''}): the generator's rows are not held out", file=sys.stderr)
+              f"{' ...' if len(both) > 3 else ''}): the rows are not held out", file=sys.stderr)
+
+
+def shared_pairs(train, val):
+    """Validation pairs whose fixed volume is byte for byte one of the training pairs' (whatever the names)."""
+    seen = {digest(os.path.join(train, f"{c}_1.nii.gz"))[1] for c in utils.find_pairs(train)}
+    return [c for c in utils.find_pairs(val) if digest(os.path.join(val, f"{c}_1.nii.gz"))[1] in seen]
 
 
 def main(argv=None):
@@ -442,12 +433,10 @@ def main(argv=None):
     ap.add_argument("--val")
     ap.add_argument("--landmarks")
     ap.add_argument("--out")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, help="seeds per registration row (default: the preset's, 1 at demo, else 3)")
     ap.add_argument("--num-synth", type=int)
-    gen = ap.add_mutually_exclusive_group()
-    gen.add_argument("--generator-data", metavar="FOLDER", help="pairs the generator trains on (default: --data)")
-    gen.add_argument("--generator-tokens", metavar="TOKENS",
-                     help="token grids the generator trains on, decoded by a decoder fitted on --data (not in the paper)")
+    ap.add_argument("--generator-tokens", metavar="TOKENS",
+                    help="token grids the generator trains on, decoded by a decoder fitted on --data (not in the paper)")
     ap.add_argument("--reg-iters", type=int, help="override the registration preset's iterations")
     ap.add_argument("--force", nargs="*", default=[], metavar="STAGE")
     ap.add_argument("--jobs", type=int, default=1,
@@ -458,6 +447,7 @@ def main(argv=None):
                           "--jobs": args.jobs})
     preset = args.preset
     p = PRESETS[preset]
+    seeds = p["seeds"] if args.seeds is None else args.seeds
     out = args.out or os.path.join("results", preset)
     os.makedirs(out, exist_ok=True)
     run = Stages(out, args.force)
@@ -475,8 +465,7 @@ def main(argv=None):
     train_ids = utils.find_pairs(data)  # every input checked before the first stage runs
     for c in utils.find_pairs(val):
         utils.read_landmarks(os.path.join(lms, f"{c}.csv"))
-        if c in train_ids and os.path.samefile(os.path.join(data, f"{c}_1.nii.gz"), os.path.join(val, f"{c}_1.nii.gz")):
-            print(f"[pipeline] warning: {c} is both a training and a validation pair", file=sys.stderr)
+    warn_overlap(shared_pairs(data, val), data)
 
     def path(name):
         return os.path.join(out, name)
@@ -485,20 +474,18 @@ def main(argv=None):
     real = f"real-{len(train_ids)}"
     if args.generator_tokens:
         grids = utils.read_tokens(args.generator_tokens)
-        warn_overlap(grids["case_ids"], val, args.generator_tokens)
+        # the reference's grids are named by their Lung250M-4B case ids: names are all there is to compare
+        warn_overlap(sorted(set(grids["case_ids"]) & set(utils.find_pairs(val))), args.generator_tokens)
         synth, decoded = generator(run, path, preset, data, val, n, "_tok", args.generator_tokens)
         folders = {"decoded": decoded, "synth_tok": synth, "mix_tok": mix_folder(data, synth, path("mix_tok"))}
         k = len(grids["tokens"])
         labels = {"decoded": f"decoded-{k} (token grids decoded)", "synth_tok": f"synth-{n}, generator on {k} token grids",
                   "mix_tok": f"{real} + synth-{n} ({k}-grid generator)"}
-    else:  # the generator's own pairs: a separate set of stages and rows unless they are --data
-        gdata = args.generator_data or data
-        tag = "" if os.path.abspath(gdata) == os.path.abspath(data) else "_gdata"
-        k = len(utils.find_pairs(gdata))
-        warn_overlap(utils.find_pairs(gdata), val, gdata)
-        synth = generator(run, path, preset, gdata, val, n, tag)[0]
-        folders = {f"synth{tag}": synth, f"mix{tag}": mix_folder(data, synth, path(f"mix{tag}"))}
-        labels = {f"synth{tag}": f"synth-{n}, generator on {k} pairs", f"mix{tag}": f"{real} + synth-{n} ({k}-pair generator)"}
+    else:  # the paper's: the generator trains on the real pairs
+        k = len(train_ids)
+        synth = generator(run, path, preset, data, val, n)[0]
+        folders = {"synth": synth, "mix": mix_folder(data, synth, path("mix"))}
+        labels = {"synth": f"synth-{n}, generator on {k} pairs", "mix": f"{real} + synth-{n} ({k}-pair generator)"}
     folders = {"real": data, **folders}
     labels = {"real": real, **labels}
     # a mix stage reads the pairs behind mix/'s links
@@ -507,13 +494,13 @@ def main(argv=None):
     ev = ["--data", val, "--landmarks", lms, "--overwrite"]
     # seed-major: a run stopped part-way has the same seeds of every row, which the per-case tests pair
     chains = [reg_chain(out, f"{r}_s{s}", folders[r], reads[r], preset, s, p["tta"], val, lms, iters)
-              for s in range(args.seeds) for r in ROWS if r in folders]
+              for s in range(seeds) for r in ROWS if r in folders]
     # the short TTA-only baseline last: with --jobs the long chains start first
     chains.append([dict(name="eval_none", outputs=[path("eval_none.json")], fn=evaluate_registration.main,
                         argv=[p["tta"], "none", "--preset", preset, "--out", path("eval_none"), *ev], preset=preset,
                         inputs=[val, lms])])
     run_chains(run, chains, args.jobs)
-    report(out, args.seeds, run.times, preset, data, synth, labels)
+    report(out, seeds, run.times, preset, data, synth, labels)
 
 
 if __name__ == "__main__":

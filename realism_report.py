@@ -1,7 +1,7 @@
 """Pair realism: real and synthetic fixed/moving pairs side by side (a table and a figure).
 
-    python realism_report.py FOLDER [FOLDER ...] --reference REAL [--val DIR] [--vqae CKPT] [--factor 4]
-                             [--max N] [--out PREFIX] [--overwrite]
+    python realism_report.py FOLDER [FOLDER ...] --reference REAL [--val DIR] [--vqae CKPT] [--out PREFIX]
+                             [--overwrite]
 
 Groups: the real training pairs (REFERENCE, the baseline), each FOLDER (e.g. synthetic pairs),
 with --val the validation pairs, with --vqae the VQ-AE's reconstructions of the training (and
@@ -9,7 +9,7 @@ validation) pairs. Together they decompose the deformation synthetic pairs lose:
 autoencoder already loses (recon vs real) and the part the diffusion model loses on top
 (synthetic vs recon of the training pairs).
 
-Per pair, all at frame/factor (default 4 mm) resolution:
+Per pair, all at 4 mm (the frame pooled by FACTOR = 4, whatever the data's resolution):
   vf_fixed, vf_moving  vessel volume fraction (mean occupancy / probability over the frame)
   dice_fm              Dice(fixed, moving) at 0.5: how misaligned the pair is
   disp_mm              mean displacement (mm) over the fixed vessels that a quick registration finds:
@@ -29,6 +29,7 @@ import numpy as np
 import utils
 from models import VQAE
 
+FACTOR = 4  # every comparison at 4 mm: the cpu and demo presets' resolution, and cheap at the paper's
 COLUMNS = ["group", "case"] + utils.REALISM_STATS[:5] + ["nn_fixed", "nn_moving"]
 
 
@@ -44,7 +45,15 @@ def figure(groups, path):
     utils.save_figure(fig, path)
 
 
-def report(folders, reference, out, factor=4, max_pairs=None, overwrite=False, val=None, vqae=None):
+def folder_stats(folder, reference=None, progress=False):
+    """utils.pair_stats of every pair of a folder at 4 mm. reference: (ids, pairs (M, 2, ...)) of the
+    training pairs, for the memorisation statistic."""
+    ids, x = utils.load_pairs(folder, FACTOR, progress=progress)
+    return utils.pair_stats(ids, x, FACTOR, reference, progress)
+
+
+def report(folders, reference, out, overwrite=False, val=None, vqae=None):
+    factor = FACTOR
     for ext in (".csv", ".json", ".png", ".md"):
         utils.check_output(out + ext, overwrite)
     model = None if vqae is None else VQAE.from_checkpoint(vqae)
@@ -66,7 +75,7 @@ def report(folders, reference, out, factor=4, max_pairs=None, overwrite=False, v
             kept.append((real_name, "recon " + real_name[5:]))
     for folder in folders:
         name = os.path.basename(os.path.normpath(folder))
-        groups[name] = utils.folder_stats(folder, factor, (rids, ref), max_pairs, progress=True)
+        groups[name] = folder_stats(folder, (rids, ref), progress=True)
     rows = [{"group": name, "case": c, **{k: f"{g[k][i]:.5f}" for k in COLUMNS[2:]}}
             for name, g in groups.items() for i, c in enumerate(g["case"])]
     utils.write_csv(out + ".csv", COLUMNS, rows)
@@ -91,12 +100,10 @@ def main(argv=None):
     ap.add_argument("--reference", required=True, help="the real training pairs (memorisation reference)")
     ap.add_argument("--val", help="validation pairs: their statistics (and reconstructions, with --vqae)")
     ap.add_argument("--vqae", help="a VQ-AE checkpoint: add its reconstructions of the real pairs")
-    ap.add_argument("--factor", type=int, default=4, help="compare at frame/factor (default 4 mm)")
-    ap.add_argument("--max", type=int, help="at most N pairs per folder")
     ap.add_argument("--out", default="realism", help="output prefix")
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
-    report(a.folders, a.reference, a.out, a.factor, a.max, a.overwrite, a.val, a.vqae)
+    report(a.folders, a.reference, a.out, a.overwrite, a.val, a.vqae)
 
 
 if __name__ == "__main__":

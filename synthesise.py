@@ -1,26 +1,19 @@
 """Stage 4: sample token grids with the diffusion transformer, decode them into synthetic pairs.
 
     python synthesise.py [NUM_PAIRS] [--preset paper|cpu|demo] [--diffusion CKPT] [--vqae CKPT | --decoder CKPT]
-                         [--out synth] [--sampler reference|fast] [--steps S] [--schedule reference|linear|cosine]
-                         [--temp 0.9] [--batch B] [--seed S] [--calibrate | --no-calibrate] [--decode TOKENS]
-                         [--match-volume DATA] [--device D]
-                         [--overwrite]
-    python synthesise.py --benchmark [--preset cpu] [--diffusion CKPT] [--vqae CKPT] [--pairs N]
+                         [--out synth] [--sampler reference|fast] [--steps S] [--temp 0.9] [--batch B] [--seed S]
+                         [--calibrate | --no-calibrate] [--device D] [--overwrite]
 
 Writes OUT/case_XXXX_1.nii.gz (fixed) and _2 (moving): the decoder's raw vessel softmax (what the
 reference implementation writes, the paper preset's default) or with --calibrate occupancies (see
-VQAE.pair_probs; the cpu and demo presets' default) on the frame grid
-pooled by the VQ-AE's factor (utils.write_nifti: 1 mm at paper, 4 mm at cpu/demo), so OUT is
-directly a DATA_FOLDER of train_registration.py; OUT/manifest.json and OUT/preview.png.
+VQAE.pair_probs; the cpu and demo presets' default) on the frame grid pooled by the VQ-AE's factor
+(utils.write_nifti: 1 mm at paper, 4 mm at cpu/demo), so OUT is directly a DATA_FOLDER of
+train_registration.py; OUT/manifest.json and OUT/preview.png.
 --sampler reference (the default at --preset paper): 256 steps, batch 2, the reference schedule
 (at step k every masked token is unmasked with probability 1/(256 - k)). --sampler fast (the
-default at cpu/demo): the preset's few-step cosine schedule on large batches. Pairs whose two files
-exist are kept (an interrupted run continues; every batch has its own seed, so the result does not
-depend on interruptions) unless --overwrite. --decode TOKENS decodes given token grids (e.g. the
-training pairs': the VQ-AE's 'perfect memoriser') instead of sampling. --benchmark: seconds per
-pair of both samplers side by side. --match-volume DATA (not in the paper; calibrated maps only):
-shift each map's logit by one offset per channel, fitted so that the VQ-AE's reconstructions of the
-real pairs in DATA (the training pairs) have their vessel volume (VQAE.volume_offsets).
+default at cpu/demo): the preset's few-step cosine schedule on large batches (its speed:
+tools/benchmark_sampler.py). Pairs whose two files exist are kept (an interrupted run continues;
+every batch has its own seed, so the result does not depend on interruptions) unless --overwrite.
 --decoder CKPT (not in the paper): decode with decode_tokens.py's models.TokenDecoder instead of a
 VQ-AE, for a diffusion model trained on a token file whose VQ-AE is not available (the reference's
 97 grids); it writes occupancies on its own frame grid (4 mm at cpu).
@@ -28,8 +21,6 @@ VQ-AE, for a diffusion model trained on a token file whose VQ-AE is not availabl
 import argparse
 import math
 import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -103,12 +94,10 @@ def decode_chunk(ids, dev, probe):
     return max(1, int(0.8 * torch.cuda.mem_get_info(dev)[0] / per_volume))
 
 
-def synthesise(model, decoder, out, n, sampler, seed=0, tokens=None, overwrite=False, progress=True, calibrate=False,
-               offsets=None):
+def synthesise(model, decoder, out, n, sampler, seed=0, overwrite=False, progress=True, calibrate=False):
     """Write n pairs into `out` (skipping complete ones unless overwrite); returns (seconds, pairs made).
-    decoder: a VQAE or TokenDecoder. sampler: sampler_settings(). tokens (n, L): decode these instead
-    of sampling. calibrate: VQAE.pair_probs(calibrate=True) occupancies instead of the raw vessel
-    softmax (the reference's). offsets: VQAE.volume_offsets() applied to the maps (None: none)."""
+    decoder: a VQAE or TokenDecoder. sampler: sampler_settings(). calibrate: VQAE.pair_probs(calibrate=True)
+    occupancies instead of the raw vessel softmax (the reference's)."""
     dev = next(model.parameters()).device
     factor = decoder.config["factor"]
     size = utils.grid_shape(factor)
@@ -121,7 +110,7 @@ def synthesise(model, decoder, out, n, sampler, seed=0, tokens=None, overwrite=F
     chunk = None
 
     def probs(ids):
-        return decoder.decode_pair(ids.reshape(-1, *grid), size, calibrate, offsets)
+        return decoder.decode_pair(ids.reshape(-1, *grid), size, calibrate)
 
     rank, procs = utils.world()
     mine = range(rank, -(-n // batch), procs)  # under torchrun each batch on exactly one process
@@ -131,12 +120,9 @@ def synthesise(model, decoder, out, n, sampler, seed=0, tokens=None, overwrite=F
             todo = [i for i in idx if overwrite or not all(map(os.path.exists, pair_paths(out, i)))]
             if not todo:
                 continue
-            if tokens is None:  # each batch its own generator: resuming reproduces the same pairs
-                gen = torch.Generator(dev).manual_seed(seed * 1_000_003 + b)
-                ids = model.sample(len(idx), sampler["steps"], sampler["temp"], sampler["schedule"], generator=gen,
-                                   device=dev)
-            else:
-                ids = tokens[idx].to(dev)
+            gen = torch.Generator(dev).manual_seed(seed * 1_000_003 + b)  # resuming reproduces the same pairs
+            ids = model.sample(len(idx), sampler["steps"], sampler["temp"], sampler["schedule"], generator=gen,
+                               device=dev)
             chunk = chunk or decode_chunk(ids, dev, probs)
             for c in range(0, len(idx), chunk):
                 with torch.no_grad(), utils.autocast(dev):
@@ -167,16 +153,14 @@ def preview(out, n=4):
     utils.save_figure(fig, os.path.join(out, "preview.png"))
 
 
-def run(models, out, n, sampler, seed=0, decode=None, calibrate=False, overwrite=False, progress=True,
-        match_volume=None):
+def run(models, out, n, sampler, seed=0, calibrate=False, overwrite=False, progress=True):
     """Synthesise into `out` with a manifest; the settings of an unfinished run must match.
-    models: load_models(); decode: a token file to decode instead of sampling; match_volume: a
-    folder of real pairs whose vessel volume the maps are shifted to (VQAE.volume_offsets)."""
+    models: load_models(). Returns (seconds per pair, pairs made)."""
     model, decoder = models
     factor = decoder.config["factor"]
     token_decoder = isinstance(decoder, TokenDecoder)
-    if token_decoder and (match_volume or not calibrate):
-        raise utils.DataError("a token decoder (--decoder) writes occupancies: use it with --calibrate, without --match-volume")
+    if token_decoder and not calibrate:
+        raise utils.DataError("a token decoder (--decoder) writes occupancies: use it with --calibrate")
     mpath = os.path.join(out, "manifest.json")
     old = {}
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(mpath) and not overwrite:
@@ -184,36 +168,18 @@ def run(models, out, n, sampler, seed=0, decode=None, calibrate=False, overwrite
                               "use another --out (or --overwrite to write into it anyway)")
     if os.path.exists(out) and not os.path.isdir(out):
         raise utils.DataError(f"{out}: is a file, --out must be a folder")
-    if match_volume and not calibrate:
-        raise utils.DataError("--match-volume shifts calibrated maps: use it with --calibrate")
-    offsets = None
-    if match_volume:  # fitted after the cheap checks above
-        offsets = decoder.volume_offsets(utils.load_pairs(match_volume, factor, progress=progress)[1])
-        if progress and utils.is_main():
-            print(f"--match-volume {match_volume}: logit offsets fixed {offsets[0]:+.3f}, moving {offsets[1]:+.3f}")
-    # match_volume always recorded (None: off), so resuming with or without it is caught either way
-    # token_decoder only when used, so folders written before it existed still resume
-    paths = {"token_decoder": os.path.abspath(decoder.path)} if token_decoder else {"vqae": os.path.abspath(decoder.path)}
-    settings = {"diffusion": os.path.abspath(model.path), **paths, "seed": seed, **sampler,
-                "factor": factor, "decode": decode and os.path.abspath(decode), "calibrate": calibrate,
-                "match_volume": offsets and {"data": os.path.abspath(match_volume), "offsets": list(offsets)}}
+    decoder_key = "token_decoder" if token_decoder else "vqae"
+    settings = {"diffusion": os.path.abspath(model.path), decoder_key: os.path.abspath(decoder.path), "seed": seed,
+                **sampler, "factor": factor, "calibrate": calibrate}
     if os.path.exists(mpath) and not overwrite:
         old = utils.read_json(mpath)
         diff = [k for k in settings if old.get(k) != settings[k]]
         if diff:
             raise utils.DataError(f"{out}: holds pairs made with other {', '.join(diff)} (use --overwrite or another --out)")
-    tokens = None
-    if decode:
-        d = utils.read_tokens(decode)
-        if (d["num_codes"], d["grid_shape"]) != (decoder.num_codes, tuple(model.config["grid_shape"])):
-            raise utils.DataError(f"{decode}: tokens of another codebook or grid ({d['num_codes']} codes, grid "
-                                  f"{'x'.join(map(str, d['grid_shape']))}) than {decoder.path}'s")
-        tokens = d["tokens"]
-        n = len(tokens)
     utils.barrier()  # every process has read the old manifest before process 0 replaces it
     if utils.is_main():
         utils.write_json(mpath, {**settings, "num_pairs": n, "complete": False})
-    secs, made = synthesise(model, decoder, out, n, sampler, seed, tokens, overwrite, progress, calibrate, offsets)
+    secs, made = synthesise(model, decoder, out, n, sampler, seed, overwrite, progress, calibrate)
     if not utils.is_main():
         return secs / max(made, 1), made
     per_pair = secs / max(made, 1)
@@ -233,28 +199,6 @@ def default_calibrate(decoder, preset):
     return isinstance(decoder, TokenDecoder) or PRESETS[preset]["calibrate"]
 
 
-def benchmark(models, pairs, temp=TEMP):
-    """Seconds per pair of the reference and the fast sampler, side by side, plus the realism of both."""
-    model, decoder = models
-    preset = model.config["preset"]
-    dev = next(model.parameters()).device
-    tmp = tempfile.mkdtemp(prefix="synth_bench_")
-    try:
-        model.sample(2, steps=2, device=dev)  # warm-up (lazy initialisation, allocator, cuDNN autotuning)
-        seconds = {}
-        for name in ("reference", "fast"):
-            s = sampler_settings(preset, name, temp)
-            n = pairs if name == "reference" else max(pairs, s["batch"])
-            seconds[name] = run(models, os.path.join(tmp, name), n, s, overwrite=True, progress=False,
-                                calibrate=isinstance(decoder, TokenDecoder))[0]
-            print(f"{name}: {s['steps']} steps ({s['schedule']}), batch {s['batch']}: {seconds[name]:.3f} s per pair")
-        groups = {k: utils.folder_stats(os.path.join(tmp, k), decoder.config["factor"]) for k in seconds}
-        print(utils.realism_table(groups, baseline="reference"))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"speedup: {seconds['reference'] / seconds['fast']:.2f}")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("num_pairs", type=int, nargs="?", help="default: the preset's (paper 256)")
@@ -266,39 +210,26 @@ def main(argv=None):
     ap.add_argument("--sampler", choices=("reference", "fast"),
                     help="reference: 256 steps, batch 2 (default at paper); fast: the preset's few-step cosine schedule")
     ap.add_argument("--steps", type=int, help="denoiser calls (overrides the sampler's)")
-    ap.add_argument("--schedule", choices=("reference", "linear", "cosine"), help="overrides the sampler's")
     ap.add_argument("--temp", type=float, default=TEMP)
     ap.add_argument("--batch", type=int, help="token grids sampled at once (overrides the sampler's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calibrate", action=argparse.BooleanOptionalAction,
                     help="write calibrated occupancies instead of the raw vessel softmax (the reference's output); "
                     "default: the preset's (paper: raw; cpu, demo: calibrated)")
-    ap.add_argument("--decode", metavar="TOKENS", help="decode these token grids instead of sampling")
-    ap.add_argument("--match-volume", metavar="DATA",
-                    help="shift the calibrated maps to the vessel volume of these real pairs (the training pairs)")
     ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
     ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--benchmark", action="store_true", help="time the reference vs the fast sampler (last line: speedup)")
-    ap.add_argument("--pairs", type=int, default=8, help="--benchmark: pairs per sampler (fast: at least one batch)")
     args = ap.parse_args(argv)
     diffusion = args.diffusion or f"diffusion_{args.preset or 'paper'}.pth"
-    counts = [c for c in (args.num_pairs, args.pairs, args.steps, args.batch) if c is not None]
-    if min(counts) < 1 or not (0 < args.temp < math.inf):
-        raise utils.DataError("NUM_PAIRS, --pairs, --steps, --batch and --temp must be positive and finite")
+    counts = [c for c in (args.num_pairs, args.steps, args.batch) if c is not None]
+    if (counts and min(counts) < 1) or not (0 < args.temp < math.inf):
+        raise utils.DataError("NUM_PAIRS, --steps, --batch and --temp must be positive and finite")
     utils.check_seed(args.seed)
     models = load_models(diffusion, args.vqae, args.preset, args.device, args.decoder)
-    if args.benchmark:
-        if utils.world()[1] > 1:
-            raise utils.DataError("--benchmark times the samplers in one process: run it without torchrun")
-        return benchmark(models, args.pairs, args.temp)
     preset = models[0].config["preset"]
-    sampler = sampler_settings(preset, args.sampler, args.temp, steps=args.steps, schedule=args.schedule, batch=args.batch)
+    sampler = sampler_settings(preset, args.sampler, args.temp, steps=args.steps, batch=args.batch)
     num_pairs = PRESETS[preset]["num_pairs"] if args.num_pairs is None else args.num_pairs
     calibrate = default_calibrate(models[1], preset) if args.calibrate is None else args.calibrate
-    if args.match_volume and not os.path.isdir(args.match_volume):
-        raise utils.DataError(f"{args.match_volume}: --match-volume folder not found")
-    run(models, args.out, num_pairs, sampler, args.seed, args.decode, calibrate, args.overwrite,
-        match_volume=args.match_volume)
+    run(models, args.out, num_pairs, sampler, args.seed, calibrate, args.overwrite)
 
 
 if __name__ == "__main__":

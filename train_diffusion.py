@@ -71,22 +71,6 @@ def config_of(preset, tokens, val=None):
     return model_config(preset, tokens["factor"], kw, grid_shape=grid)
 
 
-def resumable_config(path, old, new):
-    """The config to resume with: the checkpoint's (`old`) when it differs from today's (`new`) only
-    in the vocab and its vocab (none: every code) holds every code today's grids use - e.g. a
-    checkpoint from before `compact`, or another --val; otherwise today's (utils.check_config then
-    names what differs)."""
-    def without_vocab(c):
-        return {**c, "model": {k: v for k, v in c["model"].items() if k != "vocab"}}
-
-    if not isinstance(old, dict) or not isinstance(old.get("model"), dict) or without_vocab(old) != without_vocab(new):
-        return new
-    have = set(old["model"].get("vocab", range(new["model"]["num_codes"])))
-    if not set(new["model"].get("vocab", [])) <= have:
-        raise utils.DataError(f"{path}: the checkpoint predicts {len(have)} codes; the token grids now use others too")
-    return old
-
-
 @torch.no_grad()
 def val_loss(model, tokens, repeats, seed=1234, batch=16):
     """Mean weighted ELBO on held-out grids; fixed draws of t and masks, so runs are comparable."""
@@ -133,10 +117,7 @@ def diffusion_step(model, opt, scaler, sched, x0, loss_scale=1.0, net=None):
     runs the model (its DistributedDataParallel wrapper under torchrun)."""
     with utils.autocast(x0.device):
         loss = model.loss(x0, net=net, share=utils.world())
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss * loss_scale).backward()
-    scaler.step(opt)
-    scaler.update()
+    utils.optimiser_step(loss * loss_scale, opt, scaler)
     sched.step()
     return loss.detach()
 
@@ -147,10 +128,10 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     VQ-AE checkpoint that made the tokens, or `decoder` a TokenDecoder's, for decoded samples in the
     figure and as synthesise.py's default). Returns the model."""
     p = PRESETS[preset]
-    utils.check_positive({"BATCH_SIZE": batch_size, "--iters": iters})
-    utils.check_seed(seed)
-    if not resume:
-        utils.check_output(utils.log_paths(out), overwrite, resumable=True)
+    # warm-up, then a constant rate: a larger --iters simply trains on to the new target
+    ck, batch_size, seed = utils.start_training(out, "diffusion", resume=resume, overwrite=overwrite,
+                                                batch_size=batch_size, seed=seed, iters=iters, default_batch=p["batch"],
+                                                outputs=utils.log_paths(out), tokens=os.path.abspath(data))
     tokens = read_tokens(data, preset)
     grid, codes = tokens["grid_shape"], tokens["num_codes"]
     val_tokens = None
@@ -160,18 +141,9 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
             raise utils.DataError(f"{val}: token grid or codebook size differs from {data}")
         val_tokens = v["tokens"]
     config = config_of(preset, tokens, v if val else None)
-    ck = None
-    if resume and os.path.exists(out):
-        ck = utils.load_checkpoint(out, "diffusion")
-        config = resumable_config(out, ck["config"], config)
+    if ck is not None:
         utils.check_config(out, ck, config)  # other preset / grid / codebook -> one-line error
-        # warm-up, then a constant rate: a larger --iters simply trains on to the new target
-        utils.check_resume(out, ck, batch=batch_size, seed=seed, tokens=os.path.abspath(data))
-        batch_size = ck["batch"]
-        seed = ck["seed"]
         iters = iters or ck["iters"]
-    batch_size = p["batch"] if batch_size is None else batch_size
-    seed = 0 if seed is None else seed
     rank, _, device = utils.distributed(device)
     local = utils.local_batch(batch_size)
     vqae_model = None
@@ -198,7 +170,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     start, rows = 0, []
     if ck is not None:
         utils.resume_state(ck, out, model, opt, sched, scaler)  # ck: read and checked above
-        utils.set_rng_state(out, ck.get("rng"), [gen])
+        utils.set_rng_state(ck["rng"], [gen])
         start, rows = ck["iteration"], ck["log"]
     train_tokens = tokens["tokens"].to(device)
     val_tokens = None if val_tokens is None else val_tokens.to(device)
@@ -257,10 +229,9 @@ def main(argv=None):
     ap.add_argument("--decoder", help="decode_tokens.py decoder of the tokens (instead of --vqae)")
     args = ap.parse_args(argv)
     out = args.out or f"diffusion_{args.preset}.pth"
-    with utils.cpu_precision(args.bf16):
-        model = train(data=args.tokens, out=out, preset=args.preset, batch_size=args.batch_size, iters=args.iters,
-                      seed=args.seed, resume=args.resume, overwrite=args.overwrite, val=args.val, vqae=args.vqae,
-                      device=args.device, compile=args.compile, decoder=args.decoder)
+    model = train(data=args.tokens, out=out, preset=args.preset, batch_size=args.batch_size, iters=args.iters,
+                  seed=args.seed, resume=args.resume, overwrite=args.overwrite, val=args.val, vqae=args.vqae,
+                  device=args.device, compile=args.compile, decoder=args.decoder)
     utils.main_print(f"wrote {out}{utils.peak_memory(model.pos.device)}")
 
 

@@ -1,8 +1,7 @@
 """Stage 5: train the two-step inverse-consistent registration net on real or synthetic pairs.
 
     python train_registration.py [BATCH_SIZE] DATA_FOLDER [--preset paper|cpu|demo] [--iters N]
-                                 [--out CKPT] [--seed S] [--resume | --overwrite]
-                                 [--loss per-step|composed] [--device D] [--compile]
+                                 [--out CKPT] [--seed S] [--resume | --overwrite] [--device D] [--compile]
 
 DATA_FOLDER holds case_XXX_1 / case_XXX_2 .nii.gz pairs: original scans (binarised and framed) or
 synthetic / phantom volumes already on the pooled frame grid (soft probabilities in [0, 1]).
@@ -19,7 +18,6 @@ import utils
 from models import RegistrationNet, model_config
 
 LOG_EVERY = 10  # iterations between host synchronisations (progress bar, finiteness check)
-LOSSES = ("per-step", "composed")
 LR, REG, TTA_LR = 0.015, 0.5, 0.005  # the reference's Adam rates (training, test-time adaptation), smoothness weight
 # factor: input = frame average-pooled by it. model: RegistrationNet kwargs. iters None = the reference's rule.
 PRESETS = {
@@ -63,32 +61,15 @@ def step_loss(net, step, fixed, moving, reg, device):
     return pair_loss(fixed, moving, ddf, ddf_inv, reg), v
 
 
-def train_step(net, opts, scaler, fixed, moving, reg, device, loss="per-step"):
+def train_step(net, opts, scaler, fixed, moving, reg, device):
     """One iteration on a batch (B, 1, H, W, D) each -> (summed loss (0-dim tensor, no host sync),
-    v1, v2 detached: net.fields(v1, v2, size) are the fields this iteration computed).
-    "per-step" (the reference): UNet 1 is optimised on its own full fields, then the pair is warped
-    half-way by step 1 and detached, and UNet 2 is optimised on that pair with its own loss.
-    "composed": one loss on the composed field half(step 1) o step 2 o half(step 1), gradients
-    through both UNets (this project's earlier method, kept as an option)."""
-    if loss == "composed":
-        with utils.autocast(device):
-            v1 = net.step_velocity(0, fixed, moving)
-            v2 = net.step_velocity(1, *net.halfway(v1, fixed, moving))
-        total = pair_loss(fixed, moving, *net.fields(v1, v2, fixed.shape[2:]), reg)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        for o in opts:
-            scaler.step(o)
-        scaler.update()
-        return total.detach(), v1.detach(), v2.detach()
+    v1, v2 detached: net.fields(v1, v2, size) are the fields this iteration computed). As the
+    reference: UNet 1 is optimised on its own full fields, then the pair is warped half-way by step 1
+    and detached, and UNet 2 is optimised on that pair with its own loss."""
     total, vs = 0, []
     for step, o in enumerate(opts):
         loss_k, v = step_loss(net, step, fixed, moving, reg, device)
-        o.zero_grad(set_to_none=True)
-        scaler.scale(loss_k).backward()
-        scaler.step(o)  # with a GradScaler (CUDA) a non-finite step is skipped, as in the reference
-        scaler.update()
+        utils.optimiser_step(loss_k, o, scaler)
         total = total + loss_k.detach()
         vs.append(v.detach())
         if step == 0:
@@ -98,7 +79,7 @@ def train_step(net, opts, scaler, fixed, moving, reg, device, loss="per-step"):
 
 
 def optimise(net, batches, iters, lr, reg, device, desc="train", on_step=None, start=0, opt_state=None,
-             loss="per-step", reduce=False):
+             reduce=False):
     """Adam on both UNets (one optimiser per UNet, as the reference). `batches(i)` -> (fixed, moving).
     Used for training and for test-time adaptation alike; reduce: the logged loss is averaged over
     torchrun's processes (training; a test-time adaptation runs on one process's own pair). Returns (optimisers, (v1, v2) of the
@@ -113,7 +94,7 @@ def optimise(net, batches, iters, lr, reg, device, desc="train", on_step=None, s
     last = None
     for i in bar:
         fixed, moving = batches(i)
-        total, *last = train_step(net, opts, scaler, fixed, moving, reg, device, loss)
+        total, *last = train_step(net, opts, scaler, fixed, moving, reg, device)
         if on_step:
             on_step(i + 1, opts, total)
         if (i + 1) % LOG_EVERY == 0 or i + 1 == iters:  # the only host synchronisation
@@ -124,24 +105,15 @@ def optimise(net, batches, iters, lr, reg, device, desc="train", on_step=None, s
     return opts, last
 
 
-def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, overwrite=False, loss="per-step",
-          device=None, compile=False, log=utils.main_print):
+def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, overwrite=False, device=None,
+          compile=False, log=utils.main_print):
     """Train on all pairs of the folder `data`; returns the net."""
     p, cfg = PRESETS[preset], config_of(preset)
-    utils.check_positive({"BATCH_SIZE": batch_size, "--iters": iters})
-    utils.check_seed(seed)
-    ck = None
-    if resume and os.path.exists(out):
-        ck = utils.load_checkpoint(out, "regnet", cfg)
-        # a constant learning rate: a larger --iters simply trains on to the new target
-        utils.check_resume(out, ck, data=os.path.abspath(data), batch_size=batch_size, seed=seed, loss_scheme=loss)
-        batch_size = ck["batch_size"]
-        seed = ck["seed"]
-    batch_size = p["batch"] if batch_size is None else batch_size
-    seed = 0 if seed is None else seed
+    # a constant learning rate: a larger --iters simply trains on to the new target
+    ck, batch_size, seed = utils.start_training(out, "regnet", resume=resume, overwrite=overwrite, batch_size=batch_size,
+                                                seed=seed, iters=iters, default_batch=p["batch"], config=cfg,
+                                                data=os.path.abspath(data))
     iters = iters or p["iters"] or 2500 // batch_size * 4
-    if not resume:
-        utils.check_output(out, overwrite, resumable=True)
     ids, pairs = utils.load_pairs(data, p["factor"])  # (N, 2, H, W, D)
     rank, _, device = utils.distributed(device)
     local = utils.local_batch(batch_size)
@@ -155,7 +127,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     opt_state = None
     if ck is not None:
         net.load_weights(ck["state"], out)
-        utils.set_rng_state(out, ck.get("rng"), [gen])
+        utils.set_rng_state(ck["rng"], [gen])
         start = ck["iteration"]
         opt_state = ck["optimisers"]
 
@@ -176,15 +148,15 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         if utils.is_main():
             utils.save_checkpoint(out, "regnet", cfg, net.state_dict(), iteration=i, loss=loss_value,
                                   optimisers=[o.state_dict() for o in opts], rng=utils.rng_state([gen]), iters=iters,
-                                  data=os.path.abspath(data), cases=ids, seed=seed, batch_size=batch_size,
-                                  loss_scheme=loss, precision=utils.precision(device))
+                                  data=os.path.abspath(data), cases=ids, seed=seed, batch=batch_size,
+                                  precision=utils.precision(device))
         utils.barrier()  # nobody reads the checkpoint before it is written
 
     t = time.time()
     log(f"train_registration: {len(ids)} pairs from {data} at {tuple(pairs.shape[2:])}, preset {preset}, "
-        f"{iters} iterations of batch {batch_size} ({loss} loss) on {device}")
+        f"{iters} iterations of batch {batch_size} on {device}")
     optimise(net, batches, iters, LR, REG, device, desc=f"train {preset}", on_step=on_step, start=start,
-             opt_state=opt_state, loss=loss, reduce=True)
+             opt_state=opt_state, reduce=True)
     if start >= iters:
         log(f"{out} already holds {start} >= {iters} iterations")
     log(f"wrote {out} ({time.time() - t:.0f} s, {(time.time() - t) / max(iters - start, 1):.2f} s/iteration"
@@ -195,13 +167,10 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
 def main(argv=None):
     ap = utils.training_parser(__doc__, PRESETS, "regnets_state_<DATA_FOLDER name>.pth")
     ap.add_argument("data", help="folder of case_XXX_{1,2}.nii.gz pairs")
-    ap.add_argument("--loss", choices=LOSSES, default="per-step",
-                    help="per-step: each UNet its own loss (the reference); composed: one loss on the composed field")
     args = ap.parse_args(argv)
     out = args.out or f"regnets_state_{os.path.basename(os.path.normpath(args.data))}.pth"
-    with utils.cpu_precision(args.bf16):
-        train(data=args.data, out=out, preset=args.preset, batch_size=args.batch_size, iters=args.iters, seed=args.seed,
-              resume=args.resume, overwrite=args.overwrite, loss=args.loss, device=args.device, compile=args.compile)
+    train(data=args.data, out=out, preset=args.preset, batch_size=args.batch_size, iters=args.iters, seed=args.seed,
+          resume=args.resume, overwrite=args.overwrite, device=args.device, compile=args.compile)
 
 
 if __name__ == "__main__":

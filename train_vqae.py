@@ -1,17 +1,14 @@
 """Stage 1: train the paired 3D VQ-AE (models.VQAE) on fixed/moving vessel-mask pairs.
 
     python train_vqae.py [BATCH_SIZE] [--preset paper|cpu|demo] [--data DIR] [--val DIR] [--iters N]
-                         [--out CKPT] [--seed S] [--diff-weight W] [--pair-warp MM]
-                         [--resume | --overwrite]
+                         [--out CKPT] [--seed S] [--diff-weight W] [--resume | --overwrite]
 
 Both masks of a pair enter as two channels, so one token grid describes the pair. Each step:
 a batch of pairs (paper: random 128^3 patches, same location in fixed and moving; cpu/demo: whole
 quarter-resolution volumes), one random affine per pair (identity 3x4 + N(0, 0.05), nearest),
 loss = 0.5 CE(fixed) + 0.5 CE(moving) with class weights (1, 2.5) + 0.1 codebook loss.
 --diff-weight W (not in the paper; 0 = the reference) weighs each voxel by 1 + W |fixed - moving|:
-the voxels that carry the pair's deformation, which a plain CE learns last (README, issue 12).
---pair-warp MM (not in the paper; 0 = the reference) also warps each moving mask by a random smooth
-displacement (std MM at 4^3 control points): pair differences beyond the few training pairs'.
+the voxels that carry the pair's deformation, which a plain CE learns last (RESULTS.md).
 At every validation: reconstruction Dice and the deformation the reconstructions keep (quick
 registration displacement of reconstructed / real pairs, training and validation pairs).
 Writes CKPT (kind 'vqae': preset, model kwargs and data factor in its config), CKPT.csv, CKPT.png.
@@ -23,6 +20,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -119,12 +117,35 @@ def vqae_step(model, opt, scaler, sched, x, soft, diff_weight=0.0, net=None):
         logits, cb, ids = (net or model)(xp)
         logits = utils.crop_to(logits, size)
         loss = recon_loss(logits, x, soft, diff_weight) + CB_WEIGHT * cb
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
+    utils.optimiser_step(loss, opt, scaler)
     sched.step()
     return loss.detach(), cb.detach(), logits.detach(), ids
+
+
+# torchrun collectives of the codebook restart and the logged code usage
+def all_max_(t):
+    """In place: t (an integer/bool tensor) -> its elementwise maximum over the processes."""
+    if utils.world()[1] > 1:
+        u = t.to(torch.int32)
+        dist.all_reduce(u, op=dist.ReduceOp.MAX)
+        t.copy_(u.to(t.dtype))
+    return t
+
+
+def all_cat(t):
+    """Concatenate equal-shaped tensors of every process along dim 0, in rank order."""
+    if utils.world()[1] == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(utils.world()[1])]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def broadcast_(t, src=0):
+    """In place: every process gets process `src`'s t."""
+    if utils.world()[1] > 1:
+        dist.broadcast(t, src)
+    return t
 
 
 def restart_dead_codes(model, seen):
@@ -132,8 +153,8 @@ def restart_dead_codes(model, seen):
     reset here) onto encoder outputs. Under torchrun every process moves the same codes, then all
     take process 0's replacements: each process saw other encoder outputs, and the codebooks must
     stay identical. Returns the number of codes moved."""
-    moved = model.restart_codes(~utils.all_max_(seen))
-    utils.broadcast_(model.codebook.weight.data)
+    moved = model.restart_codes(~all_max_(seen))
+    broadcast_(model.codebook.weight.data)
     seen[:] = False
     return moved
 
@@ -159,34 +180,20 @@ def plot_log(rows, path):
 
 
 def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, overwrite=False, val=None, device=None,
-          compile=False, diff_weight=None, pair_warp=None):
+          compile=False, diff_weight=None):
     """Train on the pairs of folder `data` at the preset's factor (`val`: a folder for validation
     Dice at intervals; either may also be pairs already loaded, see load_data). diff_weight: see
-    recon_loss, pair_warp: see utils.warp_moving (None: the preset's, 0 = the reference). Returns the model."""
+    recon_loss (None: the preset's, 0 = the reference). Returns the model."""
     p, config = PRESETS[preset], config_of(preset)
-    utils.check_positive({"BATCH_SIZE": batch_size, "--iters": iters})
-    utils.check_seed(seed)
-    ck = None
-    if resume and os.path.exists(out):
-        ck = utils.load_checkpoint(out, "vqae", config)  # another preset -> one-line error
-        for k in ("diff_weight", "pair_warp"):  # older checkpoints: trained without
-            ck.setdefault(k, 0.0)
-        # the learning-rate schedule was planned for the checkpoint's iterations: keep them
-        utils.check_resume(out, ck, iters=iters, batch=batch_size, seed=seed, diff_weight=diff_weight,
-                           pair_warp=pair_warp)
-        batch_size = ck["batch"]
-        seed = ck["seed"]
+    # another preset -> one-line error; the learning-rate schedule was planned for the checkpoint's iterations
+    ck, batch_size, seed = utils.start_training(out, "vqae", resume=resume, overwrite=overwrite, batch_size=batch_size,
+                                                seed=seed, iters=iters, default_batch=p["batch"], config=config,
+                                                outputs=utils.log_paths(out), fixed_iters=True, diff_weight=diff_weight)
+    if ck is not None:
         diff_weight = ck["diff_weight"]
-        pair_warp = ck["pair_warp"]
-    batch_size = p["batch"] if batch_size is None else batch_size
-    seed = 0 if seed is None else seed
     diff_weight = p.get("diff_weight", 0.0) if diff_weight is None else float(diff_weight)
-    pair_warp = p.get("pair_warp", 0.0) if pair_warp is None else float(pair_warp)
-    for name, v in (("--diff-weight", diff_weight), ("--pair-warp", pair_warp)):
-        if not math.isfinite(v) or v < 0:
-            raise utils.DataError(f"{name} must be a finite number >= 0, got {v}")
-    if not resume:
-        utils.check_output(utils.log_paths(out), overwrite, resumable=True)  # fail before the (slow) data loading
+    if not math.isfinite(diff_weight) or diff_weight < 0:
+        raise utils.DataError(f"--diff-weight must be a finite number >= 0, got {diff_weight}")
     train_data = load_data(data, p["factor"])
     val = None if val is None else load_data(val, p["factor"])
     if p["patch"] and any(s < p["patch"] for s in train_data.shape[-3:]):
@@ -209,7 +216,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     start, rows = 0, []
     if ck is not None:
         utils.resume_state(ck, out, model, opt, sched, scaler)  # ck: read and checked above
-        utils.set_rng_state(out, ck.get("rng"), [gen, aug_gen])
+        utils.set_rng_state(ck["rng"], [gen, aug_gen])
         start, rows, iters = ck["iteration"], ck["log"], ck["iters"]
         seen = ck["seen"].to(device)
     soft = bool(((train_data > 0) & (train_data < 1)).any())  # pooled occupancies (cpu/demo) or binary 1 mm masks
@@ -223,14 +230,13 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     log_every = p.get("log_every", LOG_EVERY)
 
     def save(it):
-        utils.all_max_(seen)  # codes used by any process
+        all_max_(seen)  # codes used by any process
         if not utils.is_main():
             return utils.barrier()  # one writer; nobody reads before it has written
         utils.save_checkpoint(out, "vqae", config, model.state_dict(), optimizer=opt.state_dict(),
                               scheduler=sched.state_dict(), scaler=scaler.state_dict(), iteration=it,
                               iters=iters, batch=batch_size, seed=seed, log=rows, rng=utils.rng_state([gen, aug_gen]),
-                              seen=seen.cpu(), diff_weight=diff_weight,
-                              pair_warp=pair_warp, precision=utils.precision(device))
+                              seen=seen.cpu(), diff_weight=diff_weight, precision=utils.precision(device))
         utils.write_csv(base + ".csv", LOG_FIELDS, rows)
         plot_log(rows, base + ".png")
         utils.barrier()
@@ -241,8 +247,6 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     for it in bar:
         batch = sample_batch(train_data, batch_size, p["patch"], gen, part).to(device, non_blocking=True)
         x = utils.augment(batch, generator=aug_gen, share=utils.world())
-        if pair_warp:  # no draws at 0: the reference's random streams stay as they were
-            x = utils.warp_moving(x, pair_warp, p["factor"], aug_gen, utils.world(), nearest=not soft)
         loss, cb, logits, ids = vqae_step(model, opt, scaler, sched, x, soft, diff_weight, net)
         seen[ids.reshape(-1)] = True
         restarted = ""
@@ -260,7 +264,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
                 raise RuntimeError(f"VQ-AE loss became {loss_v} at iteration {it + 1}")
             continue
         bad = 0
-        used, ppl = utils.codebook_stats(utils.all_cat(ids), model.num_codes)
+        used, ppl = utils.codebook_stats(all_cat(ids), model.num_codes)
         row = {"iter": it + 1, "loss": loss_v, "codebook_loss": cb_v, "dice_fixed": dice_f, "dice_moving": dice_m,
                "codes_used": used, "perplexity": ppl, "lr": sched.get_last_lr()[0], "codes_restarted": restarted}
         if val is not None and utils.is_main() and ((it + 1) % p["val_every"] == 0 or it + 1 == iters):
@@ -287,19 +291,15 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
 
 def main(argv=None):
     ap = utils.training_parser(__doc__, PRESETS, "vqae_<preset>.pth")
-    ap.add_argument("--data", help="folder of case_XXX_{1,2}.nii.gz pairs")
+    ap.add_argument("--data", default="dilated_vessels", help="folder of case_XXX_{1,2}.nii.gz pairs")
     ap.add_argument("--val", help="validation pairs (Dice and deformation kept at intervals)")
     ap.add_argument("--diff-weight", type=float, help="extra CE weight on voxels where fixed and moving differ "
                     "(default: the preset's; 0 = the reference)")
-    ap.add_argument("--pair-warp", type=float, metavar="MM", help="random smooth warp of each moving mask, "
-                    "std in mm (default: the preset's; 0 = the reference)")
     args = ap.parse_args(argv)
     out = args.out or f"vqae_{args.preset}.pth"
-    with utils.cpu_precision(args.bf16):
-        model = train(data=args.data or utils.default_data(args.preset), out=out, preset=args.preset,
-                      batch_size=args.batch_size, iters=args.iters, seed=args.seed, resume=args.resume,
-                      overwrite=args.overwrite, val=args.val, device=args.device, compile=args.compile,
-                      diff_weight=args.diff_weight, pair_warp=args.pair_warp)
+    model = train(data=args.data, out=out, preset=args.preset, batch_size=args.batch_size, iters=args.iters,
+                  seed=args.seed, resume=args.resume, overwrite=args.overwrite, val=args.val, device=args.device,
+                  compile=args.compile, diff_weight=args.diff_weight)
     utils.main_print(f"wrote {out}{utils.peak_memory(model.codebook.weight.device)}")
 
 

@@ -1,5 +1,10 @@
-"""Everything the stage scripts share, written once: data and frame, landmarks and metrics,
-warping, checkpoints, output files, seeding and device.
+"""Everything the stage scripts share, written once. Sections:
+
+   1. errors and entry point        5. frame                   9. metrics (TRE, Dice, Jacobian)
+   2. device and precision          6. data: volumes, pairs,  10. realism statistics
+   3. training runs                    landmarks, augmentation 11. output files (atomic writes,
+   4. several processes (torchrun)  7. token files                 NIfTI, JSON, CSV, figures)
+                                    8. warping
 
 Conventions used everywhere:
   * volumes live in the common 256x208x256 frame (FRAME) at 1 mm, or in that frame average-pooled
@@ -30,6 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+# ------------------------------ 1. errors and entry point
 FRAME = (256, 208, 256)
 
 
@@ -51,27 +57,6 @@ def run_main(main):
         sys.exit(130)
 
 
-# ---------------------------------------------------------------------------- runtime
-def training_parser(doc, presets, default_out):
-    """The argument parser of a training script (its docstring's first line as description) with
-    the options the three share, same names and meaning. BATCH_SIZE comes first: the script's
-    own positional arguments follow it."""
-    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
-    ap.add_argument("batch_size", type=int, nargs="?", help="default: the preset's (paper: 8)")
-    ap.add_argument("--preset", choices=sorted(presets), default="paper")
-    ap.add_argument("--iters", type=int, help="default: the preset's")
-    ap.add_argument("--out", help=f"checkpoint (default {default_out})")
-    ap.add_argument("--seed", type=int, help="default 0 (resuming: the checkpoint's)")
-    ap.add_argument("--resume", action="store_true", help="continue from --out if it exists")
-    ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
-    ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the network(s) in place, as the reference does (checkpoints unchanged)")
-    ap.add_argument("--bf16", action="store_true",
-                    help="bf16 autocast on the CPU (not in any preset yet: benchmark_precision.py); CUDA runs fp16 as the reference")
-    return ap
-
-
 def check_positive(counts):
     """{name: count or None (not given)} -> a one-line error for the first count below 1."""
     for name, value in counts.items():
@@ -79,12 +64,12 @@ def check_positive(counts):
             raise DataError(f"{name} must be >= 1, got {value}")
 
 
-def seed_all(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def check_seed(seed):
+    if seed is not None and seed < 0:
+        raise DataError(f"--seed must be >= 0, got {seed}")
 
 
+# ------------------------------ 2. device and precision
 def get_device(name=None):
     """torch.device of `name` (e.g. 'cuda:1'), else CUDA when present, else the CPU. On CUDA it also
     sets what the reference implementation sets in every script: cuDNN autotuning (the input shapes
@@ -100,7 +85,180 @@ def get_device(name=None):
     return device
 
 
-# ---------------------------------------------------------------------------- several processes (torchrun)
+def autocast(device):
+    """Mixed precision as the reference implementation: fp16 autocast on CUDA, none (fp32) on the
+    CPU. Losses and fields stay fp32 (fp32()); so do the VQ-AE's code distances (VQAE.quantise)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.float16)
+
+
+def precision(device):
+    """The arithmetic utils.autocast gives on `device`, as checkpoints record it."""
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+def fp32(x):
+    """x in at least single precision, for the numerically sensitive parts (code distances, losses,
+    fields) under autocast and for masks stored as integers; float64 stays float64 (the tests'
+    exact-arithmetic runs)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def to_device_if_fits(x, device, share=0.25):
+    """x on `device` when it takes at most `share` of the GPU's free memory (no per-iteration
+    host-to-device copies of the data set), else left in (pinned) host memory."""
+    if device.type != "cuda":
+        return x
+    if x.nbytes <= share * torch.cuda.mem_get_info(device)[0]:
+        return x.to(device)
+    return x.pin_memory()
+
+
+def compile_modules(modules, enabled):
+    """torch.compile each module in place (nn.Module.compile): the state_dict keys stay the same,
+    so checkpoints of compiled and eager runs are interchangeable."""
+    if enabled:
+        for m in modules:
+            m.compile()
+
+
+def peak_memory(device):
+    """', peak GPU memory X GiB' on CUDA (torch.cuda.max_memory_allocated), '' elsewhere."""
+    if torch.device(device).type != "cuda":
+        return ""
+    return f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
+
+
+# ------------------------------ 3. training runs: arguments, start, optimiser step, checkpoints, resume
+def training_parser(doc, presets, default_out):
+    """The argument parser of a training script (its docstring's first line as description) with
+    the options the three share, same names and meaning. BATCH_SIZE comes first: the script's
+    own positional arguments follow it."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("batch_size", type=int, nargs="?", help="default: the preset's (paper: 8)")
+    ap.add_argument("--preset", choices=sorted(presets), default="paper")
+    ap.add_argument("--iters", type=int, help="default: the preset's")
+    ap.add_argument("--out", help=f"checkpoint (default {default_out})")
+    ap.add_argument("--seed", type=int, help="default 0 (resuming: the checkpoint's)")
+    ap.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the network(s) in place, as the reference does (checkpoints unchanged)")
+    return ap
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def start_training(out, kind, *, resume, overwrite, batch_size, seed, iters, default_batch, config=None,
+                   outputs=None, fixed_iters=False, **settings):
+    """The start every training script shares: counts and seed checked; with `resume` and an existing
+    checkpoint `out` that checkpoint (refused if of another kind or config, or trained with other
+    `settings`, batch size, seed or - fixed_iters: a schedule planned for them - iterations), whose
+    batch size and seed are kept; otherwise the outputs (default `out`) are refused if they exist.
+    Returns (checkpoint or None, batch size, seed)."""
+    check_positive({"BATCH_SIZE": batch_size, "--iters": iters})
+    check_seed(seed)
+    ck = None
+    if resume and os.path.exists(out):
+        ck = load_checkpoint(out, kind, config)
+        check_resume(out, ck, batch=batch_size, seed=seed, iters=iters if fixed_iters else None, **settings)
+        batch_size, seed = ck["batch"], ck["seed"]
+    elif not resume:
+        check_output(outputs or out, overwrite, resumable=True)  # fail before the (slow) data loading
+    return ck, default_batch if batch_size is None else batch_size, 0 if seed is None else seed
+
+
+def check_resume(path, ck, **now):
+    """Refuse to resume a checkpoint with other settings than it was trained with (None = not
+    given: the checkpoint's value is kept)."""
+    diff = [f"{k} {ck.get(k)} -> {v}" for k, v in now.items() if v is not None and ck.get(k) != v]
+    if diff:
+        raise DataError(f"{path}: trained with other settings ({', '.join(diff)}); resume with the same "
+                        "ones or write a new --out")
+
+
+def optimiser_step(loss, optimizer, scaler):
+    """One optimiser step of every training loop: clear the gradients, backward of the (scaled) loss,
+    step, update the GradScaler. On CUDA the scaler skips a step with non-finite gradients, as in the
+    reference; on the CPU it is disabled and the step is plain."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def save_checkpoint(path, kind, config, state, **extra):
+    """Weights together with the kind and config that built them; written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({"kind": kind, "config": config, "state": state, **extra}, tmp)
+
+
+def load_checkpoint(path, kind, config=None):
+    """Load a checkpoint of `kind`; refuse another kind, another config, or a broken file."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: checkpoint not found")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)  # a .pth never executes code
+    except Exception:
+        raise DataError(f"{path}: not a readable checkpoint (truncated or corrupt)")
+    if not isinstance(ck, dict) or "kind" not in ck:
+        raise DataError(f"{path}: not a checkpoint of this project")
+    if ck["kind"] != kind:
+        raise DataError(f"{path}: is a '{ck['kind']}' checkpoint, expected '{kind}'")
+    if config is not None:
+        check_config(path, ck, config)
+    return ck
+
+
+def check_config(path, ck, config):
+    """Refuse a checkpoint `ck` (read from `path`) whose config is not `config`, naming what differs."""
+    if ck["config"] != config:
+        diff = sorted(k for k in set(config) | set(ck["config"]) if config.get(k) != ck["config"].get(k))
+        raise DataError(f"{path}: checkpoint config differs in {', '.join(diff)} (another preset?)")
+
+
+def resume_state(ck, path, model, optimizer, scheduler, scaler):
+    """Load a training checkpoint `ck` (from load_checkpoint(path, ...)) into the model, optimiser,
+    scheduler and GradScaler."""
+    model.load_weights(ck["state"], path)
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    load_scaler_state(scaler, ck["scaler"])
+
+
+def load_scaler_state(scaler, state):
+    """Restore a GradScaler; a checkpoint written without CUDA holds an empty state, which
+    GradScaler.load_state_dict refuses: a CUDA run resumed from it starts a fresh scale instead."""
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
+
+
+def rng_state(generators):
+    """Every random stream a training loop draws from - torch's global generators (CPU, and CUDA
+    when present) and the loop's own `generators` - for the checkpoint: a resumed run then draws
+    exactly what the uninterrupted run would have drawn."""
+    state = {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in generators]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, generators):
+    """Restore rng_state()."""
+    torch.set_rng_state(state["torch"])
+    for g, s in zip(generators, state["generators"]):
+        g.set_state(s)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------ 4. several processes (torchrun)
 # Under `torchrun --nproc-per-node N script.py ...` every process runs the whole script on its share of
 # each batch. The global batch of the command line is split across the processes, and every random
 # draw is made for the whole batch on every process (each keeps its part), so N processes take the
@@ -162,31 +320,6 @@ def all_mean(values, device):
     return (t / world()[1]).tolist()
 
 
-def all_max_(t):
-    """In place: t (an integer/bool tensor) -> its elementwise maximum over the processes."""
-    if world()[1] > 1:
-        u = t.to(torch.int32)
-        dist.all_reduce(u, op=dist.ReduceOp.MAX)
-        t.copy_(u.to(t.dtype))
-    return t
-
-
-def all_cat(t):
-    """Concatenate equal-shaped tensors of every process along dim 0, in rank order."""
-    if world()[1] == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(world()[1])]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
-def broadcast_(t, src=0):
-    """In place: every process gets process `src`'s t."""
-    if world()[1] > 1:
-        dist.broadcast(t, src)
-    return t
-
-
 def gather_objects(obj):
     """Picklable objects of every process -> list in rank order, on every process."""
     if world()[1] == 1:
@@ -206,89 +339,7 @@ def main_print(*args, **kwargs):
         print(*args, **kwargs)
 
 
-def to_device_if_fits(x, device, share=0.25):
-    """x on `device` when it takes at most `share` of the GPU's free memory (no per-iteration
-    host-to-device copies of the data set), else left in (pinned) host memory."""
-    if device.type != "cuda":
-        return x
-    if x.nbytes <= share * torch.cuda.mem_get_info(device)[0]:
-        return x.to(device)
-    return x.pin_memory()
-
-
-def compile_modules(modules, enabled):
-    """torch.compile each module in place (nn.Module.compile): the state_dict keys stay the same,
-    so checkpoints of compiled and eager runs are interchangeable."""
-    if enabled:
-        for m in modules:
-            m.compile()
-
-
-def synchronize(device):
-    """Wait for the GPU's queued work (for timing); nothing to wait for on a CPU."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory(device):
-    """', peak GPU memory X GiB' on CUDA (torch.cuda.max_memory_allocated), '' elsewhere."""
-    if torch.device(device).type != "cuda":
-        return ""
-    return f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
-
-
-def load_scaler_state(scaler, state):
-    """Restore a GradScaler; a checkpoint written without CUDA holds an empty state, which
-    GradScaler.load_state_dict refuses: a CUDA run resumed from it starts a fresh scale instead."""
-    if scaler.is_enabled() and state:
-        scaler.load_state_dict(state)
-
-
-CPU_BF16 = False  # utils.autocast on the CPU: bf16 inside `with cpu_precision(True)`, else fp32
-
-
-def autocast(device):
-    """Mixed precision: fp16 on CUDA (the reference implementation's setting); on the CPU bf16 inside
-    cpu_precision(True), else none. Losses and fields stay fp32 (fp32()); so do the VQ-AE's code
-    distances on the CPU (VQAE.quantise)."""
-    if device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=CPU_BF16)
-    return torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
-
-
-def precision(device):
-    """The arithmetic utils.autocast gives on `device` now, as checkpoints record it."""
-    if device.type == "cuda":
-        return "fp16"
-    return "bf16" if device.type == "cpu" and CPU_BF16 else "fp32"
-
-
-def cpu_bf16():
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast pays."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: absent in some torch versions
-    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
-
-
-@contextlib.contextmanager
-def cpu_precision(bf16):
-    """Within the block, utils.autocast on the CPU computes in bf16 (bf16=True) or fp32 (False);
-    the previous setting comes back afterwards."""
-    global CPU_BF16
-    old, CPU_BF16 = CPU_BF16, bool(bf16)
-    try:
-        yield
-    finally:
-        CPU_BF16 = old
-
-
-def fp32(x):
-    """x in at least single precision, for the numerically sensitive parts (code distances, losses,
-    fields) under autocast and for masks stored as integers; float64 stays float64 (the tests'
-    exact-arithmetic runs)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-# ---------------------------------------------------------------------------- frame
+# ------------------------------ 5. frame
 def frame_pads(shape):
     """Pad widths (negative = crop) that put a volume of `shape` into the 256x208x256 frame,
     exactly as the Lung250M-4B data README gives them. Returns (h1, h2, w1, w2, d1, d2)."""
@@ -347,7 +398,7 @@ def crop_to(x, size):
     return x[..., : size[0], : size[1], : size[2]]
 
 
-# ---------------------------------------------------------------------------- data
+# ------------------------------ 6. data: volumes, pairs, landmarks, augmentation
 def load_volume(path):
     """Read one NIfTI as float32 numpy, checking the problems that silently ruin a run."""
     try:
@@ -480,36 +531,10 @@ def read_landmarks(path):
     return a[:, :3], a[:, 3:]
 
 
-def read_corrfield(path, original_shape):
-    """corrField keypoints (no header; fixed i,j,k then moving i,j,k in the ORIGINAL volume's voxel
-    indices) moved into the frame by the frame offsets; keypoints outside the frame are dropped."""
-    try:
-        a = np.loadtxt(path, delimiter=",", ndmin=2)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not a keypoint CSV ({e})")
-    h1, _, w1, _, d1, _ = frame_pads(original_shape)
-    a = a + np.array([h1, w1, d1] * 2)
-    keep = ((a >= 0) & (a <= np.array(FRAME * 2) - 1)).all(axis=1)
-    return a[keep, :3], a[keep, 3:]
-
-
 def write_landmarks(path, fixed, moving):
     with atomic_path(path) as tmp:
         np.savetxt(tmp, np.hstack([fixed, moving]), delimiter=",", fmt="%.4f", comments="",
                    header="fixed_i,fixed_j,fixed_k,moving_i,moving_j,moving_k")
-
-
-def default_data(preset):
-    """The training pairs read when no folder is given: the user's `dilated_vessels`, or at the
-    demo preset phantom pairs, made on first use."""
-    if preset != "demo":
-        return "dilated_vessels"
-    folder = os.path.join("runs", "demo_phantoms")
-    if not os.path.isdir(folder):
-        import make_phantoms  # the phantom generator is a script of its own; only the demo needs it
-
-        make_phantoms.make_pairs(folder, 8, size=grid_shape(4))
-    return folder
 
 
 AUG_STD = 0.05  # the reference's affine augmentation: identity 3x4 + N(0, 0.05)
@@ -533,25 +558,7 @@ def augment(x, std=AUG_STD, generator=None, share=(0, 1)):
     return F.grid_sample(fp32(x), grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
-def random_field(x, mm, factor, generator=None, share=(0, 1), control=4):
-    """One random smooth displacement (B, 3, H, W, D) in voxels per pair of x (B, C, H, W, D):
-    N(0, mm^2) per axis at control^3 points spanning x's grid (corners included), trilinear between
-    them (`factor` mm per voxel). Drawn like augment: share is this process's part of the global batch."""
-    noise = batch_randn(x, (3, control, control, control), generator, share)
-    return F.interpolate(noise * (mm / factor), size=tuple(x.shape[2:]), mode="trilinear", align_corners=True)
-
-
-def warp_moving(x, mm, factor, generator=None, share=(0, 1), nearest=False):
-    """x (B, 2, H, W, D) with each pair's moving channel seen through its own random_field: pair
-    differences the few training pairs do not show. Border padding: at a patch's edge the moving mask
-    continues as it was instead of turning empty where the fixed one is not. nearest keeps binary
-    masks binary."""
-    ddf = random_field(x, mm, factor, generator, share)
-    moving = warp(x[:, 1:].float(), ddf, nearest=nearest, padding="border")
-    return torch.cat([x[:, :1].float(), moving], 1)
-
-
-# ---------------------------------------------------------------------------- token files
+# ------------------------------ 7. token files
 # The reference implementation's token file (paper_tokens_97.pth): a plain list of 16x13x16 id
 # tensors of its 1 mm VQ-AE with 1024 codes, one per Lung250M-4B training case in sorted order:
 # cases 000-103 without the data set's test cases below (entry 30 = case_032, 33 = case_035, which
@@ -607,7 +614,7 @@ def read_tokens(path):
             "case_ids": list(d.get("case_ids", [])), "config": d.get("config")}
 
 
-# ---------------------------------------------------------------------------- warping
+# ------------------------------ 8. warping
 @functools.lru_cache(maxsize=32)
 def _identity_grid(shape, device, dtype):
     """grid_sample's identity grid over `shape` ((x, y, z) = last axis first, align_corners=True)
@@ -659,7 +666,7 @@ def scale_channels(x, factors):
     return torch.cat([x[:, c:c + 1] * f for c, f in enumerate(factors)], 1)
 
 
-# ---------------------------------------------------------------------------- metrics
+# ------------------------------ 9. metrics
 TRE_DIRECTIONS = ("reference", "fixed")
 
 
@@ -693,31 +700,10 @@ def tre(fields, fixed_pts, moving_pts, direction="reference"):
     raise ValueError(f"direction must be one of {TRE_DIRECTIONS}, got {direction!r}")
 
 
-def summary(values):
-    """mean and 25/50/75 % of an array of TREs."""
-    v = np.asarray(values)
-    return {"mean": float(v.mean()), "p25": float(np.percentile(v, 25)),
-            "p50": float(np.percentile(v, 50)), "p75": float(np.percentile(v, 75))}
-
-
 def dice(a, b, thr=0.5):
     a, b = a > thr, b > thr
     s = a.sum() + b.sum()
     return float(2 * (a & b).sum() / s) if s > 0 else 1.0
-
-
-def jacobian_det(ddf):
-    """Jacobian determinant of x + ddf(x) (central differences), (B, H, W, D)."""
-    g = torch.stack(torch.gradient(ddf, dim=(2, 3, 4)), dim=2)  # (B, 3 comp, 3 deriv, H, W, D)
-    J = g + torch.eye(3, dtype=ddf.dtype, device=ddf.device).view(1, 3, 3, 1, 1, 1)
-    return torch.linalg.det(J.permute(0, 3, 4, 5, 1, 2))
-
-
-def jacobian_stats(ddf):
-    """(% voxels with det J <= 0, std of log det J) as in Learn2Reg (log of det+3, clipped)."""
-    det = jacobian_det(ddf.float())
-    logj = torch.log((det + 3).clamp(1e-9, 1e9))
-    return float((det <= 0).float().mean() * 100), float(logj.std())
 
 
 def codebook_stats(ids, num_codes):
@@ -727,7 +713,7 @@ def codebook_stats(ids, num_codes):
     return int(len(p)), float(torch.exp(-(p * p.log()).sum()))
 
 
-# ---------------------------------------------------------------------------- realism (realism_report.py)
+# ------------------------------ 10. realism (realism_report.py; the VQ-AE's and the token decoder's validation)
 REALISM_STATS = ["vf_fixed", "vf_moving", "dice_fm", "disp_mm", "dice_reg", "nn_dice"]
 
 
@@ -764,15 +750,9 @@ def nn_dice(vols, ref, exclude=None):
     return d.max(1).values.numpy()
 
 
-def folder_stats(folder, factor=4, reference=None, max_pairs=None, progress=False):
-    """Per-pair statistics of a folder -> dict name -> array (+ 'case' list). reference: (ids,
-    pairs (M, 2, ...)) of the training pairs, for the memorisation statistic."""
-    ids, x = load_pairs(folder, factor, find_pairs(folder)[:max_pairs], progress=progress)
-    return pair_stats(ids, x, factor, reference, progress)
-
-
 def pair_stats(ids, x, factor=4, reference=None, progress=False):
-    """folder_stats of pairs already loaded: case ids and x (N, 2, H, W, D) at frame/factor."""
+    """Realism statistics (REALISM_STATS) per pair: case ids and x (N, 2, H, W, D) at frame/factor.
+    reference: (ids, pairs (M, 2, ...)) of the training pairs, for the memorisation statistic."""
     s = {"case": list(ids), "vf_fixed": x[:, 0].mean((1, 2, 3)).numpy(), "vf_moving": x[:, 1].mean((1, 2, 3)).numpy(),
          "dice_fm": np.array([dice(p[0], p[1]) for p in x])}
     reg = [quick_registration(p[0], p[1], factor) for p in tqdm(x, desc="quick registration", disable=not progress)]
@@ -817,7 +797,7 @@ def realism_table(groups, baseline=None):
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------- files
+# ------------------------------ 11. output files
 def process_alive(pid):
     try:
         os.kill(pid, 0)
@@ -871,11 +851,6 @@ def log_paths(out):
     """A checkpoint or token file and the .csv / .png log written next to it."""
     base = os.path.splitext(out)[0]
     return [out, base + ".csv", base + ".png"]
-
-
-def check_seed(seed):
-    if seed is not None and seed < 0:
-        raise DataError(f"--seed must be >= 0, got {seed}")
 
 
 def sha256(path):
@@ -936,72 +911,3 @@ def mip_rgb(fixed, moving):
     rgb -= f[..., None] * np.array([0.85, 0.45, 0.0])  # blue
     rgb -= m[..., None] * np.array([0.0, 0.4, 0.85])   # orange
     return np.clip(rgb, 0, 1)
-
-
-def save_checkpoint(path, kind, config, state, **extra):
-    """Weights together with the kind and config that built them; written atomically."""
-    with atomic_path(path) as tmp:
-        torch.save({"kind": kind, "config": config, "state": state, **extra}, tmp)
-
-
-def rng_state(generators):
-    """Every random stream a training loop draws from - torch's global generators (CPU, and CUDA
-    when present) and the loop's own `generators` - for the checkpoint: a resumed run then draws
-    exactly what the uninterrupted run would have drawn."""
-    state = {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in generators]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(path, state, generators):
-    """Restore rng_state(); `path` names the checkpoint in the error for one without it."""
-    if state is None:
-        raise DataError(f"{path}: holds no random state (an older checkpoint), so it cannot be resumed exactly")
-    torch.set_rng_state(state["torch"])
-    for g, s in zip(generators, state["generators"]):
-        g.set_state(s)
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def check_resume(path, ck, **now):
-    """Refuse to resume a checkpoint with other settings than it was trained with (None = not
-    given: the checkpoint's value is kept)."""
-    diff = [f"{k} {ck.get(k)} -> {v}" for k, v in now.items() if v is not None and ck.get(k) != v]
-    if diff:
-        raise DataError(f"{path}: trained with other settings ({', '.join(diff)}); resume with the same "
-                        "ones or write a new --out")
-
-
-def resume_state(ck, path, model, optimizer, scheduler, scaler):
-    """Load a training checkpoint `ck` (from load_checkpoint(path, ...)) into the model, optimiser,
-    scheduler and GradScaler."""
-    model.load_weights(ck["state"], path)
-    optimizer.load_state_dict(ck["optimizer"])
-    scheduler.load_state_dict(ck["scheduler"])
-    load_scaler_state(scaler, ck["scaler"])
-
-
-def load_checkpoint(path, kind, config=None):
-    """Load a checkpoint of `kind`; refuse another kind, another config, or a broken file."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: checkpoint not found")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)  # a .pth never executes code
-    except Exception:
-        raise DataError(f"{path}: not a readable checkpoint (truncated or corrupt)")
-    if not isinstance(ck, dict) or "kind" not in ck:
-        raise DataError(f"{path}: not a checkpoint of this project")
-    if ck["kind"] != kind:
-        raise DataError(f"{path}: is a '{ck['kind']}' checkpoint, expected '{kind}'")
-    if config is not None:
-        check_config(path, ck, config)
-    return ck
-
-
-def check_config(path, ck, config):
-    """Refuse a checkpoint `ck` (read from `path`) whose config is not `config`, naming what differs."""
-    if ck["config"] != config:
-        diff = sorted(k for k in set(config) | set(ck["config"]) if config.get(k) != ck["config"].get(k))
-        raise DataError(f"{path}: checkpoint config differs in {', '.join(diff)} (another preset?)")

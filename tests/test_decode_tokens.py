@@ -66,12 +66,12 @@ def decoded(tmp_path_factory):
     out = root / "decoded"
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(decode_tokens.PRESETS, "demo", dict(decode_tokens.PRESETS["demo"], factor=8))
-        manifest = decode_tokens.run(tokens, str(data), str(out), "demo", iters=500, folds=2, bf16=False)
+        manifest = decode_tokens.run(tokens, str(data), str(out), "demo", iters=500, folds=2)
 
         def no_fit(*args, **kwargs):
             raise AssertionError("a finished run fitted again")
         mp.setattr(decode_tokens, "fit", no_fit)
-        again = decode_tokens.run(tokens, str(data), str(out), "demo", iters=500, folds=2, bf16=False)
+        again = decode_tokens.run(tokens, str(data), str(out), "demo", iters=500, folds=2)
     return tokens, data, out, manifest, grids, again
 
 

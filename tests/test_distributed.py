@@ -52,7 +52,7 @@ def steps(phantoms, tmp_path_factory):
     return [torch.load(one / "rank0.pt")] + [torch.load(two / f"rank{r}.pt") for r in (0, 1)]
 
 
-@pytest.mark.parametrize("stage", ["vqae", "diffusion", "registration per-step", "registration composed"])
+@pytest.mark.parametrize("stage", ["vqae", "diffusion", "registration"])
 def test_two_processes_take_the_single_process_step(steps, stage):
     one, r0, r1 = (s[stage] for s in steps)
     assert set(one) == set(r0) == set(r1) and len(one) > 0

@@ -1,7 +1,6 @@
 """The `paper` preset against the reference implementation (the paper's public code), and its
 readiness for CUDA shown on the `meta` device: every training step and the sampler at paper shapes
 with no tensor on the CPU and no host synchronisation in the hot path (meta tensors refuse both)."""
-import json
 import os
 
 import nibabel as nib
@@ -67,10 +66,10 @@ def tiny_pair(size=(48, 40, 48)):
     return fix, mov
 
 
-def per_step_grads(net, fix, mov, loss):
+def per_step_grads(net, fix, mov):
     opts = [torch.optim.SGD(u.parameters(), lr=0.0) for u in net.unets]  # keeps the weights
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    train_registration.train_step(net, opts, scaler, fix, mov, 0.5, torch.device("cpu"), loss)
+    train_registration.train_step(net, opts, scaler, fix, mov, 0.5, torch.device("cpu"))
     return [[p.grad.clone() for p in u.parameters()] for u in net.unets]
 
 
@@ -89,7 +88,7 @@ def test_per_step_loss_equals_the_reference_iteration(float64):
     torch.manual_seed(0)
     net = RegistrationNet()  # the paper configuration: fields integrated at the input grid
     fix, mov = tiny_pair()
-    ours = per_step_grads(net, fix, mov, "per-step")
+    ours = per_step_grads(net, fix, mov)
     ref = reference_restatement(net, fix, mov)
     for k in range(2):  # whole-UNet gradient vectors (biases before instance norms get ~0, noise only)
         a = torch.cat([g.flatten() for g in ours[k]])
@@ -99,16 +98,17 @@ def test_per_step_loss_equals_the_reference_iteration(float64):
 
 def test_unet2_gets_no_gradient_through_its_input():
     """Per-step: UNet 1's gradient comes from its own loss alone (the half-way pair UNet 2 sees is
-    detached); the composed loss, by contrast, sends step 2's loss back into UNet 1."""
+    detached), while step 2's loss alone would also reach UNet 1 through that pair if it were not."""
     torch.manual_seed(0)
     net = RegistrationNet()
     fix, mov = tiny_pair()
-    per_step = per_step_grads(net, fix, mov, "per-step")
-    loss1, _ = train_registration.step_loss(net, 0, fix, mov, 0.5, torch.device("cpu"))
-    alone = torch.autograd.grad(loss1, list(net.unets[0].parameters()))
+    per_step = per_step_grads(net, fix, mov)
+    loss1, v1 = train_registration.step_loss(net, 0, fix, mov, 0.5, torch.device("cpu"))
+    alone = torch.autograd.grad(loss1, list(net.unets[0].parameters()), retain_graph=True)
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(per_step[0], alone))
-    composed = per_step_grads(net, fix, mov, "composed")
-    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(composed[0], alone))
+    loss2, _ = train_registration.step_loss(net, 1, *net.halfway(v1, fix, mov), 0.5, torch.device("cpu"))
+    through = torch.autograd.grad(loss2, list(net.unets[0].parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().max() > 0 for g in through)  # the detach is what keeps it out
 
 
 def test_fields_warp_moving_onto_fixed_as_the_reference_backward_field():
@@ -168,15 +168,16 @@ def small_models(tmp_path, ids=None):
     return vq, grid, ids
 
 
-def test_written_synthetic_maps_are_the_raw_softmax(tmp_path):
+def test_written_synthetic_maps_are_the_raw_softmax(tmp_path, monkeypatch):
     vq, grid, ids = small_models(tmp_path)
     with torch.no_grad():
         logits = vq.decode_tokens(ids, grid)
+    monkeypatch.setattr(TokenTransformer, "sample", lambda self, n, *a, **k: ids[:n])  # these grids, not sampled ones
     assert synthesise.PRESETS["paper"]["calibrate"] is False  # the reference writes the raw softmax
     for k, (flag, calibrate) in enumerate(((["--no-calibrate"], False), (["--calibrate"], True), ([], True))):
         out = tmp_path / f"s{k}"  # the last: this demo checkpoint's preset default (occupancies)
         synthesise.main(["2", "--diffusion", str(tmp_path / "d.pth"), "--vqae", str(tmp_path / "v.pth"),
-                         "--decode", str(tmp_path / "t.pth"), "--out", str(out), *flag])
+                         "--batch", "2", "--out", str(out), *flag])
         fp, mp = VQAE.pair_probs(logits, utils.grid_shape(4), calibrate=calibrate)
         for i in range(2):
             f = np.asarray(nib.load(str(out / f"case_{i:04d}_1.nii.gz")).dataobj)
@@ -184,36 +185,6 @@ def test_written_synthetic_maps_are_the_raw_softmax(tmp_path):
             assert np.allclose(f, fp[i].numpy(), atol=1e-6) and np.allclose(m, mp[i].numpy(), atol=1e-6)
     raw, cal = VQAE.pair_probs(logits)[0], VQAE.pair_probs(logits, calibrate=True)[0]
     assert (raw - cal).abs().max() > 0.05
-
-
-def test_match_volume_gives_the_training_pairs_their_vessel_volume(tmp_path, phantoms):
-    q = torch.tensor([0.0, 0.2, 0.5, 0.9, 1.0])
-    assert torch.allclose(VQAE.shift_logit(q, 0.0), q)
-    assert VQAE.shift_logit(q, 1.0)[[0, 4]].tolist() == [0.0, 1.0]  # empty and full voxels stay
-    assert (VQAE.shift_logit(q[1:4], 1.0) < q[1:4]).all()
-    x = utils.load_pairs(phantoms, 4, progress=False)[1]
-    vq = small_models(tmp_path)[0]
-    offsets = vq.volume_offsets(x)
-    recon = vq.reconstruct(x, keep_probs=True)[2]
-    assert recon[:, 0].mean() > 1.5 * x[:, 0].mean()  # the raised vessel logits over-state the volume
-    assert min(offsets) > 0
-    for c in (0, 1):
-        assert torch.isclose(VQAE.shift_logit(recon[:, c], offsets[c]).mean(), x[:, c].mean(), rtol=1e-3)
-    # end to end: decoding the phantoms' own token grids writes maps with the phantoms' vessel volume
-    small_models(tmp_path, ids=vq.reconstruct(x)[0].flatten(1))
-    args = ["--diffusion", str(tmp_path / "d.pth"), "--vqae", str(tmp_path / "v.pth"), "--decode", str(tmp_path / "t.pth")]
-    synthesise.main([*args, "--out", str(tmp_path / "s"), "--match-volume", phantoms])
-    written = utils.load_pairs(str(tmp_path / "s"), 4, progress=False)[1]
-    for c in (0, 1):
-        assert torch.isclose(written[:, c].mean(), x[:, c].mean(), rtol=2e-3)
-    manifest = json.load(open(tmp_path / "s" / "manifest.json"))
-    assert manifest["match_volume"]["offsets"] == pytest.approx(list(offsets), abs=1e-5)
-    with pytest.raises(utils.DataError, match="other match_volume"):  # resuming without it
-        synthesise.main([*args, "--out", str(tmp_path / "s")])
-    with pytest.raises(utils.DataError, match="--calibrate"):
-        synthesise.main([*args, "--out", str(tmp_path / "r"), "--match-volume", phantoms, "--no-calibrate"])
-    with pytest.raises(utils.DataError, match="not found"):
-        synthesise.main([*args, "--out", str(tmp_path / "r"), "--match-volume", str(tmp_path / "missing")])
 
 
 def test_transformer_layers_start_independent():
@@ -273,22 +244,21 @@ def test_synthesis_decode_on_meta():
     assert fp.shape == (1, 256, 208, 256)
 
 
-@pytest.mark.parametrize("loss", train_registration.LOSSES)
-def test_registration_paper_step_on_meta(loss):
+def test_registration_paper_step_on_meta():
     net = RegistrationNet().to(META)
     opts = [torch.optim.Adam(u.parameters(), lr=0.015) for u in net.unets]
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     fixed = torch.zeros(8, 1, 128, 104, 128, device=META)  # paper: batch 8 at half resolution
-    total, v1, v2 = train_registration.train_step(net, opts, scaler, fixed, fixed, 0.5, META, loss)
+    total, v1, v2 = train_registration.train_step(net, opts, scaler, fixed, fixed, 0.5, META)
     ddf, ddf_inv = net.fields(v1, v2, fixed.shape[2:])
     assert total.device == META and ddf.shape == (8, 3, 128, 104, 128)
 
 
 def test_registration_activation_estimate_at_paper_batch():
-    import estimate_memory
+    from tools import estimate_memory
 
-    per_step = estimate_memory.registration(8, "per-step")
-    assert per_step <= 12 * 2 ** 30 < estimate_memory.registration(8, "composed")
+    assert 4 * 2 ** 30 < estimate_memory.registration(8) <= 12 * 2 ** 30  # 11.0 GiB measured on an H200
+    assert estimate_memory.registration(4) < estimate_memory.registration(8)
 
 
 def test_compile_keeps_checkpoint_keys():

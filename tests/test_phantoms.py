@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import make_phantoms
+import evaluate_registration
 import utils
 from conftest import assert_one_line_error
 
@@ -58,7 +59,7 @@ def test_landmarks_are_exact_and_on_vessels(phantoms):
         tre.append(utils.tre(None, fx, mv))
     assert np.concatenate(wrong).mean() < np.concatenate(right).mean() - 0.1  # the pairing matters
     t = np.concatenate(tre)
-    assert 3 < t.mean() < 15 and t.max() < 20, utils.summary(t)
+    assert 3 < t.mean() < 15 and t.max() < 20, evaluate_registration.summary(t)
 
 
 def test_deterministic_per_seed(tmp_path):

@@ -53,7 +53,9 @@ def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "res")
     argv = ["--preset", "demo", "--out", out, "--seeds", "1", "--num-synth", "4"]
     pipeline.main(argv)
-    first = stages_run(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    first = stages_run(captured.out)
+    assert "warning" not in captured.err  # the demo's phantoms are held out: nothing to warn about
     assert first[:6] == ["phantoms_train", "phantoms_val", "vqae", "tokens", "tokens_val", "diffusion"]
     for name in ("results.md", "eval_none.csv", "eval_real_s0.json", "eval_synth_s0.json", "eval_mix_s0.json",
                  "synth/manifest.json"):
@@ -188,3 +190,20 @@ def test_report_compares_rows_over_the_seeds_both_have(tmp_path):
     # seed 0 alone: differences -1, +1, -2 (mean -0.67, 2 of 3 better); with real's mean over both seeds: -6.67
     assert "- synth-4 (seeds 0): net -0.67 mm, better in 2/3" in md
     assert "| synth-4 | " in md and "(1 of 2 seeds)" in md
+
+
+def test_held_out_check_compares_contents_not_names(phantoms, tmp_path, capsys):
+    """The demo's training and validation phantoms share names (case_000 ...) but not contents: no
+    warning. A validation pair copied into the training folder under another name is found."""
+    import shutil
+
+    val = str(tmp_path / "val")
+    make_phantoms.make_pairs(val, 2, seed=1000)
+    assert pipeline.shared_pairs(phantoms, val) == []
+    train = str(tmp_path / "train")
+    shutil.copytree(phantoms, train)
+    for k in (1, 2):
+        shutil.copy(os.path.join(val, f"case_001_{k}.nii.gz"), os.path.join(train, f"copy_{k}.nii.gz"))
+    assert pipeline.shared_pairs(train, val) == ["case_001"]
+    pipeline.warn_overlap(pipeline.shared_pairs(train, val), train)
+    assert "holds validation cases (case_001)" in capsys.readouterr().err

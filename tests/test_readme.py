@@ -16,7 +16,7 @@ def usage_blocks():
     lines = open(os.path.join(ROOT, "README.md")).read().splitlines()
     found, script = {}, None
     for line in lines:
-        m = re.match(r"\s{4}python (\w+)\.py\b(.*)", line)
+        m = re.match(r"\s{4}python ((?:tools/)?\w+)\.py\b(.*)", line)
         if m:
             script = m.group(1)
             found.setdefault(script, set()).update(re.findall(r"--[a-z][a-z-]*", m.group(2)))
@@ -29,7 +29,7 @@ def usage_blocks():
 
 @pytest.mark.parametrize("script, options", sorted(usage_blocks().items()))
 def test_readme_usage_matches_help(script, options):
-    module = importlib.import_module(script)
+    module = importlib.import_module(script.replace("/", "."))
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         module.main(["--help"])

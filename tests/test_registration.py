@@ -143,8 +143,8 @@ def test_evaluate_bad_landmarks_and_checkpoints(tmp_path, run):
 
 
 def test_benchmark_runs_and_reports(phantoms, capsys):
-    """benchmark_registration.py at a tiny size: one timed step and two TTA iterations per variant."""
-    import benchmark_registration
+    """tools/benchmark_registration.py at a tiny size: one timed step and two TTA iterations per variant."""
+    from tools import benchmark_registration
     benchmark_registration.main(["--data", phantoms, "--batch", "1", "--steps", "1", "--tta", "2"])
     out = capsys.readouterr().out
     assert out.count("s/iteration") == 3 and out.count("TRE") == 3

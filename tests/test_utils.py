@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate_registration
 import utils
 
 
@@ -69,7 +70,7 @@ def test_tre_directions_differ_by_the_reference_sampling():
 
 
 def test_summary_dice_and_jacobian():
-    s = utils.summary([1, 2, 3, 4, 5])
+    s = evaluate_registration.summary([1, 2, 3, 4, 5])
     assert s == {"mean": 3.0, "p25": 2.0, "p50": 3.0, "p75": 4.0}
     a = torch.zeros(10, 10, 10)
     a[:5] = 1
@@ -77,11 +78,11 @@ def test_summary_dice_and_jacobian():
     b[2:7] = 1
     assert utils.dice(a, b) == pytest.approx(0.6)
     ident = torch.zeros(1, 3, 12, 12, 12)
-    fold_pct, std = utils.jacobian_stats(ident)
+    fold_pct, std = evaluate_registration.jacobian_stats(ident)
     assert fold_pct == 0.0 and std < 1e-5
     fold = ident.clone()
     fold[0, 0] = -2 * torch.arange(12.0).view(12, 1, 1)  # x -> -x: det < 0 everywhere
-    assert utils.jacobian_stats(fold)[0] == 100.0
+    assert evaluate_registration.jacobian_stats(fold)[0] == 100.0
 
 
 def test_warp_compose_and_resize():
@@ -117,3 +118,38 @@ def test_checkpoints_refuse_other_kind_config_and_truncation(tmp_path):
     with pytest.raises(utils.DataError, match="truncated or corrupt"):
         utils.load_checkpoint(p, "regnet")
     assert [f.name for f in tmp_path.iterdir()] == ["a.pth"]  # no temporary files left behind
+
+
+def test_checkpoints_record_their_precision(phantoms, tmp_path):
+    """Every training checkpoint says the arithmetic it was trained in (fp32 on the CPU, fp16 on CUDA)."""
+    import train_diffusion
+    import train_registration
+    import train_vqae
+
+    assert utils.precision(torch.device("cuda")) == "fp16" and utils.precision(torch.device("cpu")) == "fp32"
+    tokens = str(tmp_path / "t.pth")
+    utils.write_tokens(tokens, torch.randint(0, 4, (4, 4, 3, 4)), list("abcd"), 16, {"preset": "demo", "factor": 4})
+    runs = {"vqae": (train_vqae, ["1", "--data", phantoms]), "regnet": (train_registration, ["1", phantoms]),
+            "diffusion": (train_diffusion, ["2", tokens])}
+    for kind, (script, args) in runs.items():
+        out = str(tmp_path / f"{kind}.pth")
+        script.main(args + ["--preset", "demo", "--iters", "1", "--out", out])
+        assert utils.load_checkpoint(out, kind)["precision"] == "fp32"
+
+
+def test_corrfield_keypoints_move_into_the_frame(tmp_path):
+    """tools/corrfield_landmarks.py: original-volume keypoints shifted by the frame offsets, those
+    outside the frame dropped, written as landmark files."""
+    import nibabel as nib
+
+    from tools import corrfield_landmarks
+
+    shape = (300, 250, 320)
+    nib.save(nib.Nifti1Image(np.ones(shape, np.uint8), np.eye(4)), str(tmp_path / "case_001_1.nii.gz"))
+    (tmp_path / "kp").mkdir()
+    np.savetxt(tmp_path / "kp" / "case_001.csv", [[100, 120, 130, 101, 121, 131], [0, 0, 0, 1, 1, 1]], delimiter=",")
+    corrfield_landmarks.main([str(tmp_path / "kp"), str(tmp_path), str(tmp_path / "lm")])
+    fixed, moving = utils.read_landmarks(str(tmp_path / "lm" / "case_001.csv"))
+    h1, _, w1, _, d1, _ = utils.frame_pads(shape)
+    assert (h1, w1, d1) == (-22, -29, -32)  # this shape is cropped on every axis
+    assert fixed.tolist() == [[100 + h1, 120 + w1, 130 + d1]] and moving.tolist() == [[101 + h1, 121 + w1, 131 + d1]]

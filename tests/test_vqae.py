@@ -186,57 +186,18 @@ def test_deformation_kept_tells_a_kept_from_a_lost_deformation():
     assert lost < 0.2 and dice_lost == 1.0
 
 
-def test_pair_warp_moves_only_the_moving_mask_smoothly_by_the_asked_amount():
-    # the field: N(0, (mm / factor)^2) voxels at the 4^3 control points (voxels 0, 3, 6, 9 of 10)
-    field = utils.random_field(torch.zeros(500, 1, 10, 10, 10), 8.0, 4, torch.Generator().manual_seed(0))
-    control = field[..., ::3, ::3, ::3]
-    assert control.std().item() == pytest.approx(2.0, rel=0.05) and abs(control.mean().item()) < 0.05
-    assert field.abs().amax((2, 3, 4)).le(control.abs().amax((2, 3, 4)) + 1e-5).all()  # trilinear between
-    # the warp reads the field in voxels along (H, W, D): a ramp along axis a moves by the field's channel a
-    ramp = torch.arange(16.0)
-    for a in range(3):
-        moving = ramp.view([16 if i == a else 1 for i in range(3)]).expand(16, 16, 16)
-        x = torch.stack([torch.zeros(16, 16, 16), moving])[None]
-        w = utils.warp_moving(x, 4.0, 4, torch.Generator().manual_seed(1))
-        ddf = utils.random_field(x, 4.0, 4, torch.Generator().manual_seed(1))
-        inner = (slice(None),) + (slice(4, 12),) * 3
-        assert torch.allclose((w[:, 1] - moving)[inner], ddf[:, a][inner], atol=1e-4)
-        assert torch.equal(w[:, 0], x[:, 0])  # fixed untouched
-    f = torch.zeros(64, 52, 64)
-    f[20:44, 24:28, 10:54], f[30:34, 10:42, 10:54] = 1, 1
-    x = torch.stack([f, f])[None].repeat(4, 1, 1, 1, 1)
-    w = utils.warp_moving(x, 8.0, 4, torch.Generator().manual_seed(0))
-    assert not torch.equal(w[0, 1], w[1, 1])  # each pair its own field
-    binary = utils.warp_moving(x, 8.0, 4, torch.Generator().manual_seed(0), nearest=True)
-    assert set(binary.unique().tolist()) <= {0.0, 1.0}
-    # the field is what makes the pair differ: larger fields, larger quick-registration displacement
-    small = utils.pair_stats(range(4), utils.warp_moving(x, 2.0, 4, torch.Generator().manual_seed(0)), 4)
-    large = utils.pair_stats(range(4), w, 4)
-    assert large["dice_fm"].mean() < small["dice_fm"].mean() < 1
-    assert large["disp_mm"].mean() > small["disp_mm"].mean() > 0.5
-    # under torchrun each process warps its share of the global batch's draws
-    half = utils.warp_moving(x[2:], 8.0, 4, torch.Generator().manual_seed(0), share=(1, 2))
-    assert torch.allclose(half, w[2:])
-
-
 def test_vqae_logs_deformation_kept_and_the_report_adds_reconstructions(pairs, tmp_path, monkeypatch):
     import realism_report
 
     monkeypatch.setitem(train_vqae.PRESETS, "demo", dict(train_vqae.PRESETS["demo"], val_every=2, ckpt_every=2))
     out = str(tmp_path / "v.pth")
-    warped = []
-    monkeypatch.setattr(utils, "warp_moving", lambda x, *a, **k: warped.append(a) or x)
-    train_vqae.train(data=pairs, val=pairs, out=out, preset="demo", batch_size=1, iters=2, diff_weight=2.0,
-                     pair_warp=4.0)
-    assert [a[:2] for a in warped] == [(4.0, 4)] * 2  # every step, in mm at the 4 mm data
+    train_vqae.train(data=pairs, val=pairs, out=out, preset="demo", batch_size=1, iters=2, diff_weight=2.0)
     ck = utils.load_checkpoint(out, "vqae")
     row = ck["log"][-1]
-    assert ck["diff_weight"] == 2.0 and ck["pair_warp"] == 4.0
+    assert ck["diff_weight"] == 2.0
     assert 0 <= row["train_disp_kept"] and 0 <= row["val_dice_fm"] <= 1
     with pytest.raises(utils.DataError, match="diff_weight 2.0 -> 1.0"):
         train_vqae.train(data=pairs, out=out, preset="demo", batch_size=1, iters=2, resume=True, diff_weight=1.0)
-    with pytest.raises(utils.DataError, match="pair_warp 4.0 -> 0.0"):
-        train_vqae.train(data=pairs, out=out, preset="demo", batch_size=1, iters=2, resume=True, pair_warp=0.0)
     groups, text = realism_report.report([], pairs, str(tmp_path / "r"), vqae=out)
     name = os.path.basename(pairs)
     assert list(groups) == [f"real {name}", f"recon {name}"] and "VQ-AE keeps" in text

@@ -1,18 +1,22 @@
 """Estimate: activation memory of one training step of every stage at the paper's shapes and batch
 sizes, counted on the `meta` device (no memory is allocated, no GPU needed).
 
-    python estimate_memory.py [--vqae-batch 8] [--diffusion-batch 8] [--registration-batch 8]
+    python tools/estimate_memory.py [--vqae-batch 8] [--diffusion-batch 8] [--registration-batch 8]
 
 Counts the bytes of the tensors autograd saves for the backward pass (torch.autograd.graph.
 saved_tensors_hooks), parameters excluded, each tensor once. The per-step registration loss frees
-step 1's graph before step 2 runs, so its peak is the larger step; the composed loss keeps both.
+step 1's graph before step 2 runs, so its peak is the larger step.
 Meta tensors run in fp32: on CUDA the UNets, the VQ-AE and the transformer run under fp16 autocast,
 so the real figure is lower (measured peaks, weights and optimiser included, are in the README).
 Last line: `registration per-step batch B: X GiB`.
 """
 import argparse
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's scripts and modules
 
 import train_diffusion
 import train_registration
@@ -67,21 +71,16 @@ def diffusion(batch):
     return s.peak
 
 
-def registration(batch, loss):
+def registration(batch):
     net = RegistrationNet().to(META)  # the paper configuration
     fixed = torch.zeros(batch, 1, *utils.grid_shape(train_registration.PRESETS["paper"]["factor"]), device=META)
     reg = train_registration.REG
     with SavedBytes(net.parameters()) as s:
-        if loss == "composed":
-            v1 = net.step_velocity(0, fixed, fixed)
-            v2 = net.step_velocity(1, *net.halfway(v1, fixed, fixed))
-            train_registration.pair_loss(fixed, fixed, *net.fields(v1, v2, fixed.shape[2:]), reg)
-        else:
-            _, v = train_registration.step_loss(net, 0, fixed, fixed, reg, META)
-            s.release()  # step 1's backward frees its graph before step 2 runs
-            with torch.no_grad():
-                pair = net.halfway(v.detach(), fixed, fixed)
-            train_registration.step_loss(net, 1, *pair, reg, META)
+        _, v = train_registration.step_loss(net, 0, fixed, fixed, reg, META)
+        s.release()  # step 1's backward frees its graph before step 2 runs
+        with torch.no_grad():
+            pair = net.halfway(v.detach(), fixed, fixed)
+        train_registration.step_loss(net, 1, *pair, reg, META)
     return s.peak
 
 
@@ -96,8 +95,7 @@ def main(argv=None):
     rows = [(f"VQ-AE batch {args.vqae_batch} of 128^3 patches", vqae(args.vqae_batch)),
             (f"diffusion batch {args.diffusion_batch} of 3328 tokens (math attention: meta saves the 3328^2 attention "
              f"maps; CUDA's flash kernel does not)", diffusion(args.diffusion_batch)),
-            (f"registration composed batch {args.registration_batch}", registration(args.registration_batch, "composed")),
-            (f"registration per-step batch {args.registration_batch}", registration(args.registration_batch, "per-step"))]
+            (f"registration per-step batch {args.registration_batch}", registration(args.registration_batch))]
     print("saved activations of one training step (fp32 on meta; an upper bound for fp16 autocast):")
     for name, b in rows:
         print(f"{name}: {b / GIB:.1f} GiB")

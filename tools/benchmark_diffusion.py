@@ -2,22 +2,31 @@
 (train_diffusion's `compact`), one training step and one sampler call each, timed side by side
 (interleaved) in one run on a token file.
 
-    python benchmark_diffusion.py TOKENS [--preset cpu] [--steps 5] [--batch B]
+    python tools/benchmark_diffusion.py TOKENS [--preset cpu] [--steps 5] [--batch B]
 
 TOKENS: a token file (infer_vqae.py's or the reference's list). Both models are built by
 train_diffusion.config_of at the preset (the full one with compact switched off), so the grouping
 and widths are the preset's. Last line: `speedup: train X.XX, sample X.XX` (full / compact seconds).
 """
 import argparse
+import os
+import sys
 import time
 
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's scripts and modules
+
 import train_diffusion
 import utils
-from benchmark_precision import frozen
 from models import TokenTransformer
+
+
+def frozen(params):
+    """(optimiser, scheduler) that leave the weights as they are: every step computes the same."""
+    opt = torch.optim.SGD(params, lr=0.0)
+    return opt, torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
 
 
 def main(argv=None):

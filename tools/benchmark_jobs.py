@@ -2,7 +2,7 @@
 processes, 1/N of the threads each): the same stage chains - a training of --iters iterations, then
 its evaluation with --tta iterations per pair - timed side by side in one run, new path first.
 
-    python benchmark_jobs.py [--data FOLDER] [--val FOLDER] [--landmarks FOLDER] [--chains 2]
+    python tools/benchmark_jobs.py [--data FOLDER] [--val FOLDER] [--landmarks FOLDER] [--chains 2]
                              [--iters 50] [--tta 10] [--jobs 2]
 
 Without --data it makes phantom pairs. Last line: `speedup: X.XX` (wall time jobs 1 / jobs N).
@@ -10,10 +10,13 @@ Without --data it makes phantom pairs. Last line: `speedup: X.XX` (wall time job
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's scripts and modules
 
 import pipeline
 import utils

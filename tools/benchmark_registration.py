@@ -3,7 +3,7 @@ the reference-style step (12 squarings at the input's full field resolution), an
 (integration on the 8 mm velocity grid); same weights, same input size, timed side by side in one
 run; then accuracy of each after the same test-time adaptation.
 
-    python benchmark_registration.py [--data FOLDER] [--landmarks FOLDER] [--batch 4] [--steps 5]
+    python tools/benchmark_registration.py [--data FOLDER] [--landmarks FOLDER] [--batch 4] [--steps 5]
                                      [--tta 30] [--preset cpu]
 
 Without --data it makes phantom pairs. Last line: `speedup: X.XX`.
@@ -11,6 +11,7 @@ Without --data it makes phantom pairs. Last line: `speedup: X.XX`.
 import argparse
 import copy
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -18,9 +19,17 @@ import warnings
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's scripts and modules
+
 import utils
 from models import RegistrationNet
 from train_registration import PRESETS, REG, TTA_LR, config_of, optimise, train_step
+
+
+def synchronize(device):
+    """Wait for the GPU's queued work (for timing); nothing to wait for on a CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_warps(dev, batch, size, repeats=5):
@@ -35,10 +44,10 @@ def time_warps(dev, batch, size, repeats=5):
     times = {"utils.warp": [], "monai Warp": []}
     for step in range(repeats + 1):  # step 0 = warm-up (MONAI builds and caches its grid)
         for name, fn in (("utils.warp", utils.warp), ("monai Warp", monai_warp)):
-            utils.synchronize(dev)
+            synchronize(dev)
             t = time.perf_counter()
             fn(ddf, ddf).square().mean().backward()
-            utils.synchronize(dev)
+            synchronize(dev)
             if step:
                 times[name].append(time.perf_counter() - t)
     return {k: float(np.median(v)) for k, v in times.items()}
@@ -89,10 +98,10 @@ def main(argv=None):
     opts = {k: [torch.optim.Adam(u.parameters(), lr=0.0) for u in net.unets] for k, net in nets.items()}  # weights stay
     for step in range(args.steps + 1):  # interleaved, so machine noise hits both alike; step 0 = warm-up
         for k, net in nets.items():
-            utils.synchronize(dev)
+            synchronize(dev)
             t = time.perf_counter()
             train_step(net, opts[k], scaler, x[:, :1], x[:, 1:], REG, dev)
-            utils.synchronize(dev)
+            synchronize(dev)
             if step:
                 times[k].append(time.perf_counter() - t)
     for k, v in times.items():
@@ -110,7 +119,7 @@ def main(argv=None):
                                REG, dev, desc=k[:10])
         with torch.no_grad():
             fields[k] = [f.cpu() for f in tta.fields(v1, v2, fixed.shape[2:])]
-        utils.synchronize(dev)
+        synchronize(dev)
         print(f"{k:36s} TTA {args.tta} it on {case}: TRE {utils.tre(fields[k], *lms).mean():.2f} mm "
               f"(initial {utils.tre(None, *lms).mean():.2f}), {time.perf_counter() - t:.1f} s")
     d = (fields[list(nets)[0]][0] - fields[list(nets)[-1]][0]).norm(dim=1) * cfg["factor"]
