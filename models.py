@@ -401,7 +401,7 @@ class RegistrationNet(Checkpointed):
     there (12 squarings on ~1.7 M voxels at half resolution). exp_at="velocity" integrates and
     composes on the smooth velocity's own coarse grid (coarsened further by `exp_coarsen`) and
     upsamples only the final fields: the velocity is a heavily averaged field, so the result is
-    nearly the same at a fraction of the cost (measured in benchmark_registration.py).
+    nearly the same at a fraction of the cost (measured in tools/benchmark_registration.py).
     """
 
     kind = "regnet"

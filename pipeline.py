@@ -9,9 +9,8 @@ The generator trains on --data (the registration nets' real pairs) unless --gene
 a token file whose VQ-AE is not available (the reference's 97 grids; not in the paper's code): then
 decode_tokens.py fits a decoder on the --data pairs that have a grid there, its decoded pairs become
 one more row, and the diffusion model trains on the token grids themselves. Both kinds of generator
-can share one --out:
-the real rows are computed once and results.md holds every row run so far, named by what its nets
-trained on, each tested per case against the real pairs.
+can share one --out: the real rows are computed once and results.md holds every row run so far,
+named by what its nets trained on, each tested per case against the real pairs.
 
 Each stage calls the stage script's own main() with the command line a user would type, so what
 runs here is exactly what the README documents. A stage whose outputs exist and whose command line

@@ -25,7 +25,7 @@ PRESETS = {
     "paper": dict(factor=2, batch=8, iters=None, ckpt_every=500, model=dict(pool_strides=(2, 2, 1, 1), exp_at="input")),
     # quarter resolution; one stride-2 pooling keeps the velocity on the reference's physical 8 mm
     # grid (same smoothing); the smooth result is integrated and composed on a 16 mm grid and only
-    # the final fields are upsampled (the cheap path, measured in benchmark_registration.py)
+    # the final fields are upsampled (the cheap path, measured in tools/benchmark_registration.py)
     "cpu": dict(factor=4, batch=2, iters=300, ckpt_every=100,
                 model=dict(pool_strides=(2, 1, 1), exp_at="velocity", exp_coarsen=2)),
     "demo": dict(factor=4, batch=2, iters=60, ckpt_every=50,

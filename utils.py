@@ -630,7 +630,7 @@ def warp(img, ddf, nearest=False, padding=None):
     Same result as MONAI's `Warp` (tests/test_utils.py). MONAI's caches its voxel grid too, but
     then adds the ddf, normalises the sum with three in-place per-axis slice writes (whose backward
     zero-fills full-size gradients) and reorders the axes by a copy; here the ddf is scaled and
-    added to a cached normalised grid in one expression. benchmark_registration.py times both."""
+    added to a cached normalised grid in one expression. tools/benchmark_registration.py times both."""
     grid, scale = _identity_grid(tuple(ddf.shape[2:]), ddf.device, ddf.dtype)
     padding = padding or ("zeros" if nearest else "border")
     return F.grid_sample(img, grid + ddf.movedim(1, -1).flip(-1) * scale, align_corners=True,
