@@ -1,6 +1,6 @@
 """Pair realism: real and synthetic fixed/moving pairs side by side (a table and a figure).
 
-    python realism_report.py FOLDER [FOLDER ...] --reference REAL [--val DIR] [--vqae CKPT] [--out PREFIX]
+    python realism_report.py [FOLDER ...] --reference REAL [--val DIR] [--vqae CKPT] [--out PREFIX]
                              [--overwrite]
 
 Groups: the real training pairs (REFERENCE, the baseline), each FOLDER (e.g. synthetic pairs),
@@ -53,25 +53,24 @@ def folder_stats(folder, reference=None, progress=False):
 
 
 def report(folders, reference, out, overwrite=False, val=None, vqae=None):
-    factor = FACTOR
     for ext in (".csv", ".json", ".png", ".md"):
         utils.check_output(out + ext, overwrite)
     model = None if vqae is None else VQAE.from_checkpoint(vqae)
-    load_factor = factor if model is None else model.config["factor"]  # real pairs are read once, at the VQ-AE's
-    if factor % load_factor:
-        raise utils.DataError(f"{vqae}: works at frame/{load_factor}, cannot compare at /{factor}")
+    load_factor = FACTOR if model is None else model.config["factor"]  # real pairs are read once, at the VQ-AE's
+    if FACTOR % load_factor:
+        raise utils.DataError(f"{vqae}: works at frame/{load_factor}, cannot compare at /{FACTOR}")
     groups, kept, ref = {}, [], None  # kept: (real group, its reconstruction group)
     for real in [reference] + ([val] if val else []):
         ids, x = utils.load_pairs(real, load_factor)
         if ref is None:
-            rids, ref = ids, utils.pool(x, factor // load_factor)  # the memorisation reference
+            rids, ref = ids, utils.pool(x, FACTOR // load_factor)  # the memorisation reference
         real_name = "real " + os.path.basename(os.path.normpath(real))
         if real_name in groups:
             real_name += " (val)"  # same folder name in another place
-        groups[real_name] = utils.pair_stats(ids, utils.pool(x, factor // load_factor), factor, (rids, ref), True)
+        groups[real_name] = utils.pair_stats(ids, utils.pool(x, FACTOR // load_factor), FACTOR, (rids, ref), True)
         if model is not None:
-            recon = model.reconstruct(x, keep_probs=True, pool=factor // load_factor)[2]
-            groups["recon " + real_name[5:]] = utils.pair_stats(ids, recon, factor, (rids, ref), True)
+            recon = model.reconstruct(x, keep_probs=True, pool=FACTOR // load_factor)[2]
+            groups["recon " + real_name[5:]] = utils.pair_stats(ids, recon, FACTOR, (rids, ref), True)
             kept.append((real_name, "recon " + real_name[5:]))
     for folder in folders:
         name = os.path.basename(os.path.normpath(folder))

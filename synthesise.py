@@ -32,7 +32,7 @@ from models import TokenDecoder, TokenTransformer, load_decoder
 
 # The reference sampler: 256 denoiser calls on batches of 2; at step k every still-masked token is
 # unmasked with probability 1 / (256 - k) ("reference" schedule). The fast sampler (chosen by measurement,
-# see README): a random unmasking order too, but a cosine number of tokens per call (few while the
+# RESULTS.md): a random unmasking order too, but a cosine number of tokens per call (few while the
 # grid is empty, many at the end) in few calls on large batches.
 SAMPLERS = {"reference": dict(steps=256, schedule="reference", batch=2)}
 FAST = dict(steps=16, schedule="cosine", batch=32)

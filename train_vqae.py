@@ -40,8 +40,8 @@ PRESETS = {
     "cpu": dict(factor=4, patch=None, samples=24000, batch=2, lr=5e-4, ckpt_every=250, val_every=250, restart=50,
                 diff_weight=4.0,
                 model=dict(channels=(32, 64, 128, 128, 128), strides=(2, 2, 2, 1, 1), num_codes=512)),
-    # demo: 1200 iterations with the cpu preset's diff_weight, so that the synthetic phantom pairs carry
-    # some of the phantoms' motion (300 without it kept 16 %; RESULTS.md, "The demo")
+    # demo: 1200 iterations with the cpu preset's diff_weight: the synthetic phantom pairs keep ~55 % of
+    # the phantoms' motion, within the demo's time (RESULTS.md, "The demo")
     "demo": dict(factor=4, patch=None, samples=2400, batch=2, lr=2e-3, ckpt_every=300, val_every=300, restart=25,
                  diff_weight=4.0, model=dict(channels=(16, 32, 32, 32), strides=(2, 2, 2, 1), num_codes=128)),
 }
@@ -187,10 +187,12 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     Dice at intervals; either may also be pairs already loaded, see load_data). diff_weight: see
     recon_loss (None: the preset's, 0 = the reference). Returns the model."""
     p, config = PRESETS[preset], config_of(preset)
+    data_path = os.path.abspath(data) if isinstance(data, str) else None  # None: pairs already loaded
     # another preset -> one-line error; the learning-rate schedule was planned for the checkpoint's iterations
     ck, batch_size, seed = utils.start_training(out, "vqae", resume=resume, overwrite=overwrite, batch_size=batch_size,
                                                 seed=seed, iters=iters, default_batch=p["batch"], config=config,
-                                                outputs=utils.log_paths(out), fixed_iters=True, diff_weight=diff_weight)
+                                                outputs=utils.log_paths(out), fixed_iters=True, diff_weight=diff_weight,
+                                                data=data_path)
     if ck is not None:
         diff_weight = ck["diff_weight"]
     diff_weight = p.get("diff_weight", 0.0) if diff_weight is None else float(diff_weight)
@@ -238,7 +240,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         utils.save_checkpoint(out, "vqae", config, model.state_dict(), optimizer=opt.state_dict(),
                               scheduler=sched.state_dict(), scaler=scaler.state_dict(), iteration=it,
                               iters=iters, batch=batch_size, seed=seed, log=rows, rng=utils.rng_state([gen, aug_gen]),
-                              seen=seen.cpu(), diff_weight=diff_weight, precision=utils.precision(device))
+                              seen=seen.cpu(), diff_weight=diff_weight, data=data_path, precision=utils.precision(device))
         utils.write_csv(base + ".csv", LOG_FIELDS, rows)
         plot_log(rows, base + ".png")
         utils.barrier()

@@ -1,6 +1,6 @@
 """Everything the stage scripts share, written once. Sections:
 
-   1. errors and entry point        5. frame                   9. metrics (TRE, Dice, Jacobian)
+   1. errors and entry point        5. frame                   9. metrics (TRE, Dice, codebook)
    2. device and precision          6. data: volumes, pairs,  10. realism statistics
    3. training runs                    landmarks, augmentation 11. output files (atomic writes,
    4. several processes (torchrun)  7. token files                 NIfTI, JSON, CSV, figures)
@@ -36,9 +36,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 # ------------------------------ 1. errors and entry point
-FRAME = (256, 208, 256)
-
-
 class DataError(Exception):
     """Bad input: reported as one line `error: <file>: <problem>` and exit status 2."""
 
@@ -86,8 +83,8 @@ def get_device(name=None):
 
 
 def autocast(device):
-    """Mixed precision as the reference implementation: fp16 autocast on CUDA, none (fp32) on the
-    CPU. Losses and fields stay fp32 (fp32()); so do the VQ-AE's code distances (VQAE.quantise)."""
+    """Mixed precision as the reference implementation: fp16 autocast on CUDA (the networks and the
+    VQ-AE's code-distance matmul, as there), none (fp32) on the CPU. Losses and fields stay fp32 (fp32())."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     return torch.autocast("cuda", dtype=torch.float16)
@@ -340,6 +337,9 @@ def main_print(*args, **kwargs):
 
 
 # ------------------------------ 5. frame
+FRAME = (256, 208, 256)  # Lung250M-4B's common frame, voxels of ~1 mm
+
+
 def frame_pads(shape):
     """Pad widths (negative = crop) that put a volume of `shape` into the 256x208x256 frame,
     exactly as the Lung250M-4B data README gives them. Returns (h1, h2, w1, w2, d1, d2)."""
@@ -721,7 +721,7 @@ def quick_registration(fixed, moving, factor, iters=40, spacing=4, reg=0.05, lr=
     """(mean |u| in mm over the fixed vessels, Dice after) of a smooth ddf u with moving(x + u) ~ fixed.
     fixed, moving (H, W, D) in [0, 1] at frame/factor. Registered at half that resolution (8 mm at
     factor 4: smoother images reach further) with u on a grid `spacing` times coarser still (32 mm).
-    Cheap and identical for real and synthetic pairs; how well it tracks the landmarks: README."""
+    Cheap and identical for real and synthetic pairs."""
     f, m = (pool(v.float(), 2)[None, None] for v in (fixed, moving))
     size = f.shape[2:]
     ctrl = torch.zeros(1, 3, *[max(2, s // spacing) for s in size], requires_grad=True)

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import make_phantoms
 import evaluate_registration
+import make_phantoms
 import utils
 from conftest import assert_one_line_error
 

@@ -314,6 +314,27 @@ def test_resume_refuses_other_settings(phantoms, tmp_path, monkeypatch):
     assert utils.load_checkpoint(out, "regnet")["iteration"] == 2  # a larger --iters trains on
 
 
+def test_resume_refuses_other_data_and_a_replanned_schedule(phantoms, tmp_path):
+    """utils.start_training for every trainer: the VQ-AE's schedule is planned for its first --iters,
+    and no trainer resumes on other data."""
+    import shutil
+
+    other = str(tmp_path / "other")
+    shutil.copytree(phantoms, other)
+    out = str(tmp_path / "v.pth")
+    train_vqae.train(data=phantoms, out=out, preset="demo", batch_size=1, iters=2)
+    with pytest.raises(utils.DataError, match="iters 2 -> 3"):
+        train_vqae.train(data=phantoms, out=out, preset="demo", batch_size=1, iters=3, resume=True)
+    with pytest.raises(utils.DataError, match="data"):
+        train_vqae.train(data=other, out=out, preset="demo", batch_size=1, iters=2, resume=True)
+    tokens, diff = tokens_file(tmp_path), str(tmp_path / "d.pth")
+    train_diffusion.main(["2", tokens, "--preset", "demo", "--iters", "1", "--out", diff])
+    copy = str(tmp_path / "copy.pth")
+    shutil.copy(tokens, copy)
+    with pytest.raises(utils.DataError, match="tokens"):
+        train_diffusion.main(["2", copy, "--preset", "demo", "--iters", "2", "--out", diff, "--resume"])
+
+
 def test_one_line_errors_as_a_user_sees_them(run, tmp_path):
     empty = tmp_path / "empty.pth"
     utils.write_tokens(str(empty), torch.zeros(0, *GRID, dtype=torch.long), [], 16, {"preset": "demo", "factor": 4})

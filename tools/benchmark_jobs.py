@@ -3,7 +3,7 @@ processes, 1/N of the threads each): the same stage chains - a training of --ite
 its evaluation with --tta iterations per pair - timed side by side in one run, new path first.
 
     python tools/benchmark_jobs.py [--data FOLDER] [--val FOLDER] [--landmarks FOLDER] [--chains 2]
-                             [--iters 50] [--tta 10] [--jobs 2]
+                                   [--iters 50] [--tta 10] [--jobs 2]
 
 Without --data it makes phantom pairs. Last line: `speedup: X.XX` (wall time jobs 1 / jobs N).
 """

@@ -4,7 +4,7 @@ the reference-style step (12 squarings at the input's full field resolution), an
 run; then accuracy of each after the same test-time adaptation.
 
     python tools/benchmark_registration.py [--data FOLDER] [--landmarks FOLDER] [--batch 4] [--steps 5]
-                                     [--tta 30] [--preset cpu]
+                                           [--tta 30] [--preset cpu] [--device D]
 
 Without --data it makes phantom pairs. Last line: `speedup: X.XX`.
 """

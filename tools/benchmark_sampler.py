@@ -8,6 +8,7 @@ both samples (utils.pair_stats at 4 mm, the fast one against the reference one).
 Last line: `speedup: X.XX` (reference / fast seconds per pair).
 """
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -54,6 +55,10 @@ def main(argv=None):
     ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
     args = ap.parse_args(argv)
     utils.check_positive({"--pairs": args.pairs})
+    if not 0 < args.temp < math.inf:
+        raise utils.DataError(f"--temp must be positive and finite, got {args.temp}")
+    if utils.world()[1] > 1:
+        raise utils.DataError("the samplers are timed in one process: run it without torchrun")
     benchmark(synthesise.load_models(args.diffusion, args.vqae, None, args.device, args.decoder), args.pairs, args.temp)
 
 

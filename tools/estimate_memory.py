@@ -7,8 +7,8 @@ Counts the bytes of the tensors autograd saves for the backward pass (torch.auto
 saved_tensors_hooks), parameters excluded, each tensor once. The per-step registration loss frees
 step 1's graph before step 2 runs, so its peak is the larger step.
 Meta tensors run in fp32: on CUDA the UNets, the VQ-AE and the transformer run under fp16 autocast,
-so the real figure is lower (measured peaks, weights and optimiser included, are in the README).
-Last line: `registration per-step batch B: X GiB`.
+so the real figure is lower (measured peaks, weights and optimiser included: RESULTS.md, "Runs on a GPU").
+Last line: `registration batch B: X GiB`.
 """
 import argparse
 import os
@@ -95,7 +95,7 @@ def main(argv=None):
     rows = [(f"VQ-AE batch {args.vqae_batch} of 128^3 patches", vqae(args.vqae_batch)),
             (f"diffusion batch {args.diffusion_batch} of 3328 tokens (math attention: meta saves the 3328^2 attention "
              f"maps; CUDA's flash kernel does not)", diffusion(args.diffusion_batch)),
-            (f"registration per-step batch {args.registration_batch}", registration(args.registration_batch))]
+            (f"registration batch {args.registration_batch}", registration(args.registration_batch))]
     print("saved activations of one training step (fp32 on meta; an upper bound for fp16 autocast):")
     for name, b in rows:
         print(f"{name}: {b / GIB:.1f} GiB")
