@@ -220,7 +220,7 @@ def run(tokens_path, data, out, preset, iters=None, folds=5, seed=0, device=None
     else:
         model, loss = fit(cfg, fit_grids, pairs, iters, seed, device, desc="fit all")
         utils.save_checkpoint(ckpt, "tokendecoder", cfg, model.state_dict(), tokens=os.path.abspath(tokens_path),
-                              cases=fitted, train_loss=loss)
+                              cases=fitted, train_loss=loss, precision=precision)
         manifest["fitted_all"] = True
         utils.write_json(mpath, manifest)
     for c in range(0, len(grids), 8):

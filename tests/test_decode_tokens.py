@@ -89,6 +89,7 @@ def test_decoder_learns_a_known_block_pattern(decoded):
     img = nib.load(str(out / f"case_{N:03d}_2.nii.gz"))
     assert np.allclose(img.affine, utils.frame_affine(8)) and os.path.exists(out / "preview.png")
     model = TokenDecoder.from_checkpoint(str(out / "decoder.pth"), torch.device("cpu"))
+    assert model.saved["precision"] == "fp32"  # every checkpoint records its arithmetic
     assert model(grids[:1]).shape == (1, 2, 32, 32, 32)  # 3 upsamplings of 4x4x4, cropped when written
 
 
