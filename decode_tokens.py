@@ -48,13 +48,13 @@ def config_of(preset, tokens):
     """The decoder's checkpoint config for a token file (read_tokens): as many x2 upsamplings as
     take its grid to the preset's frame grid (or just past it: the output is cropped)."""
     p = PRESETS[preset]
-    size = utils.grid_shape(p["factor"])
+    size = utils.grid_shape(p["factor"], tokens["frame"])
     ratio = max(s / g for s, g in zip(size, tokens["grid_shape"]))
     ups = max(0, math.ceil(math.log2(ratio) - 1e-9))
     widths = p["model"]["up_channels"]
     kwargs = dict(p["model"], num_codes=tokens["num_codes"],
                   up_channels=[widths[min(i, len(widths) - 1)] for i in range(ups)])
-    return model_config(preset, p["factor"], kwargs, grid_shape=list(tokens["grid_shape"]))
+    return model_config(preset, p["factor"], kwargs, grid_shape=list(tokens["grid_shape"]), frame=tokens["frame"])
 
 
 def decoder_loss(logits, x, diff_weight):
@@ -156,15 +156,14 @@ def run(tokens_path, data, out, preset, iters=None, folds=5, seed=0, device=None
     if os.path.isdir(out) and os.listdir(out) and not os.path.exists(mpath) and not overwrite:
         raise utils.DataError(f"{out}: holds files that decode_tokens.py did not write (no manifest.json); "
                               "use another --out (or --overwrite)")
-    if not os.path.isdir(data):
-        raise utils.DataError(f"{data}: data folder not found")
     tokens = utils.read_tokens(tokens_path)
+    frame = tokens["frame"]
     p = PRESETS[preset]
     iters = iters or p["iters"]
     device = utils.get_device(device)
     precision = utils.precision(device)
     cfg = config_of(preset, tokens)
-    have = set(utils.find_pairs(data))
+    have = {p.id: p for p in utils.find_pairs(data)}
     fitted = sorted(c for c in tokens["case_ids"] if c in have)
     if len(fitted) < max(2, folds):
         raise utils.DataError(f"{data}: only {len(fitted)} of its pairs have a token grid in {tokens_path} "
@@ -181,8 +180,8 @@ def run(tokens_path, data, out, preset, iters=None, folds=5, seed=0, device=None
     case_ids = tokens["case_ids"]
     grids = tokens["tokens"].reshape(-1, *tokens["grid_shape"])
     row = {c: i for i, c in enumerate(case_ids)}
-    size = utils.grid_shape(p["factor"])
-    pairs = utils.load_pairs(data, p["factor"], fitted)[1]  # (n, 2, *size) occupancies
+    size = utils.grid_shape(p["factor"], frame)
+    pairs = utils.load_pairs(data, p["factor"], frame, [have[c] for c in fitted])[1]  # (n, 2, *size) occupancies
     fit_grids = grids[[row[c] for c in fitted]]
     print(f"decode_tokens: {len(grids)} grids {'x'.join(map(str, tokens['grid_shape']))} from {tokens_path}, "
           f"decoder fitted on {len(fitted)} pairs of {data} at {'x'.join(map(str, size))}, preset {preset}, "
@@ -227,8 +226,11 @@ def run(tokens_path, data, out, preset, iters=None, folds=5, seed=0, device=None
         occ = decode(model, grids[c:c + 8], size, device)
         for case, x in zip(case_ids[c:c + 8], occ):
             for k in (0, 1):
-                utils.write_nifti(os.path.join(out, f"{case}_{k + 1}.nii.gz"), x[k].numpy(), p["factor"])
-    manifest.update(complete=True, num_pairs=len(grids), factor=p["factor"], shape=list(size))
+                utils.write_nifti(os.path.join(out, f"{case}_{k + 1}.nii.gz"), x[k].numpy(), p["factor"], frame)
+    utils.write_dataset_json(os.path.join(out, "decoded_dataset.json"), "decoded",
+                             [{"fixed": f"{c}_1.nii.gz", "moving": f"{c}_2.nii.gz"} for c in case_ids], shape=size,
+                             frame=frame, description="token grids decoded by decode_tokens.py: fixed *_1, moving *_2")
+    manifest.update(complete=True, num_pairs=len(grids), factor=p["factor"], shape=list(size), frame=frame)
     utils.write_json(mpath, manifest)
     print(f"{out}: {len(grids)} decoded pairs (reconstructions: blurrier than real masks)")
     return manifest

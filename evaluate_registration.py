@@ -1,15 +1,22 @@
 """Stage 6: evaluate a registration net on pairs with landmarks: TRE, Dice, folding, time.
 
-    python evaluate_registration.py [ITER_TTA] [CKPT] [--preset cpu] [--data FOLDER] [--landmarks FOLDER]
+    python evaluate_registration.py [ITER_TTA] [CKPT] [--preset cpu] [--data DATA] [--landmarks FOLDER]
                                     [--out PREFIX] [--seed S] [--overwrite] [--tre-direction reference|fixed]
-                                    [--device D]
+                                    [--disp DIR] [--frame derived|lung250m4b] [--labels L] [--device D]
 
 CKPT = none evaluates an untrained net of --preset, i.e. pure instance optimisation (the "no
-training data" baseline); a checkpoint names its own preset. Writes PREFIX.csv (per landmark), PREFIX.json (summary) and PREFIX.png (MIPs).
+training data" baseline); a checkpoint names its own preset, frame and labels. DATA: a folder of
+ID_1 / ID_2 pairs with landmark CSVs in frame voxels (--landmarks, default DATA/landmarks/ID.csv),
+or a Learn2Reg dataset JSON: its registration_val pairs and their keypoints (voxels of each image).
+TRE in mm (the frame's voxel spacing, from the NIfTI headers). Writes PREFIX.csv (per landmark),
+PREFIX.json (summary) and PREFIX.png (MIPs); --disp DIR: DIR/disp_FFFF_MMMM.nii.gz per pair (FFFF,
+MMMM: the fixed and moving case numbers), the Learn2Reg convention: a (H, W, D, 3) displacement in
+voxels on the fixed image's grid and affine, fixed keypoint x maps to x + disp(x) in the moving image.
 """
 import argparse
 import copy
 import os
+import re
 import time
 
 import nibabel as nib
@@ -23,12 +30,12 @@ from train_registration import PRESETS, REG, TTA_LR, config_of, optimise
 KEYS = ("initial", "net", "tta")
 
 
-def load_model(ckpt, preset, seed=0):
-    """A trained net from its checkpoint (which names its preset), or an untrained net of `preset`
-    for CKPT = none."""
+def load_model(ckpt, preset, seed=0, frame=None):
+    """A trained net from its checkpoint (which names its preset and frame), or an untrained net of
+    `preset` in `frame` for CKPT = none."""
     if ckpt == "none":
         utils.seed_all(seed)
-        config = config_of(preset)
+        config = config_of(preset, frame)
         net = RegistrationNet.build(config)
         net.config = config
         return net
@@ -56,20 +63,41 @@ def jacobian_stats(ddf):
     return float((det <= 0).float().mean() * 100), float(logj.std())
 
 
-def native_factor(path):
+def native_factor(path, frame):
     """Finest pooled-frame factor a file offers (1 for original scans); read from the header only."""
-    return utils.frame_factor(nib.load(path).shape[:3]) or 1
+    return utils.frame_factor(nib.load(path).shape[:3], frame) or 1
+
+
+def case_number(path):
+    """The case number of an image for Learn2Reg's disp_FFFF_MMMM: NAME_0011_0000 -> 0011, case_032_1 -> 0032."""
+    stem = re.sub(r"_(\d{4}|[12])$", "", utils.image_stem(path))
+    digits = re.findall(r"\d+", stem)
+    return digits[-1].zfill(4) if digits else stem
+
+
+def write_disp(folder, pair, ddf, frame):
+    """DIR/disp_FFFF_MMMM.nii.gz of a pair: ddf (1, 3, ...) fixed -> moving on a pooled frame grid,
+    written on the fixed image's grid with its affine (utils.displacement_on_image)."""
+    img = nib.load(pair.fixed)
+    disp = utils.displacement_on_image(ddf, frame, img.shape[:3])
+    path = os.path.join(folder, f"disp_{case_number(pair.fixed)}_{case_number(pair.moving)}.nii.gz")
+    with utils.atomic_path(path) as tmp:
+        nib.save(nib.Nifti1Image(disp, img.affine), tmp)
+    return path
 
 
 FIGURE_PAIRS = 3  # pairs shown in OUT.png
 
 
-def evaluate_pair(net, data, case, lms, iter_tta, device, direction="reference"):
+def evaluate_pair(net, pair, lms, iter_tta, device, direction="reference", labels=None, disp=None):
     """Register one pair without and with test-time adaptation; returns metrics and fields.
     As the reference: the net alone under autocast; TTA adapts a copy of both UNets with the training
-    loss and is measured on the fields of its last iteration's forward pass (before that update)."""
-    paths = [os.path.join(data, f"{case}_{k}.nii.gz") for k in (1, 2)]
-    fixed, moving = (utils.framed_volume(p, net.config["factor"])[None, None].to(device) for p in paths)
+    loss and is measured on the fields of its last iteration's forward pass (before that update).
+    disp: a folder for the final field in the Learn2Reg convention (write_disp)."""
+    frame = net.config["frame"]
+    case = pair.id
+    paths = [pair.fixed, pair.moving]
+    fixed, moving = (utils.framed_volume(p, net.config["factor"], frame, labels=labels)[None, None].to(device) for p in paths)
     size = fixed.shape[2:]
     t = time.time()
     net.eval()
@@ -85,11 +113,13 @@ def evaluate_pair(net, data, case, lms, iter_tta, device, direction="reference")
     res = {"case": case, "seconds": seconds}
     other = [d for d in utils.TRE_DIRECTIONS if d != direction][0]
     for k, fields in zip(KEYS, (None, fields_net, fields_tta)):
-        res[k] = utils.tre(fields, *lms, direction=direction)
-        res[f"{k}_{other}"] = utils.tre(fields, *lms, direction=other)  # the other convention, for comparison
-    # Dice of the vessel masks at the finest resolution the files offer (1 mm for real scans)
-    f0 = native_factor(paths[0])
-    fixed_mask, moving_mask = (utils.framed_volume(p, f0)[None, None] for p in paths)
+        res[k] = utils.tre(fields, *lms, frame, direction=direction)
+        res[f"{k}_{other}"] = utils.tre(fields, *lms, frame, direction=other)  # the other convention, for comparison
+    if disp:
+        write_disp(disp, pair, fields_tta[0], frame)
+    # Dice of the masks at the finest resolution the files offer (the frame's voxels for real scans)
+    f0 = native_factor(paths[0], frame)
+    fixed_mask, moving_mask = (utils.framed_volume(p, f0, frame, labels=labels)[None, None] for p in paths)
     for k, fields in zip(KEYS, (None, fields_net, fields_tta)):
         if fields is None:
             warped = moving_mask
@@ -119,19 +149,27 @@ def figure(results, path, n=FIGURE_PAIRS):
 
 
 def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, overwrite=False, seed=0, log=print,
-             direction="reference", device=None):
-    """Evaluate every pair of `data` against `landmarks`; writes out.csv/json/png, returns summary."""
-    landmarks = landmarks or os.path.join(data, "landmarks")
+             direction="reference", device=None, disp=None, frame=None, labels=None):
+    """Evaluate DATA's pairs (a dataset JSON's registration_val) against their keypoints or the
+    landmark CSVs in `landmarks`; writes out.csv/json/png (and disp/ fields), returns summary."""
+    js = utils.dataset_json(data)
+    if landmarks is None and not js:
+        landmarks = os.path.join(data, "landmarks")
     if iter_tta < 0:
         raise utils.DataError(f"ITER_TTA must be >= 0, got {iter_tta}")
     utils.check_seed(seed)
     utils.check_output([out + ext for ext in (".csv", ".json", ".png")], overwrite)
-    cases = utils.find_pairs(data)
-    lms = {c: utils.read_landmarks(os.path.join(landmarks, f"{c}.csv")) for c in cases}  # check all first
-    for c in cases:  # and every volume, so a broken file never ends a run after hours of work
-        for k in (1, 2):
-            utils.load_volume(os.path.join(data, f"{c}_{k}.nii.gz"))
-    net = load_model(ckpt, preset or "cpu", seed)
+    if disp and os.path.exists(disp) and not os.path.isdir(disp):
+        raise utils.DataError(f"{disp}: is a file, --disp must be a folder")
+    net = load_model(ckpt, preset or "cpu", seed, None if ckpt != "none" else utils.data_frame(data, frame))
+    frame = utils.check_frame(net.config.get("frame"), ckpt)
+    labels = labels or net.saved.get("labels") if ckpt != "none" else labels
+    pairs = utils.find_pairs(data, "val" if js else "train")
+    cases = [p.id for p in pairs]
+    lms = {p.id: utils.pair_landmarks(p, frame, landmarks) for p in pairs}  # check all first
+    for p in pairs:  # and every volume, so a broken file never ends a run after hours of work
+        for f in (p.fixed, p.moving):
+            utils.load_volume(f, labels)
     if preset is not None and net.config["preset"] != preset:
         log(f"note: {ckpt} is a '{net.config['preset']}' checkpoint; its preset is used, not --preset {preset}")
     rank, procs, device = utils.distributed(device)
@@ -139,7 +177,7 @@ def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, over
     results = []
     for i in range(rank, len(cases), procs):  # under torchrun each pair on exactly one process
         c = cases[i]
-        results.append(evaluate_pair(net, data, c, lms[c], iter_tta, device, direction))
+        results.append(evaluate_pair(net, pairs[i], lms[c], iter_tta, device, direction, labels, disp))
         r = results[-1]
         if i >= FIGURE_PAIRS:
             del r["mips"]  # only the figure's pairs travel with their volumes
@@ -150,7 +188,8 @@ def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, over
         return None  # process 0 writes the summary of all pairs
     rows = [{"case": r["case"], "landmark": i, **{k: f"{r[k][i]:.4f}" for k in KEYS}}
             for r in results for i in range(len(r["initial"]))]
-    summ = {"checkpoint": ckpt, "preset": net.config["preset"], "iter_tta": iter_tta, "tre_direction": direction}
+    summ = {"checkpoint": ckpt, "preset": net.config["preset"], "iter_tta": iter_tta, "tre_direction": direction,
+            "frame": frame}
     for k in KEYS:
         s = summary(np.concatenate([r[k] for r in results]))
         summ.update({f"tre_{k}_{q}": v for q, v in s.items()})
@@ -186,18 +225,21 @@ def main(argv=None):
     ap.add_argument("ckpt", nargs="?", default="regnets_state_dilated_vessels.pth")
     ap.add_argument("--preset", choices=PRESETS, help="net and resolution for CKPT = none (default cpu); "
                     "a checkpoint brings its own")
-    ap.add_argument("--data", default="dilated_vessels")
-    ap.add_argument("--landmarks", help="folder of case_XXX.csv (default DATA/landmarks)")
+    ap.add_argument("--data", default="dilated_vessels", help="folder of ID_{1,2}.nii.gz pairs or a Learn2Reg dataset JSON")
+    ap.add_argument("--landmarks", help="folder of ID.csv in frame voxels (default DATA/landmarks; a dataset "
+                    "JSON's keypoints otherwise)")
     ap.add_argument("--out", default="eval", help="output prefix")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true")
     ap.add_argument("--tre-direction", choices=utils.TRE_DIRECTIONS, default="reference",
                     help="reference: moving landmarks mapped to fixed, the reference's sampling (paper_tre_val.csv); "
                          "fixed: fixed landmarks mapped to moving (Lung250M-4B / Learn2Reg)")
+    ap.add_argument("--disp", metavar="DIR", help="write DIR/disp_FFFF_MMMM.nii.gz (Learn2Reg) for every pair")
+    utils.data_options(ap)
     ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
     a = ap.parse_args(argv)
     evaluate(a.iter_tta, a.ckpt, a.data, a.landmarks, a.out, a.preset, a.overwrite, a.seed, direction=a.tre_direction,
-             device=a.device)
+             device=a.device, disp=a.disp, frame=a.frame, labels=a.labels)
 
 
 if __name__ == "__main__":

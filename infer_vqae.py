@@ -1,15 +1,18 @@
-"""Stage 2: encode every framed pair of a folder into its token grid with a trained VQ-AE.
+"""Stage 2: encode every framed training pair of DATA into its token grid with a trained VQ-AE.
 
-    python infer_vqae.py CKPT [--data DIR] [--out TOKENS] [--augment K] [--seed S] [--preset P] [--overwrite]
+    python infer_vqae.py CKPT [--data DATA] [--split train|val] [--out TOKENS] [--augment K] [--seed S]
+                         [--preset P] [--overwrite]
 
 Whole volumes, not patches: a 256x208x256 pair gives 16x13x16 = 3328 tokens at the paper preset,
 a 64x52x64 pair (padded to 64x56x64) 8x7x8 = 448 at cpu/demo. Writes TOKENS (.pth):
   case_ids   ['case_032', ..., 'case_032_aug00', ...]
   tokens     (N, h*w*d) int16 ids, row-major over grid_shape (as paper_tokens_97.pth, but stacked)
   grid_shape (h, w, d); num_codes; factor (the VQ-AE's frame pooling); dice (N, 2)
-  config     the VQ-AE checkpoint's config (preset, factor, model kwargs)
+  config     the VQ-AE checkpoint's config (preset, factor, model kwargs, frame); frame
 and TOKENS.csv (per-case reconstruction Dice, fixed and moving) and TOKENS.png (MIP, input vs
-reconstruction, fixed blue / moving orange). --augment K adds K randomly affine-augmented copies of
+reconstruction, fixed blue / moving orange). DATA (a folder or a Learn2Reg dataset JSON) is
+placed in the VQ-AE's frame with its labels (both recorded in CKPT); --split val encodes a dataset
+JSON's registration_val pairs (validation tokens). --augment K adds K randomly affine-augmented copies of
 every pair (same augmentation as training) to enlarge the token set for the diffusion model.
 """
 import argparse
@@ -68,13 +71,14 @@ def figure(pairs, probs, ids, dice, path, n=FIGURE_PAIRS):
     utils.save_figure(fig, path)
 
 
-def infer(ckpt, data, out, augment_k=0, seed=0, preset=None, overwrite=False):
-    """Encode a folder; returns the saved dict."""
+def infer(ckpt, data, out, augment_k=0, seed=0, preset=None, overwrite=False, split="train"):
+    """Encode DATA's pairs of `split`; returns the saved dict."""
     utils.check_output(utils.log_paths(out), overwrite)
     utils.check_seed(seed)
     model = VQAE.from_checkpoint(ckpt, utils.distributed()[2], preset)
     cfg = model.config
-    ids, pairs = utils.load_pairs(data, cfg["factor"])
+    frame = utils.check_frame(cfg.get("frame"), ckpt)
+    ids, pairs = utils.load_pairs(data, cfg["factor"], frame, utils.find_pairs(data, split), labels=model.saved.get("labels"))
     pairs = pairs.half()  # as training sees them
     tokens, dice, probs = reconstruct(model, pairs, keep_probs=FIGURE_PAIRS)
     for c, d in zip(ids, dice):
@@ -108,7 +112,9 @@ def infer(ckpt, data, out, augment_k=0, seed=0, preset=None, overwrite=False):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("ckpt")
-    ap.add_argument("--data", default="dilated_vessels", help="folder of case_XXX_{1,2}.nii.gz pairs")
+    ap.add_argument("--data", default="dilated_vessels", help="folder of ID_{1,2}.nii.gz pairs or a Learn2Reg dataset JSON")
+    ap.add_argument("--split", choices=("train", "val"), default="train",
+                    help="a dataset JSON's training_paired_images or registration_val pairs")
     ap.add_argument("--out", help="token file (default tokens_<preset>.pth)")
     ap.add_argument("--augment", type=int, default=0, metavar="K", help="also encode K augmented copies per pair")
     ap.add_argument("--seed", type=int, default=0)
@@ -118,7 +124,8 @@ def main(argv=None):
     if args.augment < 0:
         raise utils.DataError("--augment must be >= 0")
     preset = args.preset or utils.load_checkpoint(args.ckpt, "vqae")["config"]["preset"]
-    infer(args.ckpt, args.data, args.out or f"tokens_{preset}.pth", args.augment, args.seed, args.preset, args.overwrite)
+    infer(args.ckpt, args.data, args.out or f"tokens_{preset}.pth", args.augment, args.seed, args.preset, args.overwrite,
+          args.split)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 and the tests.
 
     python make_phantoms.py OUT_DIR NUM_PAIRS [--seed S] [--size H W D] [--motion SCALE] [--overwrite]
+                            [--learn2reg NAME --spacing X Y Z [--val K]]
 
 Fixed ("inspiration"): a random branching vessel tree (tubes of decreasing radius) in two
 lung-shaped ellipsoids. Moving ("expiration"): the same analytic tree seen through a smooth
@@ -9,15 +10,21 @@ breathing-like deformation w, moving(y) = tree(y + w(y)), so a moving landmark y
 exactly to the fixed landmark y + w(y). Everything is computed in 1 mm frame coordinates (i, j, k);
 --size is the 256x208x256 frame pooled by an integer factor (default 4 mm: 64 52 64). --motion scales w
 (the same trees, stronger breathing: a test of generalising to larger deformations).
+--learn2reg NAME writes a Learn2Reg data set instead (OUT_DIR/NAME_dataset.json, imagesTr/ binary
+uint8 masks, keypointsTr/ in each image's voxels; the last K pairs are registration_val): images of
+--size voxels (each case up to 8 voxels larger per axis, as scans differ) at --spacing mm, the
+phantom world stretched to fill them, so TRE against the exact keypoints is in the images' mm.
 """
 import argparse
 import os
 
+import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
 import utils
 
+WORLD = tuple(utils.LUNG250M4B["shape"])  # the phantoms' world: the lung frame, 1 mm
 LUNGS = [np.array([72.0, 108, 128]), np.array([184.0, 108, 128])]  # ellipsoid centres (i, j, k), mm
 SEMI = np.array([50.0, 72, 110])                                      # and semi-axes, like the real frame
 
@@ -41,7 +48,7 @@ def random_tree(rng, generations=9, root_length=20.0, shrink=(0.8, 0.92), r0=6.5
     h = a = np.concatenate([np.tile(c - s * [22, 0, -5], (len(trunks), 1)) for c, s in zip(LUNGS, mirror)])
     d = unit(np.concatenate([trunks * s for s in mirror]) + rng.normal(0, 0.15, h.shape))
     length, segs = np.full(len(a), root_length), []  # segs: (start, end, radius) per generation
-    crowd = np.zeros([s // 8 for s in utils.FRAME])  # branch ends per 8 mm cell: steers children to gaps
+    crowd = np.zeros([s // 8 for s in WORLD])  # branch ends per 8 mm cell: steers children to gaps
 
     def cell(p):
         return tuple(np.clip(p // 8, 0, np.array(crowd.shape) - 1).astype(int).T)
@@ -124,7 +131,7 @@ def landmarks(rng, segs, m, n=100, spacing=12.0):
         y = x - displacement(y, m)
     y = np.round(y, 3)
     x = y + displacement(y, m)
-    hi = np.array(utils.FRAME) - 1
+    hi = np.array(WORLD) - 1
     ok = np.all((x >= 0) & (x <= hi) & (y >= 0) & (y <= hi), axis=1)
     chosen = []
     for i in rng.permutation(np.flatnonzero(ok)):  # greedy: keep a point unless one kept is too close
@@ -135,13 +142,15 @@ def landmarks(rng, segs, m, n=100, spacing=12.0):
     return x[chosen], y[chosen]
 
 
-def make_pair(seed, index, size, motion=1.0):
-    """Fixed and moving volume at `size` and the exact landmarks of one case."""
+def make_pair(seed, index, size, motion=1.0, scale=None):
+    """Fixed and moving volume at `size` and the exact landmarks (phantom world = 1 mm frame voxels)
+    of one case. scale: world voxels per image voxel per axis (default: the frame / size)."""
     rng = np.random.default_rng([seed, index])  # [seed, index]: seed 1 is not seed 0 shifted by a case
     motion, segs = scaled(random_motion(rng), motion), random_tree(rng)
-    f = utils.FRAME[0] // size[0]
-    axes = [f * np.arange(s) + (f - 1) / 2 for s in size]  # voxel centres in frame mm
+    scale = scale or [WORLD[0] // size[0]] * 3
+    axes = [c * (np.arange(s) + 0.5) - 0.5 for c, s in zip(scale, size)]  # voxel centres in world mm
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).astype(np.float32)
+    f = min(scale)  # the tube walls' ramp: one image voxel
     fixed = render(segs, grid, axes, f)
     w = displacement(grid, motion).astype(np.float32)
     moving = render(segs, grid + w, axes, f, (w.min((0, 1, 2)), w.max((0, 1, 2))))  # the same tree at y + w(y)
@@ -152,8 +161,8 @@ def make_pair(seed, index, size, motion=1.0):
 def make_pairs(out_dir, n, seed=0, size=(64, 52, 64), overwrite=False, motion=1.0):
     """Write n phantom pairs (case_000 ...) and landmarks/ into out_dir; returns the case ids."""
     size = tuple(int(s) for s in size)
-    f = utils.FRAME[0] // size[0] if size[0] > 0 else 0
-    if f < 1 or any(F != f * s for F, s in zip(utils.FRAME, size)):
+    f = WORLD[0] // size[0] if size[0] > 0 else 0
+    if f < 1 or any(F != f * s for F, s in zip(WORLD, size)):
         raise utils.DataError(f"--size {' '.join(map(str, size))}: must be 256 208 256 divided by one integer")
     if n < 1:
         raise utils.DataError(f"NUM_PAIRS must be >= 1, got {n}")
@@ -168,9 +177,38 @@ def make_pairs(out_dir, n, seed=0, size=(64, 52, 64), overwrite=False, motion=1.
     for i, c in enumerate(tqdm(ids, desc="phantoms", leave=False)):
         fixed, moving, lf, lm = make_pair(seed, i, size, motion)
         utils.write_landmarks(os.path.join(out_dir, "landmarks", f"{c}.csv"), lf, lm)
-        utils.write_nifti(os.path.join(out_dir, f"{c}_2.nii.gz"), moving, f)
-        utils.write_nifti(os.path.join(out_dir, f"{c}_1.nii.gz"), fixed, f)  # last: marks the pair complete
+        utils.write_nifti(os.path.join(out_dir, f"{c}_2.nii.gz"), moving, f, utils.LUNG250M4B)
+        utils.write_nifti(os.path.join(out_dir, f"{c}_1.nii.gz"), fixed, f, utils.LUNG250M4B)  # last: marks the pair complete
     return ids
+
+
+def make_learn2reg(out_dir, name, n, size, spacing, n_val=0, seed=0, overwrite=False, motion=1.0):
+    """Write n phantom pairs as the Learn2Reg data set `name` into out_dir; returns the JSON's path."""
+    if n < 1 or not 0 <= n_val < n:
+        raise utils.DataError(f"need NUM_PAIRS >= 1 and 0 <= --val < NUM_PAIRS, got {n} and {n_val}")
+    if min(size) < 16 or min(spacing) <= 0:
+        raise utils.DataError("--size must be >= 16 voxels and --spacing > 0 mm per axis")
+    if not 0 <= motion <= 1.8:
+        raise utils.DataError(f"--motion must be in [0, 1.8], got {motion}")
+    js = os.path.join(out_dir, f"{name}_dataset.json")
+    cases = [utils.learn2reg_paths(name, i + 1) for i in range(n)]
+    for p in [js, *(os.path.join(out_dir, v) for c in cases for v in c.values())]:  # refuse before writing
+        utils.check_output(p, overwrite)
+    for i, c in enumerate(tqdm(cases, desc="phantoms", leave=False)):
+        shape = [s + (i * k) % 9 for s, k in zip(size, (3, 5, 7))]
+        scale = [w / s for w, s in zip(WORLD, shape)]  # world mm per image voxel: the world fills the image
+        fixed, moving, lf, lm = make_pair(seed, i, shape, motion, scale)
+        affine = np.diag([*map(float, spacing), 1.0])
+        for k, vol, pts in (("fixed", fixed, lf), ("moving", moving, lm)):
+            with utils.atomic_path(os.path.join(out_dir, c[k + "_kp"])) as tmp:
+                np.savetxt(tmp, (pts + 0.5) / np.array(scale) - 0.5, delimiter=",", fmt="%.4f")
+            img = nib.Nifti1Image((vol > 0.5).astype(np.uint8), affine)
+            img.header.set_xyzt_units("mm")
+            with utils.atomic_path(os.path.join(out_dir, c[k])) as tmp:
+                nib.save(img, tmp)
+    utils.write_dataset_json(js, name, cases[:n - n_val], cases[n - n_val:], size,
+                             description="make_phantoms.py: vessel-tree phantoms with exact keypoints")
+    return js
 
 
 def main(argv=None):
@@ -181,7 +219,15 @@ def main(argv=None):
     ap.add_argument("--size", type=int, nargs=3, default=(64, 52, 64), metavar=("H", "W", "D"))
     ap.add_argument("--motion", type=float, default=1.0, help="scale of the breathing displacement, 0 to 1.8 (default 1)")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--learn2reg", metavar="NAME", help="write a Learn2Reg data set NAME (see above)")
+    ap.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("X", "Y", "Z"),
+                    help="voxel size in mm (--learn2reg)")
+    ap.add_argument("--val", type=int, default=0, metavar="K", help="the last K pairs are registration_val (--learn2reg)")
     a = ap.parse_args(argv)
+    if a.learn2reg:
+        js = make_learn2reg(a.out_dir, a.learn2reg, a.num_pairs, a.size, a.spacing, a.val, a.seed, a.overwrite, a.motion)
+        print(f"wrote {a.num_pairs} phantom pairs ({a.val} for validation) as {js}")
+        return
     ids = make_pairs(a.out_dir, a.num_pairs, a.seed, a.size, a.overwrite, a.motion)
     print(f"wrote {len(ids)} phantom pairs to {a.out_dir}")
 

@@ -22,7 +22,8 @@ import utils
 # ======================================================================== checkpoints
 def model_config(preset, factor, model_kwargs, **more):
     """The config every checkpoint stores next to its weights: {preset, factor (the data's frame
-    pooling), model: constructor kwargs, ...}. Tuples become lists (what torch.load gives back)."""
+    pooling), model: constructor kwargs, frame (utils section 5), ...}. Tuples become lists (what
+    torch.load gives back)."""
     kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in model_kwargs.items()}
     return {"preset": preset, "factor": factor, "model": kwargs, **more}
 
@@ -54,6 +55,7 @@ class Checkpointed(nn.Module):
         cfg = ck["config"]
         if not isinstance(cfg, dict) or not {"preset", "factor", "model"} <= set(cfg):
             raise utils.DataError(f"{path}: checkpoint config lacks preset / factor / model")
+        cfg["frame"] = utils.check_frame(cfg.get("frame"), path)  # every stage reads its frame from here
         if preset is not None and cfg["preset"] != preset:
             raise utils.DataError(f"{path}: is a '{cfg['preset']}' {cls.kind} checkpoint, expected '{preset}'")
         try:
@@ -488,7 +490,7 @@ def load_decoder(grid, num_codes, vqae=None, decoder=None, device=None):
         has, what = tuple(model.config["grid_shape"]), "token decoder"
     else:
         model = VQAE.from_checkpoint(vqae, device)
-        has, what = model.token_grid(utils.grid_shape(model.config["factor"])), "VQ-AE"
+        has, what = model.token_grid(utils.grid_shape(model.config["factor"], model.config["frame"])), "VQ-AE"
     if tuple(has) != tuple(grid) or model.num_codes != num_codes:
         raise utils.DataError(f"{decoder or vqae}: {what} of {'x'.join(map(str, has))} token grids with {model.num_codes} "
                               f"codes, not {'x'.join(map(str, grid))} with {num_codes}")

@@ -1,9 +1,13 @@
 """The whole experiment in one resumable command: VQ-AE -> tokens -> diffusion -> synthetic pairs ->
 registration nets trained on real / synthetic / real+synthetic pairs -> Dice/TRE table.
 
-    python pipeline.py --preset demo|cpu|paper [--data FOLDER] [--val FOLDER] [--landmarks FOLDER]
+    python pipeline.py --preset demo|cpu|paper [--data DATA] [--val DATA] [--landmarks FOLDER]
                        [--generator-tokens TOKENS] [--out results/PRESET] [--seeds N] [--num-synth N]
-                       [--reg-iters N] [--force STAGE ...] [--jobs 1]
+                       [--reg-iters N] [--frame derived|lung250m4b] [--force STAGE ...] [--jobs 1]
+
+DATA: a folder of ID_1 / ID_2 pairs (then --val is required, with landmark CSVs in --landmarks,
+default VAL/landmarks) or a Learn2Reg dataset JSON (--val defaults to its registration_val pairs and
+their keypoints). --frame: see utils.data_frame (default: derived for a JSON, lung250m4b for a folder).
 
 The generator trains on --data (the registration nets' real pairs) unless --generator-tokens names
 a token file whose VQ-AE is not available (the reference's 97 grids; not in the paper's code): then
@@ -22,7 +26,6 @@ commands under torchrun (README, "More than one GPU").
 """
 import argparse
 import concurrent.futures as cf
-import glob
 import inspect
 import json
 import multiprocessing
@@ -230,19 +233,26 @@ def run_chains(run, chains, jobs):
           flush=True)
 
 
-def mix_folder(real, synth, out):
-    """real + synthetic pairs in one folder of symbolic links (real_*, synth_*: names never collide),
-    rebuilt on every run so it always mirrors the two folders."""
+def mix_folder(real, synth, out, frame):
+    """real + synthetic pairs in one folder of symbolic links (real_ID_1, synth_ID_1, ...: names never
+    collide) and mix_dataset.json (with the frame: both kinds are placed as for the rows alone),
+    rebuilt on every run so it always mirrors the two sources."""
+    js = os.path.join(out, "mix_dataset.json")
     if os.path.isdir(out):
         for f in os.listdir(out):
             path = os.path.join(out, f)
-            if not os.path.islink(path):
+            if not os.path.islink(path) and path != js:
                 raise utils.DataError(f"{out}: holds {f}, which is not a link this pipeline made")
             os.remove(path)
     os.makedirs(out, exist_ok=True)
-    for prefix, folder in (("real", real), ("synth", synth)):
-        for f in glob.glob(os.path.join(folder, "case_*_[12].nii.gz")):
-            os.symlink(os.path.abspath(f), os.path.join(out, f"{prefix}_{os.path.basename(f)}"))
+    listed = []
+    for prefix, source in (("real", real), ("synth", synth)):
+        for p in utils.find_pairs(source):
+            names = {k: f"{prefix}_{p.id}_{i}.nii.gz" for i, k in ((1, "fixed"), (2, "moving"))}
+            for k, name in names.items():
+                os.symlink(os.path.abspath(getattr(p, k)), os.path.join(out, name))
+            listed.append(names)
+    utils.write_dataset_json(js, "mix", listed, frame=frame, description="real and synthetic pairs (links)")
     return out
 
 
@@ -253,7 +263,7 @@ def sign_flip_p(d, rounds=20000, seed=0):
     return float((np.abs((flips * d).mean(1)) >= abs(d.mean()) - 1e-12).mean())
 
 
-def figures(out, evals, real, synth, factor, n=4):
+def figures(out, evals, real, synth, factor, frame, n=4):
     """results_tre.png: per-landmark TRE box plots per row (net, tta; seeds pooled);
     results_pairs.png: MIPs of real training pairs next to synthetic ones (fixed blue, moving orange)."""
     import matplotlib.pyplot as plt
@@ -269,11 +279,11 @@ def figures(out, evals, real, synth, factor, n=4):
     utils.save_figure(fig, os.path.join(out, "results_tre.png"))
     fig, ax = plt.subplots(2, n, figsize=(3 * n, 6.2))
     for row, folder in enumerate((real, synth)):
-        for j, c in enumerate(utils.find_pairs(folder)[:n]):
-            pair = [utils.framed_volume(os.path.join(folder, f"{c}_{k}.nii.gz"), factor).numpy() for k in (1, 2)]
+        for j, p in enumerate(utils.find_pairs(folder)[:n]):
+            pair = [utils.framed_volume(f, factor, utils.data_frame(folder, frame["name"])).numpy() for f in (p.fixed, p.moving)]
             ax[row, j].imshow(utils.mip_rgb(*pair))
             ax[row, j].axis("off")
-            ax[row, j].set_title(f"{'real' if row == 0 else 'synthetic'} {c}", fontsize=8)
+            ax[row, j].set_title(f"{'real' if row == 0 else 'synthetic'} {p.id}", fontsize=8)
     utils.save_figure(fig, os.path.join(out, "results_pairs.png"))
 
 
@@ -295,7 +305,7 @@ def per_case_means(out, row, seeds):
     return {k: np.array([np.mean([x[k][x["case"] == c].mean() for x in rows]) for c in cases]) for k in ("net", "tta")}
 
 
-def report(out, seeds, times, preset, real=None, synth=None, labels=None):
+def report(out, seeds, times, preset, real=None, synth=None, labels=None, frame=None):
     """results.md: the paper-style table (mean +- sd over seeds) of every row run so far in `out`,
     named by labels (kept in rows.json across runs), each row's per-case difference to the real
     pairs with a paired test, stage times, figures."""
@@ -343,9 +353,9 @@ def report(out, seeds, times, preset, real=None, synth=None, labels=None):
     for f, what in (("realism", "real training pairs, VQ-AE reconstructions, synthetic pairs"),
                     ("realism_tok", "real training pairs, decoded token grids, synthetic pairs of the token generator")):
         if os.path.exists(os.path.join(out, f + ".md")):
-            lines += ["", f"Realism (4 mm; {what}):", "", open(os.path.join(out, f + ".md")).read().strip()]
+            lines += ["", f"Realism (frame pooled by 4; {what}):", "", open(os.path.join(out, f + ".md")).read().strip()]
     if real and synth:
-        figures(out, {k: v for k, v in evals.items() if v}, real, synth, train_registration.PRESETS[preset]["factor"])
+        figures(out, {k: v for k, v in evals.items() if v}, real, synth, train_registration.PRESETS[preset]["factor"], frame)
     lines += ["", "Figures: `results_tre.png` (TRE box plots per row), `results_pairs.png` (real vs synthetic pairs); "
               "how much deformation the VQ-AE (or the token decoder) and the diffusion model keep: "
               "`realism.csv` / `.png` (`realism_tok.*`).", ""]
@@ -355,7 +365,7 @@ def report(out, seeds, times, preset, real=None, synth=None, labels=None):
     print(md)
 
 
-def generator(run, path, preset, data, val, n, tag="", tokens=None):
+def generator(run, path, preset, data, val, n, tag="", tokens=None, frame_args=()):
     """A generator and its n synthetic pairs (stages and files named with `tag`). Without `tokens`
     the paper's: VQ-AE on the pairs in `data` (`val`: held-out pairs for its and the diffusion
     model's validation), tokens, diffusion. With a token file `tokens`: decode_tokens.py fits a
@@ -366,14 +376,15 @@ def generator(run, path, preset, data, val, n, tag="", tokens=None):
     if tokens is None:
         vqae = path(f"vqae{tag}.pth")
         run(f"vqae{tag}", utils.log_paths(vqae), train_vqae.main,
-            [train_vqae.PRESETS[preset]["batch"], "--preset", preset, "--data", data, "--val", val, "--out", vqae],
+            [train_vqae.PRESETS[preset]["batch"], "--preset", preset, "--data", data, "--val", val, "--out", vqae,
+             *frame_args],
             preset, [data, val], resume=["--resume"])
         tokens, val_tokens = path(f"tokens{tag}.pth"), path(f"tokens_val{tag}.pth")
         run(f"tokens{tag}", utils.log_paths(tokens), infer_vqae.main,
             [vqae, "--data", data, "--out", tokens, "--augment", p["augment"]], preset, [vqae, data])
         # validation pairs' tokens: held-out reconstruction Dice and the diffusion model's validation loss
         run(f"tokens_val{tag}", utils.log_paths(val_tokens), infer_vqae.main,
-            [vqae, "--data", val, "--out", val_tokens], preset, [vqae, val])
+            [vqae, "--data", val, "--split", utils.val_split(val), "--out", val_tokens], preset, [vqae, val])
         decoder, inputs, decoded = ["--vqae", vqae], [tokens, val_tokens, vqae], None
         train_args = ["--val", val_tokens]
         # the deformation each generator stage keeps: real vs VQ-AE reconstructions vs synthetic pairs
@@ -394,22 +405,22 @@ def generator(run, path, preset, data, val, n, tag="", tokens=None):
         resume=[])  # synthesise.py keeps complete pairs
     report = path(f"realism{tag}")
     run(f"realism{tag}", log_prefix_paths(report), realism_report.main,
-        [*groups, "--reference", data, "--val", val, *realism, "--out", report, "--overwrite"], preset,
+        [*groups, "--reference", data, "--val", val, *realism, "--out", report, "--overwrite", *frame_args], preset,
         [data, val, *groups, *realism[1:]])
     return synth, decoded
 
 
-def reg_chain(out, tag, data, reads, preset, seed, tta, val, landmarks, iters=()):
+def reg_chain(out, tag, data, reads, preset, seed, tta, val, landmarks, iters=(), frame_args=()):
     """One registration row and seed as a stage chain: reg_TAG trains on `data` (the files it reads:
     `reads`), then eval_TAG evaluates its net on `val` with `tta` test-time-adaptation iterations."""
     ck = os.path.join(out, f"reg_{tag}.pth")
-    ev = ["--data", val, "--landmarks", landmarks, "--overwrite"]
+    ev = ["--data", val, *(["--landmarks", landmarks] if landmarks else []), "--overwrite"]
     return [dict(name=f"reg_{tag}", outputs=[ck], fn=train_registration.main, preset=preset, inputs=reads,
                  argv=[train_registration.PRESETS[preset]["batch"], data, "--preset", preset, "--seed", seed,
-                       "--out", ck, *iters], resume=["--resume"]),
+                       "--out", ck, *iters, *frame_args], resume=["--resume"]),
             dict(name=f"eval_{tag}", outputs=[os.path.join(out, f"eval_{tag}.json")], fn=evaluate_registration.main,
                  argv=[tta, ck, "--out", os.path.join(out, f"eval_{tag}"), *ev], preset=preset,
-                 inputs=[ck, val, landmarks])]
+                 inputs=[ck, val, *([landmarks] if landmarks else [])])]
 
 
 def warn_overlap(both, source):
@@ -421,8 +432,8 @@ def warn_overlap(both, source):
 
 def shared_pairs(train, val):
     """Validation pairs whose fixed volume is byte for byte one of the training pairs' (whatever the names)."""
-    seen = {digest(os.path.join(train, f"{c}_1.nii.gz"))[1] for c in utils.find_pairs(train)}
-    return [c for c in utils.find_pairs(val) if digest(os.path.join(val, f"{c}_1.nii.gz"))[1] in seen]
+    seen = {digest(p.fixed)[1] for p in utils.find_pairs(train)}
+    return [p.id for p in utils.find_pairs(val, utils.val_split(val)) if digest(p.fixed)[1] in seen]
 
 
 def main(argv=None):
@@ -437,6 +448,7 @@ def main(argv=None):
     ap.add_argument("--generator-tokens", metavar="TOKENS",
                     help="token grids the generator trains on, decoded by a decoder fitted on --data (not in the paper)")
     ap.add_argument("--reg-iters", type=int, help="override the registration preset's iterations")
+    ap.add_argument("--frame", choices=utils.FRAME_NAMES, help="the frame of the real pairs (utils.data_frame)")
     ap.add_argument("--force", nargs="*", default=[], metavar="STAGE")
     ap.add_argument("--jobs", type=int, default=1,
                     help="registration trainings and evaluations run this many at a time, each in its own process "
@@ -458,12 +470,16 @@ def main(argv=None):
         val = os.path.join(out, "phantoms_val")
         run("phantoms_train", [data], make_phantoms.main, [data, p["n_train"], "--seed", 0])
         run("phantoms_val", [val], make_phantoms.main, [val, p["n_val"], "--seed", 1000])
+    if val is None and utils.dataset_json(data):
+        val = data  # its registration_val pairs
     if val is None:
-        raise utils.DataError("--val is required with --data")
-    lms = args.landmarks or os.path.join(val, "landmarks")
-    train_ids = utils.find_pairs(data)  # every input checked before the first stage runs
-    for c in utils.find_pairs(val):
-        utils.read_landmarks(os.path.join(lms, f"{c}.csv"))
+        raise utils.DataError("--val is required with a --data folder")
+    lms = args.landmarks or (None if utils.dataset_json(val) else os.path.join(val, "landmarks"))
+    frame_args = ["--frame", args.frame] if args.frame else []
+    frame = utils.data_frame(data, args.frame)
+    train_ids = [p.id for p in utils.find_pairs(data)]  # every input checked before the first stage runs
+    for pair in utils.find_pairs(val, utils.val_split(val)):
+        utils.pair_landmarks(pair, frame, lms)
     warn_overlap(shared_pairs(data, val), data)
 
     def path(name):
@@ -474,32 +490,34 @@ def main(argv=None):
     if args.generator_tokens:
         grids = utils.read_tokens(args.generator_tokens)
         # the reference's grids are named by their Lung250M-4B case ids: names are all there is to compare
-        warn_overlap(sorted(set(grids["case_ids"]) & set(utils.find_pairs(val))), args.generator_tokens)
-        synth, decoded = generator(run, path, preset, data, val, n, "_tok", args.generator_tokens)
-        folders = {"decoded": decoded, "synth_tok": synth, "mix_tok": mix_folder(data, synth, path("mix_tok"))}
+        val_ids = {p.id for p in utils.find_pairs(val, utils.val_split(val))}
+        warn_overlap(sorted(set(grids["case_ids"]) & val_ids), args.generator_tokens)
+        synth, decoded = generator(run, path, preset, data, val, n, "_tok", args.generator_tokens, frame_args)
+        folders = {"decoded": decoded, "synth_tok": synth, "mix_tok": mix_folder(data, synth, path("mix_tok"), frame)}
         k = len(grids["tokens"])
         labels = {"decoded": f"decoded-{k} (token grids decoded)", "synth_tok": f"synth-{n}, generator on {k} token grids",
                   "mix_tok": f"{real} + synth-{n} ({k}-grid generator)"}
     else:  # the paper's: the generator trains on the real pairs
         k = len(train_ids)
-        synth = generator(run, path, preset, data, val, n)[0]
-        folders = {"synth": synth, "mix": mix_folder(data, synth, path("mix"))}
+        synth = generator(run, path, preset, data, val, n, frame_args=frame_args)[0]
+        folders = {"synth": synth, "mix": mix_folder(data, synth, path("mix"), frame)}
         labels = {"synth": f"synth-{n}, generator on {k} pairs", "mix": f"{real} + synth-{n} ({k}-pair generator)"}
     folders = {"real": data, **folders}
     labels = {"real": real, **labels}
     # a mix stage reads the pairs behind mix/'s links
     reads = {r: [data, folders["synth" + r[3:]]] if r.startswith("mix") else [f] for r, f in folders.items()}
     iters = ["--iters", args.reg_iters] if args.reg_iters else []
-    ev = ["--data", val, "--landmarks", lms, "--overwrite"]
+    ev = ["--data", val, *(["--landmarks", lms] if lms else []), "--overwrite", *frame_args]
     # seed-major: a run stopped part-way has the same seeds of every row, which the per-case tests pair
-    chains = [reg_chain(out, f"{r}_s{s}", folders[r], reads[r], preset, s, p["tta"], val, lms, iters)
+    chains = [reg_chain(out, f"{r}_s{s}", folders[r], reads[r], preset, s, p["tta"], val, lms, iters,
+                        frame_args if r == "real" else [])
               for s in range(seeds) for r in ROWS if r in folders]
     # the short TTA-only baseline last: with --jobs the long chains start first
     chains.append([dict(name="eval_none", outputs=[path("eval_none.json")], fn=evaluate_registration.main,
                         argv=[p["tta"], "none", "--preset", preset, "--out", path("eval_none"), *ev], preset=preset,
-                        inputs=[val, lms])])
+                        inputs=[val, *([lms] if lms else [])])])
     run_chains(run, chains, args.jobs)
-    report(out, seeds, run.times, preset, data, synth, labels)
+    report(out, seeds, run.times, preset, data, synth, labels, frame)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Pair realism: real and synthetic fixed/moving pairs side by side (a table and a figure).
 
-    python realism_report.py [FOLDER ...] --reference REAL [--val DIR] [--vqae CKPT] [--out PREFIX]
-                             [--overwrite]
+    python realism_report.py [FOLDER ...] --reference REAL [--val DATA] [--vqae CKPT] [--out PREFIX]
+                             [--frame derived|lung250m4b] [--overwrite]
 
 Groups: the real training pairs (REFERENCE, the baseline), each FOLDER (e.g. synthetic pairs),
 with --val the validation pairs, with --vqae the VQ-AE's reconstructions of the training (and
@@ -9,7 +9,9 @@ validation) pairs. Together they decompose the deformation synthetic pairs lose:
 autoencoder already loses (recon vs real) and the part the diffusion model loses on top
 (synthetic vs recon of the training pairs).
 
-Per pair, all at 4 mm (the frame pooled by FACTOR = 4, whatever the data's resolution):
+REAL, FOLDER: folders of ID_1 / ID_2 pairs or Learn2Reg dataset JSONs (--val: a JSON's
+registration_val pairs), placed in the VQ-AE's frame or REAL's (utils.data_frame; FOLDERs written by
+this project record theirs). Per pair, all at the frame pooled by FACTOR = 4 (4 mm on Lung250M-4B):
   vf_fixed, vf_moving  vessel volume fraction (mean occupancy / probability over the frame)
   dice_fm              Dice(fixed, moving) at 0.5: how misaligned the pair is
   disp_mm              mean displacement (mm) over the fixed vessels that a quick registration finds:
@@ -45,36 +47,38 @@ def figure(groups, path):
     utils.save_figure(fig, path)
 
 
-def folder_stats(folder, reference=None, progress=False):
-    """utils.pair_stats of every pair of a folder at 4 mm. reference: (ids, pairs (M, 2, ...)) of the
+def folder_stats(folder, frame, reference=None, progress=False):
+    """utils.pair_stats of every pair of a folder at frame/4. reference: (ids, pairs (M, 2, ...)) of the
     training pairs, for the memorisation statistic."""
-    ids, x = utils.load_pairs(folder, FACTOR, progress=progress)
-    return utils.pair_stats(ids, x, FACTOR, reference, progress)
+    ids, x = utils.load_pairs(folder, FACTOR, frame, progress=progress)
+    return utils.pair_stats(ids, x, FACTOR, reference, progress, frame["spacing"])
 
 
-def report(folders, reference, out, overwrite=False, val=None, vqae=None):
+def report(folders, reference, out, overwrite=False, val=None, vqae=None, frame=None):
     for ext in (".csv", ".json", ".png", ".md"):
         utils.check_output(out + ext, overwrite)
     model = None if vqae is None else VQAE.from_checkpoint(vqae)
+    frame = utils.data_frame(reference, frame) if model is None else model.config["frame"]
+    sp = frame["spacing"]
     load_factor = FACTOR if model is None else model.config["factor"]  # real pairs are read once, at the VQ-AE's
     if FACTOR % load_factor:
         raise utils.DataError(f"{vqae}: works at frame/{load_factor}, cannot compare at /{FACTOR}")
     groups, kept, ref = {}, [], None  # kept: (real group, its reconstruction group)
-    for real in [reference] + ([val] if val else []):
-        ids, x = utils.load_pairs(real, load_factor)
+    for real, split in [(reference, "train")] + ([(val, utils.val_split(val))] if val else []):
+        ids, x = utils.load_pairs(real, load_factor, frame, utils.find_pairs(real, split))
         if ref is None:
             rids, ref = ids, utils.pool(x, FACTOR // load_factor)  # the memorisation reference
-        real_name = "real " + os.path.basename(os.path.normpath(real))
+        real_name = "real " + os.path.basename(os.path.normpath(real)).removesuffix(".json") + ("" if split == "train" else " val")
         if real_name in groups:
             real_name += " (val)"  # same folder name in another place
-        groups[real_name] = utils.pair_stats(ids, utils.pool(x, FACTOR // load_factor), FACTOR, (rids, ref), True)
+        groups[real_name] = utils.pair_stats(ids, utils.pool(x, FACTOR // load_factor), FACTOR, (rids, ref), True, sp)
         if model is not None:
             recon = model.reconstruct(x, keep_probs=True, pool=FACTOR // load_factor)[2]
-            groups["recon " + real_name[5:]] = utils.pair_stats(ids, recon, FACTOR, (rids, ref), True)
+            groups["recon " + real_name[5:]] = utils.pair_stats(ids, recon, FACTOR, (rids, ref), True, sp)
             kept.append((real_name, "recon " + real_name[5:]))
     for folder in folders:
         name = os.path.basename(os.path.normpath(folder))
-        groups[name] = folder_stats(folder, (rids, ref), progress=True)
+        groups[name] = folder_stats(folder, utils.data_frame(folder, frame["name"]), (rids, ref), progress=True)
     rows = [{"group": name, "case": c, **{k: f"{g[k][i]:.5f}" for k in COLUMNS[2:]}}
             for name, g in groups.items() for i, c in enumerate(g["case"])]
     utils.write_csv(out + ".csv", COLUMNS, rows)
@@ -95,14 +99,15 @@ def report(folders, reference, out, overwrite=False, val=None, vqae=None):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("folders", nargs="*", help="folders of case_XXX_{1,2}.nii.gz pairs (synthetic or real)")
+    ap.add_argument("folders", nargs="*", help="folders of ID_{1,2}.nii.gz pairs or dataset JSONs (synthetic or real)")
     ap.add_argument("--reference", required=True, help="the real training pairs (memorisation reference)")
     ap.add_argument("--val", help="validation pairs: their statistics (and reconstructions, with --vqae)")
     ap.add_argument("--vqae", help="a VQ-AE checkpoint: add its reconstructions of the real pairs")
     ap.add_argument("--out", default="realism", help="output prefix")
+    ap.add_argument("--frame", choices=utils.FRAME_NAMES, help="REAL's frame without --vqae (utils.data_frame)")
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
-    report(a.folders, a.reference, a.out, a.overwrite, a.val, a.vqae)
+    report(a.folders, a.reference, a.out, a.overwrite, a.val, a.vqae, a.frame)
 
 
 if __name__ == "__main__":

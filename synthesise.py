@@ -7,8 +7,10 @@
 Writes OUT/case_XXXX_1.nii.gz (fixed) and _2 (moving): the decoder's raw vessel softmax (what the
 reference implementation writes, the paper preset's default) or with --calibrate occupancies (see
 VQAE.pair_probs; the cpu and demo presets' default) on the frame grid pooled by the VQ-AE's factor
-(utils.write_nifti: 1 mm at paper, 4 mm at cpu/demo), so OUT is directly a DATA_FOLDER of
-train_registration.py; OUT/manifest.json and OUT/preview.png.
+in the frame of the data the models were trained on (utils.write_nifti: the frame's spacing times
+the factor, e.g. 1 mm at paper, 4 mm at cpu/demo on Lung250M-4B), and OUT/synth_dataset.json, a
+Learn2Reg dataset JSON listing them (with the frame), so OUT is directly the DATA of
+train_registration.py and of other toolkits; OUT/manifest.json and OUT/preview.png.
 --sampler reference (the default at --preset paper): 256 steps, batch 2, the reference schedule
 (at step k every masked token is unmasked with probability 1/(256 - k)). --sampler fast (the
 default at cpu/demo): the preset's few-step cosine schedule on large batches (its speed:
@@ -68,6 +70,8 @@ def load_models(diffusion, vqae_path=None, preset=None, device=None, decoder=Non
         decoder = model.saved.get("decoder")
         vqae_path = None if decoder else model.saved.get("vqae") or f"vqae_{cfg['preset']}.pth"
     dec = load_decoder(cfg["grid_shape"], cfg["model"]["num_codes"], vqae_path, decoder, device)
+    if dec.config.get("frame") != cfg["frame"]:
+        raise utils.DataError(f"{dec.path}: made in another frame than the tokens of {diffusion}")
     if decoder:
         return model, dec
     fingerprint = model.saved.get("vqae_fingerprint")
@@ -100,7 +104,8 @@ def synthesise(model, decoder, out, n, sampler, seed=0, overwrite=False, progres
     occupancies instead of the raw vessel softmax (the reference's)."""
     dev = next(model.parameters()).device
     factor = decoder.config["factor"]
-    size = utils.grid_shape(factor)
+    frame = model.config["frame"]
+    size = utils.grid_shape(factor, frame)
     grid = model.config["grid_shape"]
     batch = sampler["batch"]
     os.makedirs(out, exist_ok=True)
@@ -130,7 +135,7 @@ def synthesise(model, decoder, out, n, sampler, seed=0, overwrite=False, progres
                 for j, i in enumerate(idx[c:c + chunk]):
                     if i in todo:
                         for path, vol in zip(pair_paths(out, i), (fixed[j], moving[j])):
-                            pending.append(pool.submit(utils.write_nifti, path, vol.cpu().numpy(), factor))
+                            pending.append(pool.submit(utils.write_nifti, path, vol.cpu().numpy(), factor, frame))
             made += len(todo)
             while len(pending) > 4 * batch:  # bound the volumes waiting in memory
                 pending.pop(0).result()
@@ -146,9 +151,9 @@ def preview(out, n=4):
     cases = utils.find_pairs(out)[:n]
     fig, ax = plt.subplots(1, len(cases), figsize=(3.2 * len(cases), 3.4), squeeze=False)
     for panel, c in zip(ax[0], cases):
-        fixed, moving = (utils.load_volume(p) for p in pair_paths(out, int(c[5:])))
+        fixed, moving = (utils.load_volume(p) for p in (c.fixed, c.moving))
         panel.imshow(utils.mip_rgb(fixed, moving))
-        panel.set_title(f"{c} (fixed blue, moving orange)", fontsize=7)
+        panel.set_title(f"{c.id} (fixed blue, moving orange)", fontsize=7)
         panel.axis("off")
     utils.save_figure(fig, os.path.join(out, "preview.png"))
 
@@ -188,10 +193,21 @@ def run(models, out, n, sampler, seed=0, calibrate=False, overwrite=False, progr
     dev = next(model.parameters()).device
     utils.write_json(mpath, {**settings, "num_pairs": n, "complete": True, "pairs_made": made_all,
                              "seconds": round(secs_all, 2), "seconds_per_pair": round(secs_all / max(made_all, 1), 4),
-                             "shape": list(utils.grid_shape(factor)), "device": str(dev)})
+                             "shape": list(utils.grid_shape(factor, model.config["frame"])), "device": str(dev),
+                             "frame": model.config["frame"]})
+    write_dataset(out, n, factor, model.config["frame"])
     preview(out)
     print(f"{out}: {made} pairs written ({n - made} kept), {per_pair:.3f} s per pair{utils.peak_memory(dev)}")
     return per_pair, made
+
+
+def write_dataset(out, n, factor, frame):
+    """OUT/synth_dataset.json: the n pairs as Learn2Reg training pairs, with the frame they were made in."""
+    pairs = [{k: os.path.basename(p) for k, p in zip(("fixed", "moving"), pair_paths(out, i))} for i in range(n)]
+    utils.write_dataset_json(os.path.join(out, "synth_dataset.json"), "synth", pairs,
+                             shape=utils.grid_shape(factor, frame), frame=frame,
+                             description=f"synthetic pairs of synthesise.py: fixed *_1, moving *_2, occupancies in [0, 1] "
+                                         f"on the frame pooled by {factor}")
 
 
 def default_calibrate(decoder, preset):

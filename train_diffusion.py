@@ -9,7 +9,7 @@ Each step: t ~ U{1..256}/256 per grid, every token masked with probability t, lo
 ELBO (models.TokenTransformer.weighted_elbo). --val: the same loss on held-out grids with fixed
 draws of t and masks (comparable between runs). --vqae: a sampled pair is decoded into a figure
 (--decoder: by decode_tokens.py's decoder, for tokens without a VQ-AE; synthesise.py then uses it).
-Writes CKPT (kind 'diffusion': preset, factor and token grid of the tokens, model kwargs), CKPT.csv, CKPT.png.
+Writes CKPT (kind 'diffusion': preset, factor, frame and token grid of the tokens, model kwargs), CKPT.csv, CKPT.png.
 """
 import os
 import time
@@ -68,7 +68,7 @@ def config_of(preset, tokens, val=None):
         group *= 2
     if group > 1:
         kw.update(grid_shape=grid, group=group)
-    return model_config(preset, tokens["factor"], kw, grid_shape=grid)
+    return model_config(preset, tokens["factor"], kw, grid_shape=grid, frame=tokens["frame"])
 
 
 @torch.no_grad()
@@ -103,7 +103,7 @@ def figure(model, vqae, grid, rows, path, seed=0):
         dev = next(model.parameters()).device
         ids = model.sample(n, steps=32, schedule="cosine", generator=torch.Generator(dev).manual_seed(seed))
         with torch.no_grad(), utils.autocast(dev):
-            fixed, moving = vqae.decode_pair(ids.reshape(-1, *grid), utils.grid_shape(vqae.config["factor"]))
+            fixed, moving = vqae.decode_pair(ids.reshape(-1, *grid), utils.grid_shape(vqae.config["factor"], vqae.config["frame"]))
         for i in range(n):
             ax[0, 1 + i].imshow(utils.mip_rgb(fixed[i].cpu(), moving[i].cpu()))
             ax[0, 1 + i].set_title(f"sample {i} (fixed blue, moving orange)", fontsize=8)
@@ -137,8 +137,8 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     val_tokens = None
     if val:
         v = read_tokens(val, preset)
-        if (v["grid_shape"], v["num_codes"]) != (grid, codes):
-            raise utils.DataError(f"{val}: token grid or codebook size differs from {data}")
+        if (v["grid_shape"], v["num_codes"], v["frame"]) != (grid, codes, tokens["frame"]):
+            raise utils.DataError(f"{val}: token grid, codebook size or frame differs from {data}")
         val_tokens = v["tokens"]
     config = config_of(preset, tokens, v if val else None)
     if ck is not None:

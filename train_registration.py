@@ -1,10 +1,12 @@
 """Stage 5: train the two-step inverse-consistent registration net on real or synthetic pairs.
 
-    python train_registration.py [BATCH_SIZE] DATA_FOLDER [--preset paper|cpu|demo] [--iters N]
-                                 [--out CKPT] [--seed S] [--resume | --overwrite] [--device D] [--compile]
+    python train_registration.py [BATCH_SIZE] DATA [--preset paper|cpu|demo] [--iters N] [--out CKPT]
+                                 [--seed S] [--frame derived|lung250m4b] [--labels L]
+                                 [--resume | --overwrite] [--device D] [--compile]
 
-DATA_FOLDER holds case_XXX_1 / case_XXX_2 .nii.gz pairs: original scans (binarised and framed) or
-synthetic / phantom volumes already on the pooled frame grid (soft probabilities in [0, 1]).
+DATA: a folder of ID_1 / ID_2 .nii.gz pairs or a Learn2Reg dataset JSON (its training pairs):
+original scans (binarised and framed) or synthetic / phantom volumes already on the pooled frame
+grid (soft probabilities in [0, 1]). The frame (utils.data_frame) is stored in CKPT.
 """
 import math
 import os
@@ -33,10 +35,10 @@ PRESETS = {
 }
 
 
-def config_of(preset):
+def config_of(preset, frame):
     """What the checkpoint stores next to the weights: enough to rebuild net and input grid."""
     p = PRESETS[preset]
-    return model_config(preset, p["factor"], p["model"])
+    return model_config(preset, p["factor"], p["model"], frame=frame)
 
 
 def smoothness(ddf):
@@ -106,15 +108,15 @@ def optimise(net, batches, iters, lr, reg, device, desc="train", on_step=None, s
 
 
 def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, overwrite=False, device=None,
-          compile=False, log=utils.main_print):
-    """Train on all pairs of the folder `data`; returns the net."""
-    p, cfg = PRESETS[preset], config_of(preset)
+          compile=False, log=utils.main_print, frame=None, labels=None):
+    """Train on the training pairs of DATA placed in `frame` (utils.data_frame); returns the net."""
+    p, cfg = PRESETS[preset], config_of(preset, utils.data_frame(data, frame))
     # a constant learning rate: a larger --iters simply trains on to the new target
     ck, batch_size, seed = utils.start_training(out, "regnet", resume=resume, overwrite=overwrite, batch_size=batch_size,
                                                 seed=seed, iters=iters, default_batch=p["batch"], config=cfg,
-                                                data=os.path.abspath(data))
+                                                data=os.path.abspath(data), labels=labels)
     iters = iters or p["iters"] or 2500 // batch_size * 4
-    ids, pairs = utils.load_pairs(data, p["factor"])  # (N, 2, H, W, D)
+    ids, pairs = utils.load_pairs(data, p["factor"], cfg["frame"], labels=labels)  # (N, 2, H, W, D)
     rank, _, device = utils.distributed(device)
     local = utils.local_batch(batch_size)
     pairs = utils.to_device_if_fits(pairs.half(), device)  # exact for masks pooled by 2 or 4; fp16 maps as the reference
@@ -148,7 +150,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         if utils.is_main():
             utils.save_checkpoint(out, "regnet", cfg, net.state_dict(), iteration=i, loss=loss_value,
                                   optimisers=[o.state_dict() for o in opts], rng=utils.rng_state([gen]), iters=iters,
-                                  data=os.path.abspath(data), cases=ids, seed=seed, batch=batch_size,
+                                  data=os.path.abspath(data), cases=ids, seed=seed, batch=batch_size, labels=labels,
                                   precision=utils.precision(device))
         utils.barrier()  # nobody reads the checkpoint before it is written
 
@@ -165,12 +167,15 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
 
 
 def main(argv=None):
-    ap = utils.training_parser(__doc__, PRESETS, "regnets_state_<DATA_FOLDER name>.pth")
-    ap.add_argument("data", help="folder of case_XXX_{1,2}.nii.gz pairs")
+    ap = utils.training_parser(__doc__, PRESETS, "regnets_state_<DATA name>.pth")
+    ap.add_argument("data", help="folder of ID_{1,2}.nii.gz pairs or a Learn2Reg dataset JSON")
+    utils.data_options(ap)
     args = ap.parse_args(argv)
-    out = args.out or f"regnets_state_{os.path.basename(os.path.normpath(args.data))}.pth"
+    name = os.path.basename(os.path.normpath(args.data)).removesuffix(".json")
+    out = args.out or f"regnets_state_{name}.pth"
     train(data=args.data, out=out, preset=args.preset, batch_size=args.batch_size, iters=args.iters, seed=args.seed,
-          resume=args.resume, overwrite=args.overwrite, device=args.device, compile=args.compile)
+          resume=args.resume, overwrite=args.overwrite, device=args.device, compile=args.compile, frame=args.frame,
+          labels=args.labels)
 
 
 if __name__ == "__main__":

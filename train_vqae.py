@@ -1,7 +1,8 @@
 """Stage 1: train the paired 3D VQ-AE (models.VQAE) on fixed/moving vessel-mask pairs.
 
-    python train_vqae.py [BATCH_SIZE] [--preset paper|cpu|demo] [--data DIR] [--val DIR] [--iters N]
-                         [--out CKPT] [--seed S] [--diff-weight W] [--resume | --overwrite]
+    python train_vqae.py [BATCH_SIZE] [--preset paper|cpu|demo] [--data DATA] [--val DATA] [--iters N]
+                         [--out CKPT] [--seed S] [--diff-weight W] [--frame derived|lung250m4b]
+                         [--labels L] [--resume | --overwrite]
 
 Both masks of a pair enter as two channels, so one token grid describes the pair. Each step:
 a batch of pairs (paper: random 128^3 patches, same location in fixed and moving; cpu/demo: whole
@@ -11,7 +12,9 @@ loss = 0.5 CE(fixed) + 0.5 CE(moving) with class weights (1, 2.5) + 0.1 codebook
 the voxels that carry the pair's deformation, which a plain CE learns last (RESULTS.md).
 At every validation: reconstruction Dice and the deformation the reconstructions keep (quick
 registration displacement of reconstructed / real pairs, training and validation pairs).
-Writes CKPT (kind 'vqae': preset, model kwargs and data factor in its config), CKPT.csv, CKPT.png.
+DATA: a folder of ID_1 / ID_2 pairs or a Learn2Reg dataset JSON (its registration_val pairs are the
+default --val). Writes CKPT (kind 'vqae': preset, model kwargs, data factor and frame in its
+config), CKPT.csv, CKPT.png.
 """
 import functools
 import math
@@ -53,18 +56,18 @@ LOG_FIELDS = ["iter", "loss", "codebook_loss", "dice_fixed", "dice_moving", "cod
               "train_dice_fm", "val_disp_kept", "val_dice_fm", "seconds"]
 
 
-def config_of(preset):
+def config_of(preset, frame):
     """The checkpoint config: everything needed to rebuild the model and its input."""
     p = PRESETS[preset]
-    return model_config(preset, p["factor"], p["model"])
+    return model_config(preset, p["factor"], p["model"], frame=frame)
 
 
-def load_data(data, factor):
-    """A folder of pairs (or pairs already loaded) -> (N, 2, H, W, D) float16 (exact for masks and
-    for 1/64 steps of quarter-res occupancy)."""
+def load_data(data, factor, frame, split="train", labels=None):
+    """DATA's pairs of `split` (or pairs already loaded) -> (N, 2, H, W, D) float16 (exact for
+    masks and for 1/64 steps of quarter-res occupancy)."""
     if torch.is_tensor(data):
         return data.half()
-    return utils.load_pairs(data, factor)[1].half()
+    return utils.load_pairs(data, factor, frame, utils.find_pairs(data, split), labels=labels)[1].half()
 
 
 def sample_batch(data, batch, patch, generator, part=slice(None)):
@@ -182,24 +185,30 @@ def plot_log(rows, path):
 
 
 def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, overwrite=False, val=None, device=None,
-          compile=False, diff_weight=None):
-    """Train on the pairs of folder `data` at the preset's factor (`val`: a folder for validation
-    Dice at intervals; either may also be pairs already loaded, see load_data). diff_weight: see
-    recon_loss (None: the preset's, 0 = the reference). Returns the model."""
-    p, config = PRESETS[preset], config_of(preset)
+          compile=False, diff_weight=None, frame=None, labels=None):
+    """Train on the pairs of DATA at the preset's factor (`val`: DATA for validation Dice at
+    intervals, default a dataset JSON's registration_val pairs; either may also be pairs already
+    loaded, see load_data, in the frame given as a dict, default lung250m4b). frame: see
+    utils.data_frame. diff_weight: see recon_loss (None: the preset's, 0 = the reference). Returns the model."""
+    p = PRESETS[preset]
     data_path = os.path.abspath(data) if isinstance(data, str) else None  # None: pairs already loaded
+    frame = utils.data_frame(data, frame) if data_path else utils.check_frame(frame or utils.LUNG250M4B, "frame")
+    config = config_of(preset, frame)
+    if val is None and data_path and utils.dataset_json(data) and utils.read_dataset(utils.dataset_json(data))["val"]:
+        val = data
     # another preset -> one-line error; the learning-rate schedule was planned for the checkpoint's iterations
     ck, batch_size, seed = utils.start_training(out, "vqae", resume=resume, overwrite=overwrite, batch_size=batch_size,
                                                 seed=seed, iters=iters, default_batch=p["batch"], config=config,
                                                 outputs=utils.log_paths(out), fixed_iters=True, diff_weight=diff_weight,
-                                                data=data_path)
+                                                data=data_path, labels=labels)
     if ck is not None:
         diff_weight = ck["diff_weight"]
     diff_weight = p.get("diff_weight", 0.0) if diff_weight is None else float(diff_weight)
     if not math.isfinite(diff_weight) or diff_weight < 0:
         raise utils.DataError(f"--diff-weight must be a finite number >= 0, got {diff_weight}")
-    train_data = load_data(data, p["factor"])
-    val = None if val is None else load_data(val, p["factor"])
+    train_data = load_data(data, p["factor"], frame, labels=labels)
+    val = None if val is None else load_data(val, p["factor"], frame, utils.val_split(val) if isinstance(val, str) else None,
+                                             labels)
     if p["patch"] and any(s < p["patch"] for s in train_data.shape[-3:]):
         raise utils.DataError(f"{data}: volumes {tuple(train_data.shape[-3:])} smaller than the {p['patch']}^3 patch")
     rank, _, device = utils.distributed(device)
@@ -240,7 +249,8 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         utils.save_checkpoint(out, "vqae", config, model.state_dict(), optimizer=opt.state_dict(),
                               scheduler=sched.state_dict(), scaler=scaler.state_dict(), iteration=it,
                               iters=iters, batch=batch_size, seed=seed, log=rows, rng=utils.rng_state([gen, aug_gen]),
-                              seen=seen.cpu(), diff_weight=diff_weight, data=data_path, precision=utils.precision(device))
+                              seen=seen.cpu(), diff_weight=diff_weight, data=data_path, labels=labels,
+                              precision=utils.precision(device))
         utils.write_csv(base + ".csv", LOG_FIELDS, rows)
         plot_log(rows, base + ".png")
         utils.barrier()
@@ -295,15 +305,17 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
 
 def main(argv=None):
     ap = utils.training_parser(__doc__, PRESETS, "vqae_<preset>.pth")
-    ap.add_argument("--data", default="dilated_vessels", help="folder of case_XXX_{1,2}.nii.gz pairs")
-    ap.add_argument("--val", help="validation pairs (Dice and deformation kept at intervals)")
+    ap.add_argument("--data", default="dilated_vessels", help="folder of ID_{1,2}.nii.gz pairs or a Learn2Reg dataset JSON")
+    ap.add_argument("--val", help="validation pairs (Dice and deformation kept at intervals; default: "
+                    "a dataset JSON's registration_val)")
+    utils.data_options(ap)
     ap.add_argument("--diff-weight", type=float, help="extra CE weight on voxels where fixed and moving differ "
                     "(default: the preset's; 0 = the reference)")
     args = ap.parse_args(argv)
     out = args.out or f"vqae_{args.preset}.pth"
     model = train(data=args.data, out=out, preset=args.preset, batch_size=args.batch_size, iters=args.iters,
                   seed=args.seed, resume=args.resume, overwrite=args.overwrite, val=args.val, device=args.device,
-                  compile=args.compile, diff_weight=args.diff_weight)
+                  compile=args.compile, diff_weight=args.diff_weight, frame=args.frame, labels=args.labels)
     utils.main_print(f"wrote {out}{utils.peak_memory(model.codebook.weight.device)}")
 
 

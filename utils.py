@@ -7,10 +7,11 @@
                                     8. warping
 
 Conventions used everywhere:
-  * volumes live in the common 256x208x256 frame (FRAME) at 1 mm, or in that frame average-pooled
-    by an integer `factor` (2 = half, 4 = quarter resolution). A pooled voxel v covers frame voxels
-    f*v .. f*v+f-1, so its centre sits at f*v + (f-1)/2 in frame coordinates.
-  * landmark coordinates are always voxel indices (i, j, k) of the 1 mm frame.
+  * volumes live in a frame (section 5: lung250m4b's 256x208x256 at 1 mm, or one derived from the
+    data), or in that frame average-pooled by an integer `factor` (2 = half, 4 = quarter
+    resolution). A pooled voxel v covers frame voxels f*v .. f*v+f-1, so its centre sits at
+    f*v + (f-1)/2 in frame coordinates. The frame travels in every checkpoint, token file, manifest.
+  * landmark coordinates inside the code are voxel indices (i, j, k) of the frame; TRE is in mm.
   * displacement fields (ddf) are (B, 3, H, W, D) in voxel units of their own grid, channel c along
     spatial axis c: the map is x -> x + ddf(x) (fixed -> moving), MONAI's `Warp` convention.
 """
@@ -337,32 +338,74 @@ def main_print(*args, **kwargs):
 
 
 # ------------------------------ 5. frame
-FRAME = (256, 208, 256)  # Lung250M-4B's common frame, voxels of ~1 mm
+# A frame is the grid every pair is placed on (centred, zero-padded / cropped, then shifted by
+# `shift` voxels): {"name", "shape" (voxels), "spacing" (mm per voxel), "shift"}. Every checkpoint,
+# token file and manifest stores the frame it was made in; later stages read it from there.
+# lung250m4b is the reference implementation's rule (Lung250M-4B's data README: pad to 352x256x352,
+# crop 48/32/48 voxels before and 48/16/48 after), nominal 1 mm voxels.
+LUNG250M4B = {"name": "lung250m4b", "shape": [256, 208, 256], "spacing": [1.0, 1.0, 1.0], "shift": [0, -8, 0]}
+FRAME_NAMES = ("derived", "lung250m4b")
+FRAME_MULTIPLE = 16  # derived frames: sides rounded up to this (the paper VQ-AE's stride: whole token grids)
+FRAME_MIN = 64  # and at least this: the registration nets smooth their velocity with a 7-voxel kernel at frame/8
+SPACING_TOL = 0.02  # relative: voxel sizes that differ by less are the same spacing
 
 
-def frame_pads(shape):
-    """Pad widths (negative = crop) that put a volume of `shape` into the 256x208x256 frame,
-    exactly as the Lung250M-4B data README gives them. Returns (h1, h2, w1, w2, d1, d2)."""
-    H, W, D = shape
-    h1, w1, d1 = (352 - H) // 2 - 48, (256 - W) // 2 - 32, (352 - D) // 2 - 48
-    h2, w2, d2 = 352 - H - h1 - 96, 256 - W - w1 - 48, 352 - D - d1 - 96
-    return h1, h2, w1, w2, d1, d2
+def derived_frame(shapes, spacings, source):
+    """The frame of a data set: every scan's extent (largest per axis) rounded up to FRAME_MULTIPLE,
+    centred, at the scans' common voxel spacing (they must share one: the nets work on voxels)."""
+    sp = np.asarray(spacings, dtype=np.float64)
+    ref = np.median(sp, axis=0)
+    bad = np.abs(sp / ref - 1).max(axis=1) > SPACING_TOL
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"{source}: voxel spacing {fmt_mm(sp[i])} of one scan differs from the others' {fmt_mm(ref)}; "
+                        "resample the data to one spacing first")
+    shape = [max(FRAME_MIN, int(-(-m // FRAME_MULTIPLE) * FRAME_MULTIPLE)) for m in np.max(np.asarray(shapes), axis=0)]
+    return {"name": "derived", "shape": shape, "spacing": [round(float(v), 5) for v in ref], "shift": [0, 0, 0]}
 
 
-def to_frame(vol):
-    """(H, W, D) tensor of any size -> (256, 208, 256), zero-padded / cropped."""
-    h1, h2, w1, w2, d1, d2 = frame_pads(vol.shape)
+def fmt_mm(spacing):
+    return "x".join(f"{float(v):.2f}" for v in spacing) + " mm"
+
+
+def fmt_shape(shape):
+    return "x".join(str(int(v)) for v in shape)
+
+
+def check_frame(frame, source):
+    """A frame read from a file (checkpoint, token file, manifest, dataset JSON) -> the frame."""
+    ok = isinstance(frame, dict) and frame.get("name") in FRAME_NAMES and all(
+        isinstance(frame.get(k), (list, tuple)) and len(frame[k]) == 3 for k in ("shape", "spacing", "shift"))
+    if not ok or min(frame["shape"]) < 1 or min(frame["spacing"]) <= 0:
+        raise DataError(f"{source}: does not record a valid frame (name, shape, spacing, shift)")
+    return {"name": frame["name"], "shape": [int(v) for v in frame["shape"]],
+            "spacing": [float(v) for v in frame["spacing"]], "shift": [int(v) for v in frame["shift"]]}
+
+
+def frame_pads(shape, frame):
+    """Pad widths (negative = crop) that put a volume of `shape` into `frame`: (h1, h2, w1, w2, d1, d2).
+    For lung250m4b exactly the Lung250M-4B data README's rule."""
+    pads = []
+    for s, n, t in zip(shape, frame["shape"], frame["shift"]):
+        before = (n - s) // 2 + t
+        pads += [before, n - s - before]
+    return tuple(pads)
+
+
+def to_frame(vol, frame):
+    """(H, W, D) tensor of any size -> frame["shape"], zero-padded / cropped."""
+    h1, h2, w1, w2, d1, d2 = frame_pads(vol.shape, frame)
     return F.pad(vol, (d1, d2, w1, w2, h1, h2))
 
 
-def grid_shape(factor):
-    return tuple(s // factor for s in FRAME)
+def grid_shape(factor, frame):
+    return tuple(s // factor for s in frame["shape"])
 
 
-def frame_factor(shape):
+def frame_factor(shape, frame):
     """The factor f if `shape` is the frame pooled by f (an already framed volume), else None."""
     for f in (1, 2, 4, 8):
-        if tuple(shape) == grid_shape(f):
+        if tuple(shape) == grid_shape(f, frame):
             return f
     return None
 
@@ -376,11 +419,12 @@ def pool(x, factor):
     return y.reshape(*lead, *y.shape[-3:])
 
 
-def frame_affine(factor):
-    """Voxel -> world affine of a volume on the frame grid pooled by `factor`: world = 1 mm frame
-    coordinates (voxel centres of the pooled grid at f*v + (f-1)/2). Opens in Slicer/ITK-SNAP."""
-    a = np.diag([float(factor)] * 3 + [1.0])
-    a[:3, 3] = (factor - 1) / 2
+def frame_affine(factor, frame):
+    """Voxel -> world affine of a volume on the frame grid pooled by `factor`: world = frame
+    coordinates in mm (pooled voxel v's centre at frame voxel f*v + (f-1)/2). Opens in Slicer/ITK-SNAP."""
+    sp = np.asarray(frame["spacing"], dtype=np.float64)
+    a = np.diag(list(sp * factor) + [1.0])
+    a[:3, 3] = sp * (factor - 1) / 2
     return a
 
 
@@ -398,9 +442,166 @@ def crop_to(x, size):
     return x[..., : size[0], : size[1], : size[2]]
 
 
-# ------------------------------ 6. data: volumes, pairs, landmarks, augmentation
-def load_volume(path):
-    """Read one NIfTI as float32 numpy, checking the problems that silently ruin a run."""
+# ------------------------------ 6. data: data sets, volumes, pairs, keypoints, augmentation
+# DATA is (a) a folder of ID_1.nii.gz (fixed) / ID_2.nii.gz (moving) pairs, landmarks as frame CSVs
+# in --landmarks (default DATA/landmarks/ID.csv), or (b) a Learn2Reg dataset JSON (or a folder holding
+# exactly one *_dataset.json): pairs from training_paired_images (training) and registration_val
+# (evaluation), keypoints from training[].keypoints (or keypointsTr/<image>.csv), CSVs of voxel
+# coordinates (i, j, k) of each image, one row per point, fixed and moving rows matching.
+class Pair(tuple):
+    """(id, fixed, moving, fixed_kp, moving_kp): file paths; keypoint paths None when not given."""
+    __slots__ = ()
+    id, fixed, moving, fixed_kp, moving_kp = (property(lambda self, i=i: self[i]) for i in range(5))
+
+    def __new__(cls, id, fixed, moving, fixed_kp=None, moving_kp=None):
+        return super().__new__(cls, (id, fixed, moving, fixed_kp, moving_kp))
+
+
+def dataset_json(data):
+    """The Learn2Reg dataset JSON that `data` names (the file, or a folder's only *_dataset.json), or None."""
+    if data.endswith(".json"):
+        if not os.path.isfile(data):
+            raise DataError(f"{data}: dataset JSON not found")
+        return data
+    found = sorted(glob.glob(os.path.join(glob.escape(data), "*_dataset.json"))) if os.path.isdir(data) else []
+    if len(found) > 1:
+        raise DataError(f"{data}: holds {len(found)} *_dataset.json files; name one")
+    return found[0] if found else None
+
+
+def image_stem(path):
+    """imagesTr/NAME_0001_0000.nii.gz -> NAME_0001_0000."""
+    return re.sub(r"\.nii(\.gz)?$", "", os.path.basename(path))
+
+
+def pair_id(fixed, moving):
+    """A pair's id from its file names, whatever the prefix: NAME_0001_0000 + NAME_0001_0001 -> NAME_0001
+    (Learn2Reg), case_032_1 + case_032_2 -> case_032 (this project's)."""
+    f, m = (re.sub(r"_(\d{4}|[12])$", "", image_stem(p)) for p in (fixed, moving))
+    return f if f == m else f"{f}-{m}"
+
+
+def read_dataset(path):
+    """A Learn2Reg dataset JSON -> {"train": [Pair], "val": [Pair], "frame": a frame it records or None}."""
+    d = read_json(path)
+    root = os.path.dirname(os.path.abspath(path))
+    kps = {}
+    for e in d.get("training", []) if isinstance(d.get("training"), list) else []:
+        if isinstance(e, dict) and isinstance(e.get("image"), str) and isinstance(e.get("keypoints"), str):
+            kps[os.path.normpath(os.path.join(root, e["image"]))] = os.path.normpath(os.path.join(root, e["keypoints"]))
+
+    def keypoints(img):
+        default = os.path.join(root, "keypointsTr", image_stem(img) + ".csv")
+        return kps.get(img, default if os.path.exists(default) else None)
+
+    out = {}
+    for split, key in (("train", "training_paired_images"), ("val", "registration_val")):
+        pairs = []
+        for e in d.get(key) or []:
+            if not isinstance(e, dict) or not isinstance(e.get("fixed"), str) or not isinstance(e.get("moving"), str):
+                raise DataError(f"{path}: {key} entries must be {{\"fixed\": path, \"moving\": path}}")
+            fixed, moving = (os.path.normpath(os.path.join(root, e[k])) for k in ("fixed", "moving"))
+            for p in (fixed, moving):
+                if not os.path.exists(p):
+                    raise DataError(f"{path}: lists {os.path.relpath(p, root)}, which does not exist")
+            pairs.append(Pair(pair_id(fixed, moving), fixed, moving, keypoints(fixed), keypoints(moving)))
+        out[split] = pairs
+    if not out["train"] and not out["val"]:
+        raise DataError(f"{path}: lists no pairs (training_paired_images and registration_val are empty)")
+    out["frame"] = check_frame(d["frame"], path) if "frame" in d else None
+    return out
+
+
+def find_pairs(data, split="train"):
+    """The pairs of DATA (see above) as [Pair]; with a dataset JSON, split "train" or "val" picks
+    training_paired_images or registration_val. Fixed and moving of each pair must share a grid."""
+    js = dataset_json(data)
+    if js:
+        pairs = sorted(read_dataset(js)[split])  # by id, as a folder's: the order training draws from
+        if not pairs:
+            raise DataError(f"{js}: lists no {'training_paired_images' if split == 'train' else 'registration_val'} pairs")
+    elif not os.path.isdir(data):
+        raise DataError(f"{data}: data folder does not exist")
+    else:
+        files = sorted(glob.glob(os.path.join(glob.escape(data), "*_[12].nii.gz")))
+        if not files:
+            raise DataError(f"{data}: no ID_1.nii.gz / ID_2.nii.gz pairs and no *_dataset.json found")
+        ids = sorted({re.sub(r"_[12]\.nii\.gz$", "", os.path.basename(f)) for f in files})
+        pairs = [Pair(c, *(os.path.join(data, f"{c}_{k}.nii.gz") for k in (1, 2))) for c in ids]
+        for p in pairs:
+            for f in (p.fixed, p.moving):
+                if not os.path.exists(f):
+                    raise DataError(f"{f}: missing (its pair partner exists)")
+    ids = [p.id for p in pairs]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{data}: pair id {next(i for i in ids if ids.count(i) > 1)} appears twice")
+    for p in pairs:
+        a, b = header_geometry(p.fixed), header_geometry(p.moving)
+        if a and b and (a[0] != b[0] or not np.allclose(a[1], b[1], rtol=SPACING_TOL)):
+            raise DataError(f"{p.moving}: grid {fmt_shape(b[0])} at {fmt_mm(b[1])} differs from its fixed image's "
+                            f"{fmt_shape(a[0])} at {fmt_mm(a[1])}; fixed and moving must share a grid")
+    return pairs
+
+
+def pair_ids(data, split="train"):
+    return [p.id for p in find_pairs(data, split)]
+
+
+def val_split(data):
+    """The pairs of DATA given as validation data: a dataset JSON's registration_val, a folder's all."""
+    return "val" if dataset_json(data) else "train"
+
+
+def data_frame(data, name=None):
+    """The frame to place DATA's pairs in: the one its dataset JSON records (pairs written by this
+    project), else `name`: lung250m4b, or derived from the training pairs' headers (default: derived
+    for a dataset JSON, lung250m4b for a folder of ID_1 / ID_2 pairs, the reference's layout)."""
+    js = dataset_json(data)
+    recorded = read_dataset(js)["frame"] if js else None
+    if recorded:
+        return recorded
+    if (name or ("derived" if js else "lung250m4b")) == "lung250m4b":
+        return dict(LUNG250M4B)
+    pairs = find_pairs(data)
+    geo = [header_geometry(p.fixed) for p in pairs]
+    if None in geo:
+        load_volume(pairs[[g is None for g in geo].index(True)].fixed)  # says what is wrong with it
+    return derived_frame([g[0] for g in geo], [g[1] for g in geo], data)
+
+
+def data_options(ap):
+    """--frame and --labels, for the scripts that read pairs."""
+    ap.add_argument("--frame", choices=FRAME_NAMES, help="the grid pairs are placed on: derived from the "
+                    "training pairs (default for a dataset JSON) or lung250m4b (the reference's; default for a folder)")
+    ap.add_argument("--labels", type=label_list, help="label values that form the mask, e.g. 1,3 (default: all > 0)")
+
+
+def label_list(text):
+    try:
+        labels = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected label values like 1,3, got {text!r}")
+    if not labels or min(labels) < 1:
+        raise argparse.ArgumentTypeError(f"label values must be >= 1, got {text!r}")
+    return labels
+
+
+def header_geometry(path):
+    """(3D shape, voxel spacing) from a NIfTI header (None when unreadable: load_volume reports that)."""
+    try:
+        img = nib.load(path)
+        ok = len(img.shape) >= 3
+        return (tuple(int(v) for v in img.shape[:3]), tuple(float(v) for v in img.header.get_zooms()[:3])) if ok else None
+    except Exception:
+        return None
+
+
+_SEVERAL_LABELS = set()  # files already reported as label maps
+
+
+def load_volume(path, labels=None):
+    """Read one NIfTI as float32 numpy, checking the problems that silently ruin a run. labels: keep
+    only these label values as the mask (1, else 0); a label map read without it is reported once."""
     try:
         img = nib.load(path)
         a = np.asarray(img.dataobj, dtype=np.float32)
@@ -411,14 +612,25 @@ def load_volume(path):
         raise DataError(f"{path}: expected a 3D volume, got shape {a.shape}")
     if not np.isfinite(a).all():
         raise DataError(f"{path}: contains NaN or inf voxels")
+    if labels:
+        a = np.isin(a, labels).astype(np.float32)
+        if not a.any():
+            raise DataError(f"{path}: holds none of the labels {', '.join(map(str, labels))}")
+    elif a.max() > 1 and not _SEVERAL_LABELS:
+        values = np.unique(a[a > 0])
+        if len(values) > 1 and np.allclose(values, np.round(values)):
+            _SEVERAL_LABELS.add(path)
+            print(f"note: {path} is a label map with {len(values)} labels; the mask is all labels > 0 "
+                  "(--labels picks some)", file=sys.stderr)
     if not (a > 0).any():
-        raise DataError(f"{path}: the vessel mask is all zero")
+        raise DataError(f"{path}: the mask is all zero")
     return a
 
 
 # The reference implementation cuts one oversize training scan (Lung250M-4B case_035, 451 slices)
 # to its first 280 slices before framing: the frame alone would keep ~71 % of its vessels, the cut
-# ~93 %. Written as a rule on the depth (no scan in Lung250M-4B lies between 354 and 450 slices).
+# ~93 %. Written as a rule on the depth (no scan in Lung250M-4B lies between 354 and 450 slices);
+# part of the lung250m4b frame only.
 DEEP_SCAN, DEPTH_CUT = 400, 280
 
 
@@ -426,95 +638,68 @@ FRAME_LOSS_WARN = 0.1  # framing always crops a few % of some scans' vessels; wa
 SCAN_AXES = ("LR", "PA", "SI")  # Lung250M-4B: voxel axes along x, y, z (LPS or RAS), ~1 mm voxels
 
 
-def check_orientation(path):
-    """Warn when an original scan's voxel axes are permuted against the data's convention or its
-    voxels are not ~1 mm: landmarks are voxel indices, so the volume is used as stored and never
-    reoriented (the direction of each axis varies in the data set and does not matter)."""
+def check_geometry(path, frame):
+    """An original scan must have the frame's voxel spacing (it is used as stored: keypoints are
+    voxel indices). In the lung250m4b frame, axes permuted against Lung250M-4B's are reported."""
     img = nib.load(path)
-    axes = nib.aff2axcodes(img.affine)
     zooms = img.header.get_zooms()[:3]
-    permuted = any(a not in allowed for a, allowed in zip(axes, SCAN_AXES))
-    if permuted or any(abs(z - 1) > 0.1 for z in zooms):
-        warnings.warn(f"{path}: orientation {''.join(axes)}, voxels {'x'.join(f'{z:.2f}' for z in zooms)} mm; "
-                      "expected axes along x, y, z at ~1 mm - used as stored (landmarks are voxel indices)")
+    tol = 0.1 if frame["name"] == "lung250m4b" else SPACING_TOL  # Lung250M-4B's nominal 1 mm
+    if not np.allclose(zooms, frame["spacing"], rtol=tol):
+        hint = "; use --frame derived for data at another spacing" if frame["name"] == "lung250m4b" else ""
+        raise DataError(f"{path}: voxels {fmt_mm(zooms)}, but the {frame['name']} frame has {fmt_mm(frame['spacing'])}{hint}")
+    axes = nib.aff2axcodes(img.affine)
+    if frame["name"] == "lung250m4b" and any(a not in allowed for a, allowed in zip(axes, SCAN_AXES)):
+        warnings.warn(f"{path}: orientation {''.join(axes)}; expected axes along x, y, z - used as stored "
+                      "(landmarks are voxel indices)")
 
 
-def framed_volume(path, factor, cut_deep=False):
-    """A vessel volume at frame/`factor` resolution, values in [0, 1] (float32 tensor).
-    Original-size scans are binarised (> 0) and framed first; volumes that already have the
-    pooled-frame shape (synthetic pairs, phantoms) are taken as soft maps in [0, 1].
-    cut_deep: a scan deeper than DEEP_SCAN slices is cut to its first DEPTH_CUT first (training
-    data only: landmarks are given in the uncut frame)."""
-    a = load_volume(path)
+def framed_volume(path, factor, frame, cut_deep=False, labels=None):
+    """A volume at frame/`factor` resolution, values in [0, 1] (float32 tensor).
+    Original-size scans are binarised (> 0, or the chosen labels) and framed first; volumes that
+    already have a pooled-frame shape (synthetic pairs, phantoms) are taken as soft maps in [0, 1].
+    cut_deep: in the lung250m4b frame, a scan deeper than DEEP_SCAN slices is cut to its first
+    DEPTH_CUT first (training data only: landmarks are given in the uncut frame)."""
+    a = load_volume(path, labels)
     if a.min() < 0:
         raise DataError(f"{path}: negative voxel values (expected a mask or probabilities)")
-    f0 = frame_factor(a.shape)
+    f0 = frame_factor(a.shape, frame)
     if f0 is None:  # an original scan: binarise, frame, then pool
-        check_orientation(path)
+        check_geometry(path, frame)
         vessels = int((a > 0).sum())
-        if cut_deep and a.shape[2] > DEEP_SCAN:
+        if cut_deep and frame["name"] == "lung250m4b" and a.shape[2] > DEEP_SCAN:
             a = a[:, :, :DEPTH_CUT]
-        v, f0 = to_frame(torch.from_numpy((a > 0).astype(np.float32))), 1
+        v, f0 = to_frame(torch.from_numpy((a > 0).astype(np.float32)), frame), 1
         kept = float(v.sum()) / vessels
         if kept < 1 - FRAME_LOSS_WARN:
-            warnings.warn(f"{path}: {tuple(a.shape)} exceeds the 256x208x256 frame, which keeps "
-                          f"{100 * kept:.0f} % of its vessel voxels")
+            warnings.warn(f"{path}: {fmt_shape(a.shape)} exceeds the {fmt_shape(frame['shape'])} frame, which keeps "
+                          f"{100 * kept:.0f} % of its mask voxels (crops {100 - 100 * kept:.0f} %)")
     else:  # already framed: probabilities stay soft, label maps are binarised
         v = torch.from_numpy(a if a.max() <= 1 else (a > 0).astype(np.float32))
     if factor % f0:
-        raise DataError(f"{path}: volume is at {f0} mm but {factor} mm is needed")
+        raise DataError(f"{path}: volume is at frame/{f0} but frame/{factor} is needed")
     if not (v > 0).any():
-        raise DataError(f"{path}: the vessel mask is empty inside the 256x208x256 frame")
+        raise DataError(f"{path}: the mask is empty inside the {fmt_shape(frame['shape'])} frame")
     return pool(v, factor // f0)
 
 
-def find_pairs(folder):
-    """Case ids ('case_032', ...) of a folder of case_XXX_1 / case_XXX_2 .nii.gz pairs."""
-    if not os.path.isdir(folder):
-        raise DataError(f"{folder}: data folder does not exist")
-    files = sorted(glob.glob(os.path.join(folder, "*_[12].nii.gz")))
-    if not files:
-        raise DataError(f"{folder}: no case_XXX_1.nii.gz / case_XXX_2.nii.gz pairs found")
-    ids = sorted({re.sub(r"_[12]\.nii\.gz$", "", os.path.basename(f)) for f in files})
-    for c in ids:
-        paths = [os.path.join(folder, f"{c}_{k}.nii.gz") for k in (1, 2)]
-        for p in paths:
-            if not os.path.exists(p):
-                raise DataError(f"{p}: missing (its pair partner exists)")
-        shapes = [header_shape(p) for p in paths]
-        if None not in shapes and shapes[0] != shapes[1]:
-            warnings.warn(f"{paths[1]}: shape {shapes[1]} differs from its fixed volume's {shapes[0]}; each is "
-                          "framed on its own (centre-cropped / padded), so voxel indices and landmarks may not match")
-    return ids
-
-
-def header_shape(path):
-    """The 3D shape in a NIfTI header (None when unreadable: load_volume reports that)."""
-    try:
-        return tuple(nib.load(path).shape[:3])
-    except Exception:
-        return None
-
-
-def load_pairs(folder, factor, ids=None, progress=True):
-    """All pairs of a folder as one (N, 2, H, W, D) tensor at frame/`factor`; channel 0 fixed.
-    For training and generation: oversize scans are cut as the reference does (framed_volume)."""
-    ids = ids or find_pairs(folder)
+def load_pairs(data, factor, frame, pairs=None, progress=True, labels=None):
+    """All pairs of DATA's training split (or the given [Pair]) as one (N, 2, H, W, D) tensor at
+    frame/`factor`; channel 0 fixed. Oversize scans are cut as the reference does (framed_volume)."""
+    pairs = pairs or find_pairs(data)
     vols = []
-    for c in tqdm(ids, desc=f"load {os.path.basename(folder.rstrip('/'))}", disable=not progress, leave=False):
-        vols.append(torch.stack([framed_volume(os.path.join(folder, f"{c}_{k}.nii.gz"), factor, cut_deep=True)
-                                 for k in (1, 2)]))
-    return ids, torch.stack(vols)
+    name = os.path.basename(data.rstrip("/"))
+    for p in tqdm(pairs, desc=f"load {name}", disable=not progress, leave=False):
+        vols.append(torch.stack([framed_volume(f, factor, frame, cut_deep=True, labels=labels) for f in (p.fixed, p.moving)]))
+    return [p.id for p in pairs], torch.stack(vols)
 
 
-def read_landmarks(path):
-    """Landmark CSV (fixed_i,fixed_j,fixed_k,moving_i,moving_j,moving_k; frame voxel indices; the
-    header line may be left out) -> (fixed, moving) float arrays of shape (N, 3)."""
+def read_points(path, n_cols):
+    """A CSV of N rows of n_cols finite numbers (a header line may be left out) -> (N, n_cols) array."""
     if not os.path.exists(path):
         raise DataError(f"{path}: landmark file missing")
     with open(path) as f:
         first = f.readline()
-    try:  # a header line is optional: skip the first line only when it is not 6 numbers
+    try:  # a header line is optional: skip the first line only when it is not numbers
         [float(v) for v in first.split(",")]
         header = 0
     except ValueError:
@@ -522,13 +707,54 @@ def read_landmarks(path):
     try:
         a = np.loadtxt(path, delimiter=",", skiprows=header, ndmin=2)
     except ValueError as e:
-        raise DataError(f"{path}: not a landmark CSV ({e})")
-    if a.shape[1] != 6 or len(a) == 0 or not np.isfinite(a).all():
-        raise DataError(f"{path}: expected N rows of 6 finite coordinates")
-    hi = np.array(FRAME * 2) - 1
-    if (a < 0).any() or (a > hi).any():
-        raise DataError(f"{path}: landmarks outside the 256x208x256 frame")
+        raise DataError(f"{path}: not a keypoint CSV ({e})")
+    if a.shape[1] != n_cols or len(a) == 0 or not np.isfinite(a).all():
+        raise DataError(f"{path}: expected N rows of {n_cols} finite coordinates")
+    return a
+
+
+def outside_frame(pts, frame):
+    """(N,) bool: points (N, 3) outside the frame."""
+    return ((pts < 0) | (pts > np.array(frame["shape"]) - 1)).any(axis=1)
+
+
+def check_in_frame(path, pts, frame):
+    out = int(outside_frame(pts, frame).sum())
+    if out:
+        raise DataError(f"{path}: {out} of {len(pts)} points lie outside the {fmt_shape(frame['shape'])} frame")
+
+
+def read_landmarks(path, frame):
+    """Landmark CSV (fixed_i,fixed_j,fixed_k,moving_i,moving_j,moving_k; frame voxel indices; the
+    header line may be left out) -> (fixed, moving) float arrays of shape (N, 3)."""
+    a = read_points(path, 6)
+    check_in_frame(path, a.reshape(-1, 3), frame)
     return a[:, :3], a[:, 3:]
+
+
+def pair_landmarks(pair, frame, landmarks=None):
+    """A pair's (fixed, moving) points (N, 3) in frame voxels: its Learn2Reg keypoints (voxels of
+    each image, moved by the image's frame offsets), else landmarks/ID.csv (frame voxels)."""
+    if pair.fixed_kp and pair.moving_kp:
+        pts = []
+        for img, kp in ((pair.fixed, pair.fixed_kp), (pair.moving, pair.moving_kp)):
+            shape = header_geometry(img)[0] if header_geometry(img) else load_volume(img).shape
+            a = read_points(kp, 3)
+            f0 = frame_factor(shape, frame)
+            a = a * f0 + (f0 - 1) / 2 if f0 else a + np.array(frame_pads(shape, frame)[::2])
+            pts.append(a)
+        if len(pts[0]) != len(pts[1]):
+            raise DataError(f"{pair.moving_kp}: {len(pts[1])} keypoints, but {pair.fixed_kp} has {len(pts[0])}")
+        out = outside_frame(pts[0], frame) | outside_frame(pts[1], frame)
+        if out.all():
+            raise DataError(f"{pair.fixed_kp}: every keypoint lies outside the {fmt_shape(frame['shape'])} frame")
+        if out.any():  # a cropped scan: its keypoints there have no image to register
+            warnings.warn(f"{pair.fixed_kp}: {int(out.sum())} of {len(out)} keypoints lie outside the "
+                          f"{fmt_shape(frame['shape'])} frame and are left out")
+        return pts[0][~out], pts[1][~out]
+    if landmarks is None:
+        raise DataError(f"{pair.fixed}: no keypoints listed for pair {pair.id} and no --landmarks folder")
+    return read_landmarks(os.path.join(landmarks, f"{pair.id}.csv"), frame)
 
 
 def write_landmarks(path, fixed, moving):
@@ -563,17 +789,17 @@ def augment(x, std=AUG_STD, generator=None, share=(0, 1)):
 # tensors of its 1 mm VQ-AE with 1024 codes, one per Lung250M-4B training case in sorted order:
 # cases 000-103 without the data set's test cases below (entry 30 = case_032, 33 = case_035, which
 # the reference cut to 280 slices before encoding, as load_pairs does).
-REFERENCE_TOKENS = dict(grid_shape=(16, 13, 16), num_codes=1024, factor=1)
+REFERENCE_TOKENS = dict(grid_shape=(16, 13, 16), num_codes=1024, factor=1, frame=LUNG250M4B)
 LUNG250M_TEST_CASES = (2, 8, 54, 55, 56, 94, 97)
 REFERENCE_CASES = [f"case_{i:03d}" for i in range(104) if i not in LUNG250M_TEST_CASES]
 
 
 def write_tokens(path, tokens, case_ids, num_codes, config, **extra):
     """The token file of infer_vqae.py: tokens (N, h, w, d) -> {case_ids, tokens (N, h*w*d) int16
-    (row-major over grid_shape), grid_shape, num_codes, factor, config (the VQ-AE's), **extra}."""
+    (row-major over grid_shape), grid_shape, num_codes, factor, frame, config (the VQ-AE's), **extra}."""
     d = {"case_ids": list(case_ids), "tokens": tokens.flatten(1).to(torch.int16),
          "grid_shape": tuple(tokens.shape[1:]), "num_codes": num_codes, "factor": config["factor"],
-         "config": config, **extra}
+         "frame": config["frame"], "config": config, **extra}
     with atomic_path(path) as tmp:
         torch.save(d, tmp)
     return d
@@ -581,7 +807,8 @@ def write_tokens(path, tokens, case_ids, num_codes, config, **extra):
 
 def read_tokens(path):
     """A token file (write_tokens' or the reference's list) -> dict(tokens (N, L) long, grid_shape,
-    num_codes, factor, case_ids, config: the VQ-AE's, None for the reference's list)."""
+    num_codes, factor, frame (lung250m4b for the reference's list), case_ids, config: the VQ-AE's,
+    None for the reference's list)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: token file not found")
     try:
@@ -610,7 +837,8 @@ def read_tokens(path):
     codes = int(d["num_codes"])
     if tokens.min() < 0 or tokens.max() >= codes:
         raise DataError(f"{path}: token ids outside [0, {codes})")
-    return {"tokens": tokens, "grid_shape": grid, "num_codes": codes, "factor": int(factor),
+    frame = check_frame(d.get("frame") or (d.get("config") or {}).get("frame"), path)
+    return {"tokens": tokens, "grid_shape": grid, "num_codes": codes, "factor": int(factor), "frame": frame,
             "case_ids": list(d.get("case_ids", [])), "config": d.get("config")}
 
 
@@ -670,13 +898,13 @@ def scale_channels(x, factors):
 TRE_DIRECTIONS = ("reference", "fixed")
 
 
-def displace_points(ddf, pts, reference_sampling=False):
+def displace_points(ddf, pts, frame_shape, reference_sampling=False):
     """Map frame points (N, 3) through a ddf on any pooled grid of the frame: returns pts + u(pts)
-    in 1 mm frame voxels. ddf: (1, 3, h, w, d). reference_sampling: sample u at the normalised
-    coordinate p / (N/2) - 1, as the reference implementation does (half a 1 mm voxel below the
+    in frame voxels. ddf: (1, 3, h, w, d). reference_sampling: sample u at the normalised
+    coordinate p / (N/2) - 1, as the reference implementation does (half a frame voxel below the
     voxel centre (2p + 1) / N - 1 used otherwise)."""
     size = torch.tensor(ddf.shape[-3:], dtype=torch.float64)
-    frame = torch.tensor(FRAME, dtype=torch.float64)
+    frame = torch.tensor(frame_shape, dtype=torch.float64)
     p = torch.as_tensor(pts, dtype=torch.float64)
     norm = (2 * p + (0 if reference_sampling else 1)) / frame - 1  # align_corners=False
     grid = norm.flip(-1).view(1, -1, 1, 1, 3).to(ddf)
@@ -685,19 +913,35 @@ def displace_points(ddf, pts, reference_sampling=False):
     return (p + u).numpy()
 
 
-def tre(fields, fixed_pts, moving_pts, direction="reference"):
-    """Per-landmark TRE (mm). fields = (ddf, ddf_inv) of a registration (ddf: fixed -> moving), or
-    None for the initial TRE |fixed - moving|. direction "reference": the moving landmarks mapped
-    by the moving -> fixed field ddf_inv with the reference's sampling, compared with the fixed
-    ones (the convention of paper_tre_val.csv); "fixed": fixed landmarks mapped by ddf, compared
-    with the moving ones (Lung250M-4B / Learn2Reg)."""
+def tre(fields, fixed_pts, moving_pts, frame, direction="reference"):
+    """Per-landmark TRE in mm (frame voxels times the frame's spacing). fields = (ddf, ddf_inv) of a
+    registration (ddf: fixed -> moving), or None for the initial TRE |fixed - moving|. direction
+    "reference": the moving landmarks mapped by the moving -> fixed field ddf_inv with the
+    reference's sampling, compared with the fixed ones (the convention of paper_tre_val.csv);
+    "fixed": fixed landmarks mapped by ddf, compared with the moving ones (Lung250M-4B / Learn2Reg)."""
+    sp = np.asarray(frame["spacing"], dtype=np.float64)
     if fields is None:
-        return np.linalg.norm(fixed_pts - moving_pts, axis=1)
+        return np.linalg.norm((fixed_pts - moving_pts) * sp, axis=1)
     if direction == "reference":
-        return np.linalg.norm(displace_points(fields[1], moving_pts, reference_sampling=True) - fixed_pts, axis=1)
+        mapped = displace_points(fields[1], moving_pts, frame["shape"], reference_sampling=True)
+        return np.linalg.norm((mapped - fixed_pts) * sp, axis=1)
     if direction == "fixed":
-        return np.linalg.norm(displace_points(fields[0], fixed_pts) - moving_pts, axis=1)
+        return np.linalg.norm((displace_points(fields[0], fixed_pts, frame["shape"]) - moving_pts) * sp, axis=1)
     raise ValueError(f"direction must be one of {TRE_DIRECTIONS}, got {direction!r}")
+
+
+def displacement_on_image(ddf, frame, shape):
+    """Learn2Reg displacement field of a registration on the fixed image's own grid: ddf (1, 3, h, w, d)
+    fixed -> moving on a pooled frame grid -> (H, W, D, 3) float32 in voxels of the image (shape),
+    fixed point x maps to x + disp(x) in the moving image. Outside the frame the border value."""
+    full = resize_ddf(ddf.float().cpu(), tuple(frame["shape"]))[0]  # (3, *frame), frame voxels
+    h1, h2, w1, w2, d1, d2 = frame_pads(shape, frame)
+    crop = [(max(b, 0), n - max(e, 0)) for b, e, n in zip((h1, w1, d1), (h2, w2, d2), frame["shape"])]
+    full = full[:, crop[0][0]:crop[0][1], crop[1][0]:crop[1][1], crop[2][0]:crop[2][1]]
+    grow = [max(-v, 0) for v in (d1, d2, w1, w2, h1, h2)]
+    if any(grow):
+        full = F.pad(full[None], grow, mode="replicate")[0]
+    return full.movedim(0, -1).numpy().astype(np.float32)
 
 
 def dice(a, b, thr=0.5):
@@ -717,11 +961,11 @@ def codebook_stats(ids, num_codes):
 REALISM_STATS = ["vf_fixed", "vf_moving", "dice_fm", "disp_mm", "dice_reg", "nn_dice"]
 
 
-def quick_registration(fixed, moving, factor, iters=40, spacing=4, reg=0.05, lr=0.2):
+def quick_registration(fixed, moving, factor, iters=40, spacing=4, reg=0.05, lr=0.2, voxel_mm=(1.0, 1.0, 1.0)):
     """(mean |u| in mm over the fixed vessels, Dice after) of a smooth ddf u with moving(x + u) ~ fixed.
     fixed, moving (H, W, D) in [0, 1] at frame/factor. Registered at half that resolution (8 mm at
     factor 4: smoother images reach further) with u on a grid `spacing` times coarser still (32 mm).
-    Cheap and identical for real and synthetic pairs."""
+    Cheap and identical for real and synthetic pairs. voxel_mm: the frame's spacing."""
     f, m = (pool(v.float(), 2)[None, None] for v in (fixed, moving))
     size = f.shape[2:]
     ctrl = torch.zeros(1, 3, *[max(2, s // spacing) for s in size], requires_grad=True)
@@ -734,7 +978,7 @@ def quick_registration(fixed, moving, factor, iters=40, spacing=4, reg=0.05, lr=
         opt.step()
     with torch.no_grad():
         u = resize_ddf(ctrl, fixed.shape)  # back to the input grid
-        mag = u[0].norm(dim=0) * factor
+        mag = scale_channels(u, [factor * v for v in voxel_mm])[0].norm(dim=0)
         inside = fixed > 0.5
         warped = warp(moving[None, None].float(), u)[0, 0]
         return float(mag[inside].mean() if inside.any() else mag.mean()), dice(fixed, warped)
@@ -750,12 +994,13 @@ def nn_dice(vols, ref, exclude=None):
     return d.max(1).values.numpy()
 
 
-def pair_stats(ids, x, factor=4, reference=None, progress=False):
-    """Realism statistics (REALISM_STATS) per pair: case ids and x (N, 2, H, W, D) at frame/factor.
+def pair_stats(ids, x, factor=4, reference=None, progress=False, voxel_mm=(1.0, 1.0, 1.0)):
+    """Realism statistics (REALISM_STATS) per pair: case ids and x (N, 2, H, W, D) at frame/factor
+    of a frame with spacing voxel_mm.
     reference: (ids, pairs (M, 2, ...)) of the training pairs, for the memorisation statistic."""
     s = {"case": list(ids), "vf_fixed": x[:, 0].mean((1, 2, 3)).numpy(), "vf_moving": x[:, 1].mean((1, 2, 3)).numpy(),
          "dice_fm": np.array([dice(p[0], p[1]) for p in x])}
-    reg = [quick_registration(p[0], p[1], factor) for p in tqdm(x, desc="quick registration", disable=not progress)]
+    reg = [quick_registration(p[0], p[1], factor, voxel_mm=voxel_mm) for p in tqdm(x, desc="quick registration", disable=not progress)]
     s["disp_mm"], s["dice_reg"] = np.array(reg).reshape(-1, 2).T
     if reference is not None:  # a case is never compared with itself (the reference folder's own stats)
         rids, ref = reference
@@ -887,12 +1132,43 @@ def write_csv(path, fields, rows):
         w.writerows(rows)
 
 
-def write_nifti(path, vol, factor):
-    """A (H, W, D) volume on the frame grid pooled by `factor`, with its frame affine."""
-    img = nib.Nifti1Image(np.asarray(vol, dtype=np.float32), frame_affine(factor))
+def write_nifti(path, vol, factor, frame, affine=None):
+    """A (H, W, D) volume on the frame grid pooled by `factor`, with its frame affine (or `affine`)."""
+    img = nib.Nifti1Image(np.asarray(vol, dtype=np.float32), frame_affine(factor, frame) if affine is None else affine)
     img.header.set_xyzt_units("mm")
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
+
+
+def learn2reg_paths(name, number):
+    """Learn2Reg names of pair `number` of data set `name`: images (fixed _0000, moving _0001) and keypoints."""
+    stem = f"{name}_{int(number):04d}"
+    return {"fixed": f"imagesTr/{stem}_0000.nii.gz", "moving": f"imagesTr/{stem}_0001.nii.gz",
+            "fixed_kp": f"keypointsTr/{stem}_0000.csv", "moving_kp": f"keypointsTr/{stem}_0001.csv"}
+
+
+def write_dataset_json(path, name, train, val=(), shape=None, frame=None, description=""):
+    """A Learn2Reg dataset JSON. train / val: [learn2reg_paths(...)] (paths relative to the JSON's
+    folder; keypoints listed when their file exists). frame: recorded for pairs written on a pooled
+    frame grid (this project's synthetic pairs), so later stages place them as they were made."""
+    root = os.path.dirname(os.path.abspath(path))
+    images = []
+    for p in [*train, *val]:
+        for k in ("fixed", "moving"):
+            e = {"image": "./" + p[k]}
+            if p.get(k + "_kp") and os.path.exists(os.path.join(root, p[k + "_kp"])):
+                e["keypoints"] = "./" + p[k + "_kp"]
+            images.append(e)
+    d = {"name": name, "description": description, "tensorImageSize": {"0": "3D"},
+         "tensorImageShape": {"0": list(shape) if shape else []}, "modality": {"0": "mask"},
+         "numTraining": len(images), "numTest": 0, "training": images, "test": [],
+         "numPairedTraining": len(train), "training_paired_images": [{"fixed": "./" + p["fixed"], "moving": "./" + p["moving"]} for p in train],
+         "registration_val": [{"fixed": "./" + p["fixed"], "moving": "./" + p["moving"]} for p in val],
+         "registration_test": [], "pairings": "paired", "provided_data": {"0": ["image", "keypoints"]},
+         "registration_direction": {"fixed": 0, "moving": 1}}
+    if frame:
+        d["frame"] = frame
+    write_json(path, d)
 
 
 def save_figure(fig, path):

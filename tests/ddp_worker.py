@@ -44,9 +44,9 @@ def main(data, out):
     result = {}
 
     utils.seed_all(0)
-    vqae = VQAE.build(train_vqae.config_of("demo"))
+    vqae = VQAE.build(train_vqae.config_of("demo", utils.LUNG250M4B))
     opt, sched = frozen(vqae.parameters())
-    pairs = train_vqae.load_data(data, 4).double()
+    pairs = train_vqae.load_data(data, 4, utils.LUNG250M4B).double()
     x = train_vqae.sample_batch(pairs, BATCH, None, torch.Generator().manual_seed(0), part)
     x = utils.augment(x, generator=torch.Generator().manual_seed(0), share=(rank, procs))
     train_vqae.vqae_step(vqae, opt, scaler, sched, x, True, 0.0, utils.parallel(vqae, device))
@@ -58,7 +58,7 @@ def main(data, out):
 
     utils.seed_all(0)
     x0 = torch.randint(32, (BATCH, 448), generator=torch.Generator().manual_seed(0)) * 4  # 32 of 128 codes
-    tokens = dict(grid_shape=(8, 7, 8), num_codes=128, factor=4, tokens=x0)
+    tokens = dict(grid_shape=(8, 7, 8), num_codes=128, factor=4, tokens=x0, frame=utils.LUNG250M4B)
     config = train_diffusion.config_of("demo", tokens)  # compact: the vocab's buffers go through DDP too
     config["model"]["dropout"] = 0.0  # dropout masks are drawn per process: alike in law, not in value
     model = TokenTransformer.build(config)
@@ -66,9 +66,9 @@ def main(data, out):
     train_diffusion.diffusion_step(model, opt, scaler, sched, x0[part], 1.0, utils.parallel(model, device))
     result["diffusion"] = grads(model)
 
-    reg_pairs = utils.load_pairs(data, train_registration.PRESETS["demo"]["factor"])[1]
+    reg_pairs = utils.load_pairs(data, train_registration.PRESETS["demo"]["factor"], utils.LUNG250M4B)[1]
     utils.seed_all(0)
-    net = RegistrationNet.build(train_registration.config_of("demo")).parallel(device)
+    net = RegistrationNet.build(train_registration.config_of("demo", utils.LUNG250M4B)).parallel(device)
     opts = [frozen(u.parameters())[0] for u in net.unets]
     xr = reg_pairs[:BATCH][part].double()
     train_registration.train_step(net, opts, scaler, xr[:, :1], xr[:, 1:], train_registration.REG, device)

@@ -35,16 +35,16 @@ def test_shared_reference_tokens_have_the_training_cases(shared_data):
     if not os.path.exists(path):
         pytest.skip("paper_tokens_97.pth not in ../shared")
     ids = utils.read_tokens(path)["case_ids"]
-    pairs = utils.find_pairs(os.path.join(shared_data, "dilated_vessels_10"))
+    pairs = utils.pair_ids(os.path.join(shared_data, "dilated_vessels_10"))
     assert ids[30:40] == pairs  # cases 032-041
-    val = set(utils.find_pairs(os.path.join(shared_data, "dilated_vessels_val")))
+    val = set(utils.pair_ids(os.path.join(shared_data, "dilated_vessels_val")))
     assert not val & set(ids)  # no validation case is among the reference's training grids
 
 
 def block_volume(grid, k):
     """Channel k (0 fixed, 1 moving) of a token grid's known pattern: each token's 8x8x8 block."""
     v = (((grid >> k) & 1) * (grid < 4)).float()
-    size = utils.grid_shape(8)
+    size = utils.grid_shape(8, utils.LUNG250M4B)
     return v.repeat_interleave(8, 0).repeat_interleave(8, 1).repeat_interleave(8, 2)[:size[0], :size[1], :size[2]]
 
 
@@ -60,9 +60,9 @@ def decoded(tmp_path_factory):
     cases = [f"case_{i:03d}" for i in range(N + 1)]
     for case, g in zip(cases[:N], grids):
         for k in (0, 1):
-            utils.write_nifti(str(data / f"{case}_{k + 1}.nii.gz"), block_volume(g, k), 8)
+            utils.write_nifti(str(data / f"{case}_{k + 1}.nii.gz"), block_volume(g, k), 8, utils.LUNG250M4B)
     tokens = str(root / "tokens.pth")
-    utils.write_tokens(tokens, grids, cases, CODES, {"factor": 8})
+    utils.write_tokens(tokens, grids, cases, CODES, {"factor": 8, "frame": utils.LUNG250M4B})
     out = root / "decoded"
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(decode_tokens.PRESETS, "demo", dict(decode_tokens.PRESETS["demo"], factor=8))
@@ -83,11 +83,11 @@ def test_decoder_learns_a_known_block_pattern(decoded):
     for f in manifest["folds"]:  # fixed and moving stay as different as the real pairs, their motion kept
         assert abs(f["dice_fm"] - f["real_dice_fm"]) < 0.1 and 0.7 < f["kept"] < 1.3, f
     assert manifest["tokens_sha256"] == utils.sha256(tokens) and manifest["complete"]
-    ids, pairs = utils.load_pairs(str(out), 8)
+    ids, pairs = utils.load_pairs(str(out), 8, utils.LUNG250M4B)
     assert ids == [f"case_{i:03d}" for i in range(N + 1)] and pairs.shape == (N + 1, 2, 32, 26, 32)
     assert utils.dice(pairs[N, 1], block_volume(grids[N], 1)) > 0.85  # the grid without volumes
     img = nib.load(str(out / f"case_{N:03d}_2.nii.gz"))
-    assert np.allclose(img.affine, utils.frame_affine(8)) and os.path.exists(out / "preview.png")
+    assert np.allclose(img.affine, utils.frame_affine(8, utils.LUNG250M4B)) and os.path.exists(out / "preview.png")
     model = TokenDecoder.from_checkpoint(str(out / "decoder.pth"), torch.device("cpu"))
     assert model.saved["precision"] == "fp32"  # every checkpoint records its arithmetic
     assert model(grids[:1]).shape == (1, 2, 32, 32, 32)  # 3 upsamplings of 4x4x4, cropped when written
@@ -122,9 +122,9 @@ def test_generator_on_a_token_file_synthesises_through_its_decoder(decoded, run,
     synthesise.main(["3", "--diffusion", ckpt, "--out", str(synth), "--batch", "2"])
     manifest = utils.read_json(str(synth / "manifest.json"))
     assert manifest["token_decoder"] == str(out / "decoder.pth") and "vqae" not in manifest and manifest["complete"]
-    ids, pairs = utils.load_pairs(str(synth), 8)
+    ids, pairs = utils.load_pairs(str(synth), 8, utils.LUNG250M4B)
     assert len(ids) == 3 and pairs.shape == (3, 2, 32, 26, 32) and 0 <= float(pairs.min()) and float(pairs.max()) <= 1
-    assert np.allclose(nib.load(str(synth / "case_0000_1.nii.gz")).affine, utils.frame_affine(8))
+    assert np.allclose(nib.load(str(synth / "case_0000_1.nii.gz")).affine, utils.frame_affine(8, utils.LUNG250M4B))
     p = run("synthesise.py", 2, "--diffusion", ckpt, "--out", tmp_path / "s2", "--no-calibrate")
     assert_one_line_error(p, "--calibrate")
     p = run("synthesise.py", 2, "--diffusion", ckpt, "--out", tmp_path / "s2", "--vqae", ckpt, "--decoder", ckpt)

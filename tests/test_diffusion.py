@@ -122,15 +122,15 @@ def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("diffusion")
     torch.manual_seed(0)
     vq = VQAE(**TINY_VQAE)
-    utils.save_checkpoint(str(d / "vqae.pth"), "vqae", {"preset": "demo", "factor": 4, "model": TINY_VQAE}, vq.state_dict())
-    utils.save_checkpoint(str(d / "vqae_b.pth"), "vqae", {"preset": "demo", "factor": 4, "model": TINY_VQAE},
+    utils.save_checkpoint(str(d / "vqae.pth"), "vqae", {"preset": "demo", "factor": 4, "frame": utils.LUNG250M4B, "model": TINY_VQAE}, vq.state_dict())
+    utils.save_checkpoint(str(d / "vqae_b.pth"), "vqae", {"preset": "demo", "factor": 4, "frame": utils.LUNG250M4B, "model": TINY_VQAE},
                           VQAE(**TINY_VQAE).state_dict())  # same shapes, other weights
     other = dict(TINY_VQAE, num_codes=32)
-    utils.save_checkpoint(str(d / "vqae32.pth"), "vqae", {"preset": "demo", "factor": 4, "model": other},
+    utils.save_checkpoint(str(d / "vqae32.pth"), "vqae", {"preset": "demo", "factor": 4, "frame": utils.LUNG250M4B, "model": other},
                           VQAE(**other).state_dict())
-    cfg = train_diffusion.config_of("demo", {"grid_shape": GRID, "num_codes": 16, "factor": 4})
+    cfg = train_diffusion.config_of("demo", {"grid_shape": GRID, "num_codes": 16, "factor": 4, "frame": utils.LUNG250M4B})
     utils.save_checkpoint(str(d / "diff.pth"), "diffusion", cfg, TokenTransformer.build(cfg).state_dict())
-    vq_config = {"preset": "demo", "factor": 4, "model": TINY_VQAE}
+    vq_config = {"preset": "demo", "factor": 4, "frame": utils.LUNG250M4B, "model": TINY_VQAE}
     utils.write_tokens(str(d / "tokens.pth"), torch.randint(0, 16, (6, *GRID)), [f"case_{i:03d}" for i in range(6)],
                        16, vq_config)
     torch.save([torch.randint(0, 1024, (3328,), dtype=torch.int16) for _ in range(3)], d / "paper_list.pth")
@@ -168,7 +168,7 @@ def test_train_then_synthesise(ckpts, run, tmp_path):
     # as a user runs it; the VQ-AE path stored in the checkpoint is the default
     p = run("synthesise.py", 2, "--diffusion", out, "--out", tmp_path / "s", "--steps", 4)
     assert p.returncode == 0, p.stderr
-    assert utils.find_pairs(str(tmp_path / "s")) == ["case_0000", "case_0001"]
+    assert utils.pair_ids(str(tmp_path / "s")) == ["case_0000", "case_0001"]
     with pytest.raises(utils.DataError, match="not the VQ-AE whose tokens trained"):  # same grid, other codebook
         synthesise.main(["1", "--diffusion", str(out), "--vqae", str(ckpts / "vqae_b.pth"), "--out", str(tmp_path / "t")])
 
@@ -178,11 +178,11 @@ def test_synthesise_files_seed_and_resume(ckpts, tmp_path, capsys):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for folder, seed in ((a, 1), (b, 1), (c, 2)):
         synthesise.main(args + ["--out", str(folder), "--seed", str(seed)])
-    assert utils.find_pairs(str(a)) == ["case_0000", "case_0001", "case_0002"]
+    assert utils.pair_ids(str(a)) == ["case_0000", "case_0001", "case_0002"]
     img = nib.load(str(a / "case_0001_2.nii.gz"))
     v = np.asarray(img.dataobj)
-    assert v.shape == (64, 52, 64) and np.allclose(img.affine, utils.frame_affine(4)) and 0 <= v.min() and v.max() <= 1
-    assert utils.framed_volume(str(a / "case_0001_2.nii.gz"), 4).shape == (64, 52, 64)  # a registration DATA_FOLDER
+    assert v.shape == (64, 52, 64) and np.allclose(img.affine, utils.frame_affine(4, utils.LUNG250M4B)) and 0 <= v.min() and v.max() <= 1
+    assert utils.framed_volume(str(a / "case_0001_2.nii.gz"), 4, utils.LUNG250M4B).shape == (64, 52, 64)  # a registration DATA_FOLDER
     m = json.load(open(a / "manifest.json"))
     assert m["seed"] == 1 and m["steps"] == 6 and m["complete"] and m["seconds_per_pair"] > 0
     assert os.path.exists(a / "preview.png")
@@ -263,7 +263,7 @@ def test_grouped_positions_for_the_reference_grid():
     cfg = train_diffusion.config_of("cpu", utils.REFERENCE_TOKENS)["model"]
     assert cfg["group"] == 2 and cfg["grid_shape"] == [16, 13, 16]
     assert "group" not in train_diffusion.config_of("paper", utils.REFERENCE_TOKENS)["model"]
-    assert "group" not in train_diffusion.config_of("cpu", dict(grid_shape=GRID, num_codes=512, factor=4))["model"]
+    assert "group" not in train_diffusion.config_of("cpu", dict(grid_shape=GRID, num_codes=512, factor=4, frame=utils.LUNG250M4B))["model"]
     torch.manual_seed(0)
     m = TokenTransformer(num_codes=8, seq_len=3328, dim=32, layers=1, heads=2, ff=64, dropout=0.0,
                          grid_shape=(16, 13, 16), group=2)
@@ -336,7 +336,7 @@ def test_vocab_benchmark_runs(tmp_path, capsys):
     from tools import benchmark_diffusion
 
     grids = torch.randint(4, (3, *GRID)) * 5
-    utils.write_tokens(str(tmp_path / "t.pth"), grids, ["a", "b", "c"], 128, {"factor": 4})
+    utils.write_tokens(str(tmp_path / "t.pth"), grids, ["a", "b", "c"], 128, {"factor": 4, "frame": utils.LUNG250M4B})
     benchmark_diffusion.main([str(tmp_path / "t.pth"), "--preset", "demo", "--steps", "1", "--batch", "2"])
     out = capsys.readouterr().out
     assert "128 codes, 4 used" in out and out.strip().splitlines()[-1].startswith("speedup: train ")
@@ -345,7 +345,7 @@ def test_vocab_benchmark_runs(tmp_path, capsys):
 def test_resume_refuses_grids_outside_the_checkpoints_vocab(ckpts, tmp_path):
     """The compact vocab is part of the config: resuming on grids that use other codes is refused."""
     small = str(tmp_path / "small.pth")  # grids of codes 0-3 only: a checkpoint predicting those four
-    utils.write_tokens(small, torch.randint(0, 4, (4, *GRID)), list("abcd"), 16, {"preset": "demo", "factor": 4})
+    utils.write_tokens(small, torch.randint(0, 4, (4, *GRID)), list("abcd"), 16, {"preset": "demo", "factor": 4, "frame": utils.LUNG250M4B})
     out = str(tmp_path / "e.pth")
     train_diffusion.main(["2", small, "--preset", "demo", "--out", out, "--iters", "2"])
     assert utils.load_checkpoint(out, "diffusion")["config"]["model"]["vocab"] == [0, 1, 2, 3]

@@ -95,7 +95,7 @@ def generator(phantoms, tmp_path_factory):
     matters here)."""
     d = tmp_path_factory.mktemp("gen")
     torch.manual_seed(0)
-    config = train_vqae.config_of("demo")
+    config = train_vqae.config_of("demo", utils.LUNG250M4B)
     utils.save_checkpoint(str(d / "v.pth"), "vqae", config, VQAE.build(config).state_dict())
     infer_vqae.infer(str(d / "v.pth"), phantoms, str(d / "t.pth"))
     config = train_diffusion.config_of("demo", utils.read_tokens(str(d / "t.pth")))

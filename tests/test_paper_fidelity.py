@@ -157,14 +157,14 @@ def small_models(tmp_path, ids=None):
     vq = VQAE(**small)
     biases = [p for n, p in vq.ae.decode.named_parameters() if n.endswith("bias") and p.shape == (4,)]
     biases[-1].data[1::2] += 1.0  # vessel logits up: raw and calibrated maps clearly differ
-    utils.save_checkpoint(str(tmp_path / "v.pth"), "vqae", {"preset": "demo", "factor": 4, "model": small},
+    utils.save_checkpoint(str(tmp_path / "v.pth"), "vqae", {"preset": "demo", "factor": 4, "frame": utils.LUNG250M4B, "model": small},
                           vq.state_dict())
-    grid = vq.token_grid(utils.grid_shape(4))
-    cfg = train_diffusion.config_of("demo", {"grid_shape": grid, "num_codes": 16, "factor": 4})
+    grid = vq.token_grid(utils.grid_shape(4, utils.LUNG250M4B))
+    cfg = train_diffusion.config_of("demo", {"grid_shape": grid, "num_codes": 16, "factor": 4, "frame": utils.LUNG250M4B})
     utils.save_checkpoint(str(tmp_path / "d.pth"), "diffusion", cfg, TokenTransformer.build(cfg).state_dict())
     ids = torch.randint(0, 16, (2, int(np.prod(grid)))) if ids is None else ids
     utils.write_tokens(str(tmp_path / "t.pth"), ids.view(len(ids), *grid), [f"c{i}" for i in range(len(ids))], 16,
-                       {"preset": "demo", "factor": 4})
+                       {"preset": "demo", "factor": 4, "frame": utils.LUNG250M4B})
     return vq, grid, ids
 
 
@@ -178,7 +178,7 @@ def test_written_synthetic_maps_are_the_raw_softmax(tmp_path, monkeypatch):
         out = tmp_path / f"s{k}"  # the last: this demo checkpoint's preset default (occupancies)
         synthesise.main(["2", "--diffusion", str(tmp_path / "d.pth"), "--vqae", str(tmp_path / "v.pth"),
                          "--batch", "2", "--out", str(out), *flag])
-        fp, mp = VQAE.pair_probs(logits, utils.grid_shape(4), calibrate=calibrate)
+        fp, mp = VQAE.pair_probs(logits, utils.grid_shape(4, utils.LUNG250M4B), calibrate=calibrate)
         for i in range(2):
             f = np.asarray(nib.load(str(out / f"case_{i:04d}_1.nii.gz")).dataobj)
             m = np.asarray(nib.load(str(out / f"case_{i:04d}_2.nii.gz")).dataobj)
@@ -200,16 +200,16 @@ def test_oversize_depth_is_cut_as_the_reference(tmp_path):
     a[100:150, 80:120, 50:60] = 1  # kept by the cut (first 280 slices), cropped by framing alone
     a[100:150, 80:120, 200:210] = 1  # kept by both
     nib.save(nib.Nifti1Image(a, np.eye(4)), str(tmp_path / "deep.nii.gz"))
-    cut = utils.framed_volume(str(tmp_path / "deep.nii.gz"), 1, cut_deep=True)
-    plain = utils.framed_volume(str(tmp_path / "deep.nii.gz"), 1)
+    cut = utils.framed_volume(str(tmp_path / "deep.nii.gz"), 1, utils.LUNG250M4B, cut_deep=True)
+    plain = utils.framed_volume(str(tmp_path / "deep.nii.gz"), 1, utils.LUNG250M4B)
     assert cut.sum() == a.sum() and plain.sum() == a.sum() / 2
 
 
 def test_case_035_keeps_its_vessels(shared_data):
     path = os.path.join(shared_data, "dilated_vessels_10", "case_035_1.nii.gz")
     total = float((utils.load_volume(path) > 0).sum())
-    kept = float(utils.framed_volume(path, 1, cut_deep=True).sum()) / total
-    plain = float(utils.framed_volume(path, 1).sum()) / total
+    kept = float(utils.framed_volume(path, 1, utils.LUNG250M4B, cut_deep=True).sum()) / total
+    plain = float(utils.framed_volume(path, 1, utils.LUNG250M4B).sum()) / total
     assert kept > 0.9 and plain < 0.8, (kept, plain)
 
 
@@ -240,7 +240,7 @@ def test_diffusion_paper_step_and_samplers_on_meta():
 def test_synthesis_decode_on_meta():
     vq = VQAE().to(META)
     ids = torch.zeros(1, 3328, dtype=torch.long, device=META)
-    fp, mp = VQAE.pair_probs(vq.decode_tokens(ids, (16, 13, 16)), utils.grid_shape(1))
+    fp, mp = VQAE.pair_probs(vq.decode_tokens(ids, (16, 13, 16)), utils.grid_shape(1, utils.LUNG250M4B))
     assert fp.shape == (1, 256, 208, 256)
 
 

@@ -16,21 +16,21 @@ from conftest import assert_one_line_error
 def sample(vol, pts):
     """Trilinear value of a pooled-frame volume (H, W, D) at 1 mm frame points (N, 3)."""
     v = torch.as_tensor(vol, dtype=torch.float32)[None, None]
-    norm = (2 * torch.as_tensor(pts, dtype=torch.float32) + 1) / torch.tensor(utils.FRAME, dtype=torch.float32) - 1
+    norm = (2 * torch.as_tensor(pts, dtype=torch.float32) + 1) / torch.tensor(tuple(utils.LUNG250M4B['shape']), dtype=torch.float32) - 1
     g = norm.flip(-1).view(1, -1, 1, 1, 3)  # grid_sample wants (x, y, z) = (D, W, H) order
     return F.grid_sample(v, g, mode="bilinear", align_corners=False).flatten().numpy()
 
 
 def test_files_shape_affine_and_loading(phantoms):
-    ids = utils.find_pairs(phantoms)
+    ids = utils.pair_ids(phantoms)
     assert ids == [f"case_{i:03d}" for i in range(4)]
     for c in ids:
         for k in (1, 2):
             img = nib.load(os.path.join(phantoms, f"{c}_{k}.nii.gz"))
             assert img.shape == (64, 52, 64)
-            assert np.allclose(img.affine, utils.frame_affine(4))
+            assert np.allclose(img.affine, utils.frame_affine(4, utils.LUNG250M4B))
         assert os.path.exists(os.path.join(phantoms, "landmarks", f"{c}.csv"))
-    _, vols = utils.load_pairs(phantoms, 4, progress=False)
+    _, vols = utils.load_pairs(phantoms, 4, utils.LUNG250M4B, progress=False)
     assert vols.shape == (4, 2, 64, 52, 64)
     assert vols.min() >= 0 and vols.max() <= 1
     frac = vols.mean(dim=(2, 3, 4))
@@ -39,10 +39,10 @@ def test_files_shape_affine_and_loading(phantoms):
 
 
 def test_landmarks_are_exact_and_on_vessels(phantoms):
-    _, vols = utils.load_pairs(phantoms, 4, progress=False)
+    _, vols = utils.load_pairs(phantoms, 4, utils.LUNG250M4B, progress=False)
     tre, right, wrong = [], [], []
-    for i, c in enumerate(utils.find_pairs(phantoms)):
-        fx, mv = utils.read_landmarks(os.path.join(phantoms, "landmarks", f"{c}.csv"))
+    for i, c in enumerate(utils.pair_ids(phantoms)):
+        fx, mv = utils.read_landmarks(os.path.join(phantoms, "landmarks", f"{c}.csv"), utils.LUNG250M4B)
         assert len(fx) >= 60
         # exact by construction: fixed = moving + w(moving), w the case's analytic displacement
         w = make_phantoms.displacement(mv, make_phantoms.case_motion(0, i))
@@ -56,7 +56,7 @@ def test_landmarks_are_exact_and_on_vessels(phantoms):
         assert (fx[:, 0] < 128).sum() > 10 and (fx[:, 0] > 128).sum() > 10  # spread over both lungs
         d = np.linalg.norm(mv[:, None] - mv[None], axis=-1) + 1e9 * np.eye(len(mv))
         assert d.min() > 1.0  # no duplicates
-        tre.append(utils.tre(None, fx, mv))
+        tre.append(utils.tre(None, fx, mv, utils.LUNG250M4B))
     assert np.concatenate(wrong).mean() < np.concatenate(right).mean() - 0.1  # the pairing matters
     t = np.concatenate(tre)
     assert 3 < t.mean() < 15 and t.max() < 20, evaluate_registration.summary(t)
@@ -76,7 +76,7 @@ def test_motion_scales_the_displacement_of_the_same_trees(tmp_path):
         make_phantoms.make_pairs(str(tmp_path / name), 1, seed=3, motion=motion)
     fixed = {n: nib.load(str(tmp_path / n / "case_000_1.nii.gz")).get_fdata() for n in ("m1", "m2")}
     assert np.array_equal(fixed["m1"], fixed["m2"])  # the same tree
-    fx, mv = utils.read_landmarks(str(tmp_path / "m2" / "landmarks" / "case_000.csv"))
+    fx, mv = utils.read_landmarks(str(tmp_path / "m2" / "landmarks" / "case_000.csv"), utils.LUNG250M4B)
     w = make_phantoms.displacement(mv, make_phantoms.case_motion(3, 0, 1.5))
     assert np.abs(mv + w - fx).max() < 1e-3  # still exact
     w1 = make_phantoms.displacement(mv, make_phantoms.case_motion(3, 0))
@@ -89,11 +89,11 @@ def test_half_resolution_pools_to_the_quarter_resolution_phantom(tmp_path):
     make_phantoms.make_pairs(str(tmp_path / "f2"), 1, seed=3, size=(128, 104, 128))
     make_phantoms.make_pairs(str(tmp_path / "f4"), 1, seed=3)
     p2 = str(tmp_path / "f2" / "case_000_1.nii.gz")
-    assert np.allclose(nib.load(p2).affine, utils.frame_affine(2))
-    assert utils.framed_volume(p2, 2).shape == (128, 104, 128)
+    assert np.allclose(nib.load(p2).affine, utils.frame_affine(2, utils.LUNG250M4B))
+    assert utils.framed_volume(p2, 2, utils.LUNG250M4B).shape == (128, 104, 128)
     for k in (1, 2):
-        a = utils.framed_volume(str(tmp_path / "f2" / f"case_000_{k}.nii.gz"), 4)  # pooled 2 -> 4 mm
-        b = utils.framed_volume(str(tmp_path / "f4" / f"case_000_{k}.nii.gz"), 4)
+        a = utils.framed_volume(str(tmp_path / "f2" / f"case_000_{k}.nii.gz"), 4, utils.LUNG250M4B)  # pooled 2 -> 4 mm
+        b = utils.framed_volume(str(tmp_path / "f4" / f"case_000_{k}.nii.gz"), 4, utils.LUNG250M4B)
         assert utils.dice(a, b) > 0.85, utils.dice(a, b)
         assert abs(float(a.mean()) / float(b.mean()) - 1) < 0.2
     l2 = (tmp_path / "f2" / "landmarks" / "case_000.csv").read_text()

@@ -111,9 +111,9 @@ def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys, monkeypatch):
 
     # a second generator on token grids (3 of the training pairs' cases and 2 more) into the same
     # folder: its stages and rows are added, the real rows are not recomputed
-    cases = utils.find_pairs(os.path.join(out, "phantoms_train")) + ["case_900", "case_901"]
+    cases = utils.pair_ids(os.path.join(out, "phantoms_train")) + ["case_900", "case_901"]
     grids = torch.randint(6, (len(cases), 4, 4, 4), generator=torch.Generator().manual_seed(0)) * 3
-    utils.write_tokens(str(tmp_path / "tok.pth"), grids, cases, 32, {"factor": 1})
+    utils.write_tokens(str(tmp_path / "tok.pth"), grids, cases, 32, {"factor": 1, "frame": utils.LUNG250M4B})
     monkeypatch.setitem(decode_tokens.PRESETS, "demo", dict(decode_tokens.PRESETS["demo"], iters=3))
     pipeline.main(argv + ["--generator-tokens", str(tmp_path / "tok.pth")])
     text = capsys.readouterr().out
@@ -122,9 +122,9 @@ def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys, monkeypatch):
     md = open(os.path.join(out, "results.md")).read()
     for row in ("| real-3 |", "| decoded-5 (token grids decoded) |", "| synth-4, generator on 3 pairs |",
                 "| synth-4, generator on 5 token grids |", "| real-3 + synth-4 (5-grid generator) |",
-                "- synth-4, generator on 5 token grids: net", "Realism (4 mm; real training pairs, decoded"):
+                "- synth-4, generator on 5 token grids: net", "Realism (frame pooled by 4; real training pairs, decoded"):
         assert row in md, row
-    assert len(os.listdir(os.path.join(out, "mix_tok"))) == 2 * (3 + 4)
+    assert len(utils.pair_ids(os.path.join(out, "mix_tok"))) == 3 + 4
     pipeline.main(argv)  # the first generator again: nothing to redo, every row stays in the table
     assert stages_run(capsys.readouterr().out) == []
     assert "| synth-4, generator on 5 token grids |" in open(os.path.join(out, "results.md")).read()
@@ -160,7 +160,7 @@ def test_run_chains_spawned_workers_and_a_failing_stage(tmp_path, capsys):
             assert open(tmp_path / "a" / f"threads{i}").read() == "4"
             assert open(tmp_path / "b" / f"threads{i}").read() == "2"
             for k in range(2):
-                for c in utils.find_pairs(str(tmp_path / "a" / f"ph{i}_{k}")):
+                for c in utils.pair_ids(str(tmp_path / "a" / f"ph{i}_{k}")):
                     for j in (1, 2):
                         a, b = (utils.load_volume(str(tmp_path / x / f"ph{i}_{k}" / f"{c}_{j}.nii.gz")) for x in "ab")
                         assert np.array_equal(a, b)

@@ -63,7 +63,7 @@ def test_short_training_on_phantoms_lowers_tre(phantoms, tmp_path):
     assert s["tre_net_mean"] < 0.7 * s["tre_initial_mean"], s
     assert s["dice_net"] > s["dice_initial"], s
     assert s["folding_pct"] < 1.0
-    ck = utils.load_checkpoint(ckpt, "regnet", train_registration.config_of("demo"))
+    ck = utils.load_checkpoint(ckpt, "regnet", train_registration.config_of("demo", utils.LUNG250M4B))
     assert ck["iteration"] == 60
     # --resume continues from the stored iteration instead of starting again
     train_registration.train(data=phantoms, out=ckpt, preset="demo", batch_size=2, iters=62, resume=True)
@@ -102,7 +102,7 @@ def _pair(folder, case="case_000", fixed=None, moving=None):
 
 @pytest.mark.parametrize("make, needle", [
     (lambda d: None, "does not exist"),
-    (lambda d: os.makedirs(d), "no case_XXX_1"),
+    (lambda d: os.makedirs(d), "no ID_1.nii.gz"),
     (lambda d: _pair(d, moving=False), "case_000_2.nii.gz: missing"),
     (lambda d: _pair(d, fixed=np.full((64, 52, 64), np.nan, np.float32)), "NaN"),
     (lambda d: _pair(d, fixed=np.ones((64, 52), np.float32)), "expected a 3D volume"),

@@ -103,10 +103,10 @@ def test_mix_folder_is_rebuilt(tmp_path, phantoms):
     for k in (1, 2):  # a real case named like a synthetic one
         os.symlink(os.path.join(phantoms, f"case_000_{k}.nii.gz"), real / f"case_0000_{k}.nii.gz")
     mix = str(tmp_path / "mix")
-    assert len(utils.find_pairs(pipeline.mix_folder(str(real), str(synth), mix))) == 5
+    assert len(utils.pair_ids(pipeline.mix_folder(str(real), str(synth), mix, utils.LUNG250M4B))) == 5
     for k in (1, 2):  # fewer synthetic pairs now
         os.remove(synth / f"case_0003_{k}.nii.gz")
-    assert utils.find_pairs(pipeline.mix_folder(str(real), str(synth), mix)) == [
+    assert utils.pair_ids(pipeline.mix_folder(str(real), str(synth), mix, utils.LUNG250M4B)) == [
         "real_case_0000", "synth_case_0000", "synth_case_0001", "synth_case_0002"]
 
 
@@ -132,9 +132,9 @@ def test_a_crafted_file_never_runs_code(tmp_path, reader):
 
 
 def test_synthesise_refuses_a_folder_it_did_not_make(tmp_path, phantoms):
-    vq_config = {"preset": "demo", "factor": 4, "model": dict(channels=[4, 4, 4], strides=[2, 2, 2], num_codes=16)}
+    vq_config = {"preset": "demo", "factor": 4, "frame": utils.LUNG250M4B, "model": dict(channels=[4, 4, 4], strides=[2, 2, 2], num_codes=16)}
     utils.save_checkpoint(str(tmp_path / "v.pth"), "vqae", vq_config, VQAE.build(vq_config).state_dict())
-    cfg = train_diffusion.config_of("demo", {"grid_shape": GRID, "num_codes": 16, "factor": 4})
+    cfg = train_diffusion.config_of("demo", {"grid_shape": GRID, "num_codes": 16, "factor": 4, "frame": utils.LUNG250M4B})
     utils.save_checkpoint(str(tmp_path / "d.pth"), "diffusion", cfg,
                           TokenTransformer.build(cfg).state_dict())
     before = sorted(os.listdir(phantoms))
@@ -146,7 +146,7 @@ def test_synthesise_refuses_a_folder_it_did_not_make(tmp_path, phantoms):
 
 def test_side_outputs_are_outputs_too(tmp_path, phantoms):
     ck = str(tmp_path / "vqae.pth")
-    utils.save_checkpoint(ck, "vqae", train_vqae.config_of("demo"), VQAE.build(train_vqae.config_of("demo")).state_dict())
+    utils.save_checkpoint(ck, "vqae", train_vqae.config_of("demo", utils.LUNG250M4B), VQAE.build(train_vqae.config_of("demo", utils.LUNG250M4B)).state_dict())
     (tmp_path / "vqae.csv").write_text("the VQ-AE's training log")
     with pytest.raises(utils.DataError, match="vqae.csv: output exists"):
         infer_vqae.main([ck, "--data", phantoms, "--out", str(tmp_path / "vqae.pt")])
@@ -216,7 +216,7 @@ def test_landmarks_without_a_header_keep_their_first_row(tmp_path):
     np.savetxt(tmp_path / "plain.csv", rows, delimiter=",")
     utils.write_landmarks(str(tmp_path / "header.csv"), rows[:, :3], rows[:, 3:])
     for name in ("plain.csv", "header.csv"):
-        fixed, moving = utils.read_landmarks(str(tmp_path / name))
+        fixed, moving = utils.read_landmarks(str(tmp_path / name), utils.LUNG250M4B)
         assert np.array_equal(fixed, rows[:, :3]) and np.array_equal(moving, rows[:, 3:])
 
 
@@ -257,7 +257,7 @@ def assert_same_weights(a, b):
 def tokens_file(tmp_path):
     path = str(tmp_path / "tokens.pth")
     ids = torch.randint(0, 16, (6, *GRID), generator=torch.Generator().manual_seed(0))
-    utils.write_tokens(path, ids, [f"case_{i:03d}" for i in range(6)], 16, {"preset": "demo", "factor": 4})
+    utils.write_tokens(path, ids, [f"case_{i:03d}" for i in range(6)], 16, {"preset": "demo", "factor": 4, "frame": utils.LUNG250M4B})
     return path
 
 
@@ -337,7 +337,7 @@ def test_resume_refuses_other_data_and_a_replanned_schedule(phantoms, tmp_path):
 
 def test_one_line_errors_as_a_user_sees_them(run, tmp_path):
     empty = tmp_path / "empty.pth"
-    utils.write_tokens(str(empty), torch.zeros(0, *GRID, dtype=torch.long), [], 16, {"preset": "demo", "factor": 4})
+    utils.write_tokens(str(empty), torch.zeros(0, *GRID, dtype=torch.long), [], 16, {"preset": "demo", "factor": 4, "frame": utils.LUNG250M4B})
     assert_one_line_error(run("train_diffusion.py", "2", empty, "--preset", "demo", "--out", tmp_path / "d.pth"),
                           "empty.pth", "no token grids")
 
@@ -354,26 +354,27 @@ def test_warnings_for_oversize_and_unusual_scans(tmp_path):
     a[2:30, 100:110, 100:110] = 1  # outside the frame's 256 rows: cropped
     a[150:160, 100:110, 100:110] = 1
     nib.save(nib.Nifti1Image(a, np.diag([-1.0, -1, 1, 1])), str(tmp_path / "big.nii.gz"))  # LPS, 1 mm
-    with pytest.warns(UserWarning, match=r"big.nii.gz: \(300, 208, 256\) exceeds the 256x208x256 frame"):
-        utils.framed_volume(str(tmp_path / "big.nii.gz"), 4)
+    with pytest.warns(UserWarning, match=r"big.nii.gz: 300x208x256 exceeds the 256x208x256 frame"):
+        utils.framed_volume(str(tmp_path / "big.nii.gz"), 4, utils.LUNG250M4B)
     nib.save(nib.Nifti1Image(a, np.diag([2.0, 2, 2, 1])), str(tmp_path / "coarse.nii.gz"))
-    with pytest.warns(UserWarning, match="orientation RAS, voxels 2.00x2.00x2.00 mm"):
-        utils.framed_volume(str(tmp_path / "coarse.nii.gz"), 4)
+    with pytest.raises(utils.DataError, match="voxels 2.00x2.00x2.00 mm, but the lung250m4b frame has 1.00x1.00x1.00 mm; "
+                       "use --frame derived"):
+        utils.framed_volume(str(tmp_path / "coarse.nii.gz"), 4, utils.LUNG250M4B)
     swapped = np.array([[0.0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])  # voxel axes i, j swapped
     nib.save(nib.Nifti1Image(a, swapped), str(tmp_path / "swapped.nii.gz"))
     with pytest.warns(UserWarning, match="orientation ARS"):
-        utils.framed_volume(str(tmp_path / "swapped.nii.gz"), 4)
+        utils.framed_volume(str(tmp_path / "swapped.nii.gz"), 4, utils.LUNG250M4B)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the data set's own conventions (LPS and RAS, 1 mm) pass silently
         for affine in (np.diag([-1.0, -1, 1, 1]), np.eye(4)):
             nib.save(nib.Nifti1Image(a[:250, :200], affine), str(tmp_path / "ok.nii.gz"))
-            utils.framed_volume(str(tmp_path / "ok.nii.gz"), 4)
+            utils.framed_volume(str(tmp_path / "ok.nii.gz"), 4, utils.LUNG250M4B)
 
 
-def test_pairs_of_different_shapes_are_warned_about(tmp_path):
+def test_pairs_of_different_shapes_are_refused(tmp_path):
     a = np.zeros((250, 200, 250), np.uint8)
     a[100:110, 100:110, 100:110] = 1
     nib.save(nib.Nifti1Image(a, np.eye(4)), str(tmp_path / "case_000_1.nii.gz"))
     nib.save(nib.Nifti1Image(a[:, :, :240], np.eye(4)), str(tmp_path / "case_000_2.nii.gz"))
-    with pytest.warns(UserWarning, match=r"case_000_2.nii.gz: shape \(250, 200, 240\) differs from its fixed"):
+    with pytest.raises(utils.DataError, match=r"case_000_2.nii.gz: grid 250x200x240 at 1.00x1.00x1.00 mm differs from its fixed"):
         utils.find_pairs(str(tmp_path))

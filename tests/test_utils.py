@@ -17,8 +17,8 @@ def test_frame_formula(shape, offset):
     vol = torch.zeros(shape)
     p = np.array([120, 100, 130])
     vol[tuple(p)] = 1
-    framed = utils.to_frame(vol)
-    assert framed.shape == utils.FRAME
+    framed = utils.to_frame(vol, utils.LUNG250M4B)
+    assert framed.shape == tuple(utils.LUNG250M4B['shape'])
     q = np.argwhere(framed.numpy() == 1)
     assert q.tolist() == [list(p + np.array(offset))]
 
@@ -26,17 +26,17 @@ def test_frame_formula(shape, offset):
 def test_framed_volume_reads_scans_and_pooled_maps(tmp_path):
     scan = np.zeros((300, 230, 320), np.uint8)
     scan[140:160, 100:120, 150:170] = 2  # label 2 counts as vessel
-    utils.write_nifti(tmp_path / "scan.nii.gz", scan, 1)
-    v1 = utils.framed_volume(str(tmp_path / "scan.nii.gz"), 1)
-    assert v1.shape == utils.FRAME and v1.max() == 1 and v1.sum() == 20 ** 3
-    v4 = utils.framed_volume(str(tmp_path / "scan.nii.gz"), 4)
+    utils.write_nifti(tmp_path / "scan.nii.gz", scan, 1, utils.LUNG250M4B)
+    v1 = utils.framed_volume(str(tmp_path / "scan.nii.gz"), 1, utils.LUNG250M4B)
+    assert v1.shape == tuple(utils.LUNG250M4B['shape']) and v1.max() == 1 and v1.sum() == 20 ** 3
+    v4 = utils.framed_volume(str(tmp_path / "scan.nii.gz"), 4, utils.LUNG250M4B)
     assert v4.shape == (64, 52, 64) and abs(float(v4.sum()) * 64 - 20 ** 3) < 1e-3  # occupancy preserved
     soft = np.full((64, 52, 64), 0.3, np.float32)
-    utils.write_nifti(tmp_path / "soft.nii.gz", soft, 4)
-    s = utils.framed_volume(str(tmp_path / "soft.nii.gz"), 4)
+    utils.write_nifti(tmp_path / "soft.nii.gz", soft, 4, utils.LUNG250M4B)
+    s = utils.framed_volume(str(tmp_path / "soft.nii.gz"), 4, utils.LUNG250M4B)
     assert torch.allclose(s, torch.tensor(0.3))  # probability maps stay soft
-    with pytest.raises(utils.DataError, match="4 mm but 2 mm"):
-        utils.framed_volume(str(tmp_path / "soft.nii.gz"), 2)
+    with pytest.raises(utils.DataError, match="frame/4 but frame/2"):
+        utils.framed_volume(str(tmp_path / "soft.nii.gz"), 2, utils.LUNG250M4B)
 
 
 def test_tre_convention_on_known_translation():
@@ -44,14 +44,14 @@ def test_tre_convention_on_known_translation():
     fixed = rng.uniform(20, 180, (50, 3))
     shift = np.array([6.0, -4.0, 8.0])  # moving = fixed + shift (mm = frame voxels)
     moving = fixed + shift
-    assert np.allclose(utils.tre(None, fixed, moving), np.linalg.norm(shift))
+    assert np.allclose(utils.tre(None, fixed, moving, utils.LUNG250M4B), np.linalg.norm(shift))
     for factor in (1, 4):  # the field is in voxels of its own grid: shift / factor
-        size = utils.grid_shape(factor) if factor > 1 else (32, 26, 32)
+        size = utils.grid_shape(factor, utils.LUNG250M4B) if factor > 1 else (32, 26, 32)
         f = factor if factor > 1 else 8
         ddf = torch.tensor(shift / f, dtype=torch.float32).view(1, 3, 1, 1, 1).expand(1, 3, *size).contiguous()
         for direction in utils.TRE_DIRECTIONS:  # a constant field: both directions, both samplings agree
-            assert np.allclose(utils.tre((ddf, -ddf), fixed, moving, direction), 0, atol=1e-4)
-            assert np.allclose(utils.tre((ddf * 0.5, -ddf * 0.5), fixed, moving, direction),
+            assert np.allclose(utils.tre((ddf, -ddf), fixed, moving, utils.LUNG250M4B, direction), 0, atol=1e-4)
+            assert np.allclose(utils.tre((ddf * 0.5, -ddf * 0.5), fixed, moving, utils.LUNG250M4B, direction),
                                np.linalg.norm(shift) / 2, atol=1e-4)
 
 
@@ -63,10 +63,10 @@ def test_tre_directions_differ_by_the_reference_sampling():
     inv = torch.zeros(1, 3, *size)
     inv[0, 0] = (0.02 * i).view(-1, 1, 1)  # u_i(x) = 0.02 * (4 mm voxel index) in 4 mm voxels
     moving = np.array([[100.0, 80.0, 120.0]])
-    fixed = utils.displace_points(inv, moving)  # exact: where ddf_inv sends the moving landmark
-    ref = utils.tre((torch.zeros_like(inv), inv), fixed, moving, "reference")
+    fixed = utils.displace_points(inv, moving, utils.LUNG250M4B['shape'])  # exact: where ddf_inv sends the moving landmark
+    ref = utils.tre((torch.zeros_like(inv), inv), fixed, moving, utils.LUNG250M4B, "reference")
     assert abs(ref[0] - 0.02 * 0.5) < 1e-4  # slope 0.02 mm per mm x the half-voxel (0.5 mm) offset
-    assert utils.tre((-inv, inv), moving, moving, "fixed")[0] > 0.1
+    assert utils.tre((-inv, inv), moving, moving, utils.LUNG250M4B, "fixed")[0] > 0.1
 
 
 def test_summary_dice_and_jacobian():
@@ -128,7 +128,7 @@ def test_checkpoints_record_their_precision(phantoms, tmp_path):
 
     assert utils.precision(torch.device("cuda")) == "fp16" and utils.precision(torch.device("cpu")) == "fp32"
     tokens = str(tmp_path / "t.pth")
-    utils.write_tokens(tokens, torch.randint(0, 4, (4, 4, 3, 4)), list("abcd"), 16, {"preset": "demo", "factor": 4})
+    utils.write_tokens(tokens, torch.randint(0, 4, (4, 4, 3, 4)), list("abcd"), 16, {"preset": "demo", "factor": 4, "frame": utils.LUNG250M4B})
     runs = {"vqae": (train_vqae, ["1", "--data", phantoms]), "regnet": (train_registration, ["1", phantoms]),
             "diffusion": (train_diffusion, ["2", tokens])}
     for kind, (script, args) in runs.items():
@@ -149,7 +149,7 @@ def test_corrfield_keypoints_move_into_the_frame(tmp_path):
     (tmp_path / "kp").mkdir()
     np.savetxt(tmp_path / "kp" / "case_001.csv", [[100, 120, 130, 101, 121, 131], [0, 0, 0, 1, 1, 1]], delimiter=",")
     corrfield_landmarks.main([str(tmp_path / "kp"), str(tmp_path), str(tmp_path / "lm")])
-    fixed, moving = utils.read_landmarks(str(tmp_path / "lm" / "case_001.csv"))
-    h1, _, w1, _, d1, _ = utils.frame_pads(shape)
+    fixed, moving = utils.read_landmarks(str(tmp_path / "lm" / "case_001.csv"), utils.LUNG250M4B)
+    h1, _, w1, _, d1, _ = utils.frame_pads(shape, utils.LUNG250M4B)
     assert (h1, w1, d1) == (-22, -29, -32)  # this shape is cropped on every axis
     assert fixed.tolist() == [[100 + h1, 120 + w1, 130 + d1]] and moving.tolist() == [[101 + h1, 121 + w1, 131 + d1]]

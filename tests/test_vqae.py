@@ -12,7 +12,7 @@ from models import VQAE
 
 
 def tiny():
-    return VQAE.build(train_vqae.config_of("demo"))
+    return VQAE.build(train_vqae.config_of("demo", utils.LUNG250M4B))
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def pairs(phantoms):
 @pytest.mark.parametrize("preset,size,grid", [("paper", (32, 32, 48), (2, 2, 3)), ("cpu", (64, 56, 64), (8, 7, 8)),
                                               ("demo", (64, 56, 64), (8, 7, 8))])
 def test_shapes_and_token_range(preset, size, grid):
-    model = VQAE.build(train_vqae.config_of(preset))
+    model = VQAE.build(train_vqae.config_of(preset, utils.LUNG250M4B))
     x = (torch.rand(1, 2, *size) > 0.9).float()
     with torch.no_grad():
         zq, loss, ids = model.encode(x)
@@ -32,9 +32,9 @@ def test_shapes_and_token_range(preset, size, grid):
     assert zq.shape == (1, model.code_dim, *grid) and ids.shape == (1, *grid)
     assert logits.shape == (1, 4, *size) and loss.ndim == 0
     assert ids.min() >= 0 and ids.max() < model.num_codes and ids.dtype == torch.long
-    assert model.token_grid(utils.grid_shape(4)) == (8, 7, 8) or preset == "paper"
+    assert model.token_grid(utils.grid_shape(4, utils.LUNG250M4B)) == (8, 7, 8) or preset == "paper"
     if preset == "paper":
-        assert model.token_grid(utils.grid_shape(1)) == (16, 13, 16) and model.num_codes == 1024
+        assert model.token_grid(utils.grid_shape(1, utils.LUNG250M4B)) == (16, 13, 16) and model.num_codes == 1024
         assert model.code_dim == 384 and 10.2e6 < sum(p.numel() for p in model.ae.parameters()) < 10.4e6
         cb = model.codebook.weight
         assert cb.abs().max() <= 1 / 1024 and cb.std() > 0.3 / 1024  # uniform(+-1/K)
@@ -83,8 +83,8 @@ def test_restart_moves_dead_codes_onto_encoder_outputs():
 
 
 def test_training_on_phantoms_raises_dice_and_tokens_round_trip(pairs, tmp_path):
-    ids = utils.find_pairs(pairs)
-    full = train_vqae.load_data(pairs, 4)
+    ids = utils.pair_ids(pairs)
+    full = train_vqae.load_data(pairs, 4, utils.LUNG250M4B)
     data = full[..., 16:48, 12:36, 16:48]  # a central 32x24x32 block: 8x faster, still vessels
     torch.manual_seed(0)
     before = tiny().reconstruct(data)[1].mean()
@@ -95,7 +95,7 @@ def test_training_on_phantoms_raises_dice_and_tokens_round_trip(pairs, tmp_path)
     assert os.path.exists(ck[:-4] + ".csv") and os.path.exists(ck[:-4] + ".png")
     # tokens -> decode_tokens gives the same reconstruction as encode -> decode
     loaded = VQAE.from_checkpoint(ck, device=torch.device("cpu"))
-    assert loaded.config == train_vqae.config_of("demo")
+    assert loaded.config == train_vqae.config_of("demo", utils.LUNG250M4B)
     with torch.no_grad():
         fp, mp = VQAE.pair_probs(loaded.decode_tokens(tok.reshape(len(tok), -1), tok.shape[1:]), data.shape[-3:],
                                  calibrate=True)
@@ -136,8 +136,8 @@ def bad_files(pairs, tmp_path_factory):
     (d / "half").mkdir()
     os.link(os.path.join(pairs, "case_000_1.nii.gz"), d / "half" / "case_000_1.nii.gz")
     (d / "trunc.pth").write_bytes(b"\x80\x02garbage")
-    utils.save_checkpoint(str(d / "demo.pth"), "vqae", train_vqae.config_of("demo"), tiny().state_dict())
-    utils.save_checkpoint(str(d / "broken.pth"), "vqae", train_vqae.config_of("demo"), {"x": torch.zeros(1)})
+    utils.save_checkpoint(str(d / "demo.pth"), "vqae", train_vqae.config_of("demo", utils.LUNG250M4B), tiny().state_dict())
+    utils.save_checkpoint(str(d / "broken.pth"), "vqae", train_vqae.config_of("demo", utils.LUNG250M4B), {"x": torch.zeros(1)})
     (d / "exists.pth").write_bytes(b"x")
     return d
 

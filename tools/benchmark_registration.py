@@ -70,8 +70,8 @@ def main(argv=None):
         data = os.path.join(tempfile.mkdtemp(), "phantoms")
         make_phantoms.make_pairs(data, 2, seed=1)
     landmarks = args.landmarks or os.path.join(data, "landmarks")
-    cfg = config_of(args.preset)
-    ids, pairs = utils.load_pairs(data, cfg["factor"])
+    cfg = config_of(args.preset, utils.data_frame(data))
+    ids, pairs = utils.load_pairs(data, cfg["factor"], cfg["frame"])
     utils.seed_all(0)
     fast = RegistrationNet.build(cfg)
     ref = RegistrationNet.build({**cfg, "model": {**cfg["model"], "exp_at": "input", "exp_coarsen": 1}})
@@ -110,7 +110,7 @@ def main(argv=None):
     # equal accuracy? the same TTA from the same initial weights, TRE on landmarks of one pair
     case = ids[0]
     fixed, moving = pairs[:1, :1], pairs[:1, 1:]
-    lms = utils.read_landmarks(os.path.join(landmarks, f"{case}.csv"))
+    lms = utils.read_landmarks(os.path.join(landmarks, f"{case}.csv"), cfg["frame"])
     fields = {}
     for k, net in nets.items():
         tta = copy.deepcopy(net)
@@ -120,8 +120,8 @@ def main(argv=None):
         with torch.no_grad():
             fields[k] = [f.cpu() for f in tta.fields(v1, v2, fixed.shape[2:])]
         synchronize(dev)
-        print(f"{k:36s} TTA {args.tta} it on {case}: TRE {utils.tre(fields[k], *lms).mean():.2f} mm "
-              f"(initial {utils.tre(None, *lms).mean():.2f}), {time.perf_counter() - t:.1f} s")
+        print(f"{k:36s} TTA {args.tta} it on {case}: TRE {utils.tre(fields[k], *lms, cfg['frame']).mean():.2f} mm "
+              f"(initial {utils.tre(None, *lms, cfg['frame']).mean():.2f}), {time.perf_counter() - t:.1f} s")
     d = (fields[list(nets)[0]][0] - fields[list(nets)[-1]][0]).norm(dim=1) * cfg["factor"]
     print(f"difference of the {args.preset} preset's and the reference-style adapted fields: mean {d.mean():.3f} mm, "
           f"max {d.max():.3f} mm")

@@ -37,7 +37,7 @@ def benchmark(models, pairs, temp=synthesise.TEMP):
             seconds[name] = synthesise.run(models, os.path.join(tmp, name), n, s, overwrite=True, progress=False,
                                            calibrate=isinstance(decoder, TokenDecoder))[0]
             print(f"{name}: {s['steps']} steps ({s['schedule']}), batch {s['batch']}: {seconds[name]:.3f} s per pair")
-        groups = {k: realism_report.folder_stats(os.path.join(tmp, k)) for k in seconds}
+        groups = {k: realism_report.folder_stats(os.path.join(tmp, k), model.config["frame"]) for k in seconds}
         print(utils.realism_table(groups, baseline="reference"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

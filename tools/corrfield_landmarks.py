@@ -29,9 +29,9 @@ def read_corrfield(path, original_shape):
         raise utils.DataError(f"{path}: not a keypoint CSV ({e})")
     if a.shape[1] != 6:
         raise utils.DataError(f"{path}: expected 6 columns, got {a.shape[1]}")
-    h1, _, w1, _, d1, _ = utils.frame_pads(original_shape)
+    h1, _, w1, _, d1, _ = utils.frame_pads(original_shape, utils.LUNG250M4B)
     a = a + np.array([h1, w1, d1] * 2)
-    keep = ((a >= 0) & (a <= np.array(utils.FRAME * 2) - 1)).all(axis=1)
+    keep = ((a >= 0) & (a <= np.array(tuple(utils.LUNG250M4B['shape']) * 2) - 1)).all(axis=1)
     return a[keep, :3], a[keep, 3:]
 
 

@@ -73,7 +73,7 @@ def diffusion(batch):
 
 def registration(batch):
     net = RegistrationNet().to(META)  # the paper configuration
-    fixed = torch.zeros(batch, 1, *utils.grid_shape(train_registration.PRESETS["paper"]["factor"]), device=META)
+    fixed = torch.zeros(batch, 1, *utils.grid_shape(train_registration.PRESETS["paper"]["factor"], utils.LUNG250M4B), device=META)
     reg = train_registration.REG
     with SavedBytes(net.parameters()) as s:
         _, v = train_registration.step_loss(net, 0, fixed, fixed, reg, META)
