@@ -75,12 +75,16 @@ def case_number(path):
     return digits[-1].zfill(4) if digits else stem
 
 
+def disp_path(folder, pair):
+    return os.path.join(folder, f"disp_{case_number(pair.fixed)}_{case_number(pair.moving)}.nii.gz")
+
+
 def write_disp(folder, pair, ddf, frame):
     """DIR/disp_FFFF_MMMM.nii.gz of a pair: ddf (1, 3, ...) fixed -> moving on a pooled frame grid,
     written on the fixed image's grid with its affine (utils.displacement_on_image)."""
     img = nib.load(pair.fixed)
     disp = utils.displacement_on_image(ddf, frame, img.shape[:3])
-    path = os.path.join(folder, f"disp_{case_number(pair.fixed)}_{case_number(pair.moving)}.nii.gz")
+    path = disp_path(folder, pair)
     with utils.atomic_path(path) as tmp:
         nib.save(nib.Nifti1Image(disp, img.affine), tmp)
     return path
@@ -167,6 +171,11 @@ def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, over
     pairs = utils.find_pairs(data, "val" if js else "train")
     cases = [p.id for p in pairs]
     lms = {p.id: utils.pair_landmarks(p, frame, landmarks) for p in pairs}  # check all first
+    if disp:
+        names = [disp_path(disp, p) for p in pairs]
+        if len(set(names)) < len(names):
+            raise utils.DataError(f"{data}: two pairs share the case numbers of {next(n for n in names if names.count(n) > 1)}")
+        utils.check_output(names, overwrite)
     for p in pairs:  # and every volume, so a broken file never ends a run after hours of work
         for f in (p.fixed, p.moving):
             utils.load_volume(f, labels)

@@ -91,7 +91,10 @@ def changed_inputs(old, new):
 
 def contents(path):
     """What a stage reads, for its record: the digest of every file below `path` (links followed), so
-    editing, adding or removing any input file re-runs the stage."""
+    editing, adding or removing any input file re-runs the stage. A dataset JSON stands for its folder
+    (the images and keypoints it lists)."""
+    if path.endswith("_dataset.json"):
+        path = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(path):
         return digest(path)
     found = {}
@@ -237,6 +240,8 @@ def mix_folder(real, synth, out, frame):
     """real + synthetic pairs in one folder of symbolic links (real_ID_1, synth_ID_1, ...: names never
     collide) and mix_dataset.json (with the frame: both kinds are placed as for the rows alone),
     rebuilt on every run so it always mirrors the two sources."""
+    if (utils.recorded_frame(synth) or utils.LUNG250M4B) != frame:
+        raise utils.DataError(f"{synth}: its pairs were made in another frame than {real}'s; they cannot be mixed")
     js = os.path.join(out, "mix_dataset.json")
     if os.path.isdir(out):
         for f in os.listdir(out):
@@ -280,7 +285,7 @@ def figures(out, evals, real, synth, factor, frame, n=4):
     fig, ax = plt.subplots(2, n, figsize=(3 * n, 6.2))
     for row, folder in enumerate((real, synth)):
         for j, p in enumerate(utils.find_pairs(folder)[:n]):
-            pair = [utils.framed_volume(f, factor, utils.data_frame(folder, frame["name"])).numpy() for f in (p.fixed, p.moving)]
+            pair = [utils.framed_volume(f, factor, utils.recorded_frame(folder) or frame).numpy() for f in (p.fixed, p.moving)]
             ax[row, j].imshow(utils.mip_rgb(*pair))
             ax[row, j].axis("off")
             ax[row, j].set_title(f"{'real' if row == 0 else 'synthetic'} {p.id}", fontsize=8)
@@ -384,7 +389,8 @@ def generator(run, path, preset, data, val, n, tag="", tokens=None, frame_args=(
             [vqae, "--data", data, "--out", tokens, "--augment", p["augment"]], preset, [vqae, data])
         # validation pairs' tokens: held-out reconstruction Dice and the diffusion model's validation loss
         run(f"tokens_val{tag}", utils.log_paths(val_tokens), infer_vqae.main,
-            [vqae, "--data", val, "--split", utils.val_split(val), "--out", val_tokens], preset, [vqae, val])
+            [vqae, "--data", val, *(["--split", "val"] if utils.dataset_json(val) else []), "--out", val_tokens], preset,
+            [vqae, val])
         decoder, inputs, decoded = ["--vqae", vqae], [tokens, val_tokens, vqae], None
         train_args = ["--val", val_tokens]
         # the deformation each generator stage keeps: real vs VQ-AE reconstructions vs synthetic pairs

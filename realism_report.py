@@ -78,7 +78,7 @@ def report(folders, reference, out, overwrite=False, val=None, vqae=None, frame=
             kept.append((real_name, "recon " + real_name[5:]))
     for folder in folders:
         name = os.path.basename(os.path.normpath(folder))
-        groups[name] = folder_stats(folder, utils.data_frame(folder, frame["name"]), (rids, ref), progress=True)
+        groups[name] = folder_stats(folder, utils.recorded_frame(folder) or frame, (rids, ref), progress=True)
     rows = [{"group": name, "case": c, **{k: f"{g[k][i]:.5f}" for k in COLUMNS[2:]}}
             for name, g in groups.items() for i, c in enumerate(g["case"])]
     utils.write_csv(out + ".csv", COLUMNS, rows)

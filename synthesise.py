@@ -191,11 +191,11 @@ def run(models, out, n, sampler, seed=0, calibrate=False, overwrite=False, progr
     secs_all = secs + old.get("seconds", 0)  # over resumed runs
     made_all = made + old.get("pairs_made", 0)
     dev = next(model.parameters()).device
+    write_dataset(out, n, factor, model.config["frame"])
     utils.write_json(mpath, {**settings, "num_pairs": n, "complete": True, "pairs_made": made_all,
                              "seconds": round(secs_all, 2), "seconds_per_pair": round(secs_all / max(made_all, 1), 4),
                              "shape": list(utils.grid_shape(factor, model.config["frame"])), "device": str(dev),
                              "frame": model.config["frame"]})
-    write_dataset(out, n, factor, model.config["frame"])
     preview(out)
     print(f"{out}: {made} pairs written ({n - made} kept), {per_pair:.3f} s per pair{utils.peak_memory(dev)}")
     return per_pair, made

@@ -377,7 +377,8 @@ def check_frame(frame, source):
     ok = isinstance(frame, dict) and frame.get("name") in FRAME_NAMES and all(
         isinstance(frame.get(k), (list, tuple)) and len(frame[k]) == 3 for k in ("shape", "spacing", "shift"))
     if not ok or min(frame["shape"]) < 1 or min(frame["spacing"]) <= 0:
-        raise DataError(f"{source}: does not record a valid frame (name, shape, spacing, shift)")
+        raise DataError(f"{source}: records no valid frame (name, shape, spacing, shift); a file made before "
+                        "frames were stored must be made again")
     return {"name": frame["name"], "shape": [int(v) for v in frame["shape"]],
             "spacing": [float(v) for v in frame["spacing"]], "shift": [int(v) for v in frame["shift"]]}
 
@@ -547,6 +548,12 @@ def pair_ids(data, split="train"):
     return [p.id for p in find_pairs(data, split)]
 
 
+def recorded_frame(data):
+    """The frame a dataset JSON records (pairs this project wrote on a pooled frame grid), or None."""
+    js = dataset_json(data)
+    return read_dataset(js)["frame"] if js else None
+
+
 def val_split(data):
     """The pairs of DATA given as validation data: a dataset JSON's registration_val, a folder's all."""
     return "val" if dataset_json(data) else "train"
@@ -557,12 +564,12 @@ def data_frame(data, name=None):
     project), else `name`: lung250m4b, or derived from the training pairs' headers (default: derived
     for a dataset JSON, lung250m4b for a folder of ID_1 / ID_2 pairs, the reference's layout)."""
     js = dataset_json(data)
-    recorded = read_dataset(js)["frame"] if js else None
+    recorded = recorded_frame(data)
     if recorded:
         return recorded
     if (name or ("derived" if js else "lung250m4b")) == "lung250m4b":
         return dict(LUNG250M4B)
-    pairs = find_pairs(data)
+    pairs = find_pairs(data, "train" if not js or read_dataset(js)["train"] else "val")
     geo = [header_geometry(p.fixed) for p in pairs]
     if None in geo:
         load_volume(pairs[[g is None for g in geo].index(True)].fixed)  # says what is wrong with it
@@ -663,8 +670,9 @@ def framed_volume(path, factor, frame, cut_deep=False, labels=None):
     if a.min() < 0:
         raise DataError(f"{path}: negative voxel values (expected a mask or probabilities)")
     f0 = frame_factor(a.shape, frame)
-    if f0 is None:  # an original scan: binarise, frame, then pool
+    if f0 in (None, 1):  # a scan may have the frame's own shape: its spacing must match too
         check_geometry(path, frame)
+    if f0 is None:  # an original scan: binarise, frame, then pool
         vessels = int((a > 0).sum())
         if cut_deep and frame["name"] == "lung250m4b" and a.shape[2] > DEEP_SCAN:
             a = a[:, :, :DEPTH_CUT]
@@ -754,6 +762,9 @@ def pair_landmarks(pair, frame, landmarks=None):
         return pts[0][~out], pts[1][~out]
     if landmarks is None:
         raise DataError(f"{pair.fixed}: no keypoints listed for pair {pair.id} and no --landmarks folder")
+    if frame["name"] != "lung250m4b":
+        raise DataError(f"{landmarks}: landmark CSVs are lung250m4b frame voxels, but the frame is {frame['name']}; "
+                        "give keypoints in each image's voxels through a Learn2Reg dataset JSON")
     return read_landmarks(os.path.join(landmarks, f"{pair.id}.csv"), frame)
 
 
@@ -934,6 +945,8 @@ def displacement_on_image(ddf, frame, shape):
     """Learn2Reg displacement field of a registration on the fixed image's own grid: ddf (1, 3, h, w, d)
     fixed -> moving on a pooled frame grid -> (H, W, D, 3) float32 in voxels of the image (shape),
     fixed point x maps to x + disp(x) in the moving image. Outside the frame the border value."""
+    if frame_factor(shape, frame):  # an image on the pooled frame grid (synthetic pairs, phantoms)
+        return resize_ddf(ddf.float().cpu(), tuple(shape))[0].movedim(0, -1).numpy().astype(np.float32)
     full = resize_ddf(ddf.float().cpu(), tuple(frame["shape"]))[0]  # (3, *frame), frame voxels
     h1, h2, w1, w2, d1, d2 = frame_pads(shape, frame)
     crop = [(max(b, 0), n - max(e, 0)) for b, e, n in zip((h1, w1, d1), (h2, w2, d2), frame["shape"])]
@@ -1163,6 +1176,7 @@ def write_dataset_json(path, name, train, val=(), shape=None, frame=None, descri
          "tensorImageShape": {"0": list(shape) if shape else []}, "modality": {"0": "mask"},
          "numTraining": len(images), "numTest": 0, "training": images, "test": [],
          "numPairedTraining": len(train), "training_paired_images": [{"fixed": "./" + p["fixed"], "moving": "./" + p["moving"]} for p in train],
+         "numRegistration_val": len(val),
          "registration_val": [{"fixed": "./" + p["fixed"], "moving": "./" + p["moving"]} for p in val],
          "registration_test": [], "pairings": "paired", "provided_data": {"0": ["image", "keypoints"]},
          "registration_direction": {"fixed": 0, "moving": 1}}

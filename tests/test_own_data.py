@@ -69,10 +69,20 @@ def test_learn2reg_json_pairs_frame_and_keypoints(own):
         assert near[tuple(idx.T)].mean() > 0.9
 
 
-def test_lung250m4b_frame_refuses_other_spacing(own):
+def test_frames_refuse_what_does_not_fit(own, tmp_path):
     p = utils.find_pairs(own)[0]
     with pytest.raises(utils.DataError, match="use --frame derived"):
         utils.framed_volume(p.fixed, 4, utils.LUNG250M4B)
+    # landmark CSVs are lung250m4b frame voxels: not read as voxels of another frame
+    with pytest.raises(utils.DataError, match="landmark CSVs are lung250m4b frame voxels"):
+        utils.pair_landmarks(utils.Pair("x", p.fixed, p.moving), utils.data_frame(own), str(tmp_path))
+    # synthetic pairs of another frame are not mixed with these
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    for k in (1, 2):
+        shutil.copy(p.fixed, synth / f"case_0000_{k}.nii.gz")
+    with pytest.raises(utils.DataError, match="made in another frame"):
+        pipeline.mix_folder(own, str(synth), str(tmp_path / "mix"), utils.data_frame(own))
 
 
 def test_bad_data_sets_one_line_each(own, tmp_path):
@@ -150,6 +160,9 @@ def test_displacement_field_round_trip():
     disp = utils.displacement_on_image(ramp, frame, shape)
     h1 = utils.frame_pads(shape, frame)[0]
     assert np.allclose(disp[5, 10, 3, 0], 5 + h1)
+    # an image on the frame pooled by 2 (synthetic pairs): the field on its grid, in its voxels
+    disp = utils.displacement_on_image(ddf, frame, (16, 12, 8))
+    assert disp.shape == (16, 12, 8, 3) and np.allclose(disp, shift / 2, atol=1e-5)
 
 
 def test_own_data_train_evaluate_disp_in_mm(own, tmp_path, capsys):
