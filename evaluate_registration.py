@@ -70,7 +70,7 @@ def native_factor(path, frame):
 
 def case_number(path):
     """The case number of an image for Learn2Reg's disp_FFFF_MMMM: NAME_0011_0000 -> 0011, case_032_1 -> 0032."""
-    stem = re.sub(r"_(\d{4}|[12])$", "", utils.image_stem(path))
+    stem = utils.case_stem(path)
     digits = re.findall(r"\d+", stem)
     return digits[-1].zfill(4) if digits else stem
 

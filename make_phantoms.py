@@ -200,8 +200,7 @@ def make_learn2reg(out_dir, name, n, size, spacing, n_val=0, seed=0, overwrite=F
         fixed, moving, lf, lm = make_pair(seed, i, shape, motion, scale)
         affine = np.diag([*map(float, spacing), 1.0])
         for k, vol, pts in (("fixed", fixed, lf), ("moving", moving, lm)):
-            with utils.atomic_path(os.path.join(out_dir, c[k + "_kp"])) as tmp:
-                np.savetxt(tmp, (pts + 0.5) / np.array(scale) - 0.5, delimiter=",", fmt="%.4f")
+            utils.write_keypoints(os.path.join(out_dir, c[k + "_kp"]), (pts + 0.5) / np.array(scale) - 0.5)
             img = nib.Nifti1Image((vol > 0.5).astype(np.uint8), affine)
             img.header.set_xyzt_units("mm")
             with utils.atomic_path(os.path.join(out_dir, c[k])) as tmp:

@@ -475,10 +475,15 @@ def image_stem(path):
     return re.sub(r"\.nii(\.gz)?$", "", os.path.basename(path))
 
 
+def case_stem(path):
+    """An image's name without its pair suffix: NAME_0001_0000 -> NAME_0001 (Learn2Reg), case_032_1 -> case_032."""
+    return re.sub(r"_(\d{4}|[12])$", "", image_stem(path))
+
+
 def pair_id(fixed, moving):
     """A pair's id from its file names, whatever the prefix: NAME_0001_0000 + NAME_0001_0001 -> NAME_0001
     (Learn2Reg), case_032_1 + case_032_2 -> case_032 (this project's)."""
-    f, m = (re.sub(r"_(\d{4}|[12])$", "", image_stem(p)) for p in (fixed, moving))
+    f, m = (case_stem(p) for p in (fixed, moving))
     return f if f == m else f"{f}-{m}"
 
 
@@ -601,6 +606,11 @@ def header_geometry(path):
         return (tuple(int(v) for v in img.shape[:3]), tuple(float(v) for v in img.header.get_zooms()[:3])) if ok else None
     except Exception:
         return None
+
+
+def image_shape(path):
+    geo = header_geometry(path)
+    return geo[0] if geo else load_volume(path).shape  # an unreadable header: load_volume says what is wrong
 
 
 _SEVERAL_LABELS = set()  # files already reported as label maps
@@ -746,7 +756,7 @@ def pair_landmarks(pair, frame, landmarks=None):
     if pair.fixed_kp and pair.moving_kp:
         pts = []
         for img, kp in ((pair.fixed, pair.fixed_kp), (pair.moving, pair.moving_kp)):
-            shape = header_geometry(img)[0] if header_geometry(img) else load_volume(img).shape
+            shape = image_shape(img)
             a = read_points(kp, 3)
             f0 = frame_factor(shape, frame)
             a = a * f0 + (f0 - 1) / 2 if f0 else a + np.array(frame_pads(shape, frame)[::2])
@@ -766,6 +776,12 @@ def pair_landmarks(pair, frame, landmarks=None):
         raise DataError(f"{landmarks}: landmark CSVs are lung250m4b frame voxels, but the frame is {frame['name']}; "
                         "give keypoints in each image's voxels through a Learn2Reg dataset JSON")
     return read_landmarks(os.path.join(landmarks, f"{pair.id}.csv"), frame)
+
+
+def write_keypoints(path, pts):
+    """A Learn2Reg keypoint CSV: one i,j,k (voxels of its image) per row, no header."""
+    with atomic_path(path) as tmp:
+        np.savetxt(tmp, pts, delimiter=",", fmt="%.4f")
 
 
 def write_landmarks(path, fixed, moving):

@@ -75,12 +75,6 @@ def case_number(pair):
     return int(m.group(1))
 
 
-def image_shape(path):
-    geo = utils.header_geometry(path)
-    # an unreadable header: load_volume says what is wrong with the file
-    return geo[0] if geo else utils.load_volume(path).shape
-
-
 def read_cases(shared):
     """[(number, Pair of the shared files, fixed keypoints, moving keypoints or None)] for the
     training and the validation split; keypoints (N, 3) in voxels of the original images."""
@@ -95,18 +89,13 @@ def read_cases(shared):
             raise utils.DataError(f"{csv}: missing (validation pair {p.id} needs its landmarks)")
         fixed, moving = utils.read_landmarks(csv, utils.LUNG250M4B)
         # frame -> original voxels; fixed and moving share a grid (find_pairs checks), hence one offset
-        offset = np.array(utils.frame_pads(image_shape(p.fixed), utils.LUNG250M4B)[::2])
+        offset = np.array(utils.frame_pads(utils.image_shape(p.fixed), utils.LUNG250M4B)[::2])
         val.append((case_number(p), p, fixed - offset, moving - offset))
     numbers = [c[0] for c in train + val]
     twice = sorted({n for n in numbers if numbers.count(n) > 1})
     if twice:
         raise utils.DataError(f"{shared}: case {twice[0]:03d} is in more than one split (or folder); its files would collide")
     return train, val
-
-
-def write_keypoints(path, pts):
-    with utils.atomic_path(path) as tmp:
-        np.savetxt(tmp, pts, delimiter=",", fmt="%.4f")
 
 
 def write_case(out, name, number, pair, fixed_kp, moving_kp):
@@ -118,7 +107,7 @@ def write_case(out, name, number, pair, fixed_kp, moving_kp):
     for key, pts in (("fixed_kp", fixed_kp), ("moving_kp", moving_kp)):
         path = os.path.join(out, paths[key])
         if pts is not None:
-            write_keypoints(path, pts)
+            utils.write_keypoints(path, pts)
         elif os.path.exists(path):
             os.remove(path)  # left by an earlier run (--overwrite): read_dataset would take it as this pair's
     return paths
