@@ -34,13 +34,12 @@ from models import TokenDecoder, model_config
 
 # factor: output = frame average-pooled by it. diff_weight: voxel weights 1 + W |fixed - moving| in
 # the BCE, as the cpu VQ-AE's (the voxels that carry the deformation). model: TokenDecoder kwargs;
-# up_channels gives the widths of the x2 upsamplings, as many as the token grid needs (last repeated);
-# groups: of group norm, at least 2 channels each (one each is instance norm, which collapsed).
+# up_channels gives the widths of the x2 upsamplings, as many as the token grid needs (last repeated).
 PRESETS = {
     "paper": dict(factor=2, batch=8, iters=3000, lr=1e-3, diff_weight=4.0, model=dict(up_channels=(64, 32, 16))),
     "cpu": dict(factor=4, batch=2, iters=1500, lr=1e-3, diff_weight=4.0, model=dict(up_channels=(32, 16))),
     "demo": dict(factor=4, batch=2, iters=150, lr=3e-3, diff_weight=4.0,
-                 model=dict(embed=16, width=16, blocks=1, up_channels=(16, 8), groups=4)),
+                 model=dict(embed=16, width=16, blocks=1, up_channels=(16, 8))),
 }
 WEIGHT_DECAY = 0.01
 

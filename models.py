@@ -505,26 +505,26 @@ class TokenDecoder(Checkpointed):
 
     ids (B, h, w, d) in [0, num_codes) -> learned embedding -> MONAI residual units on the token
     grid (kernel 3: a code alone does not place its vessels, its neighbours do; kernel 1 decoded
-    held-out pairs with Dice ~0) -> `ups` x2 transposed convolutions (each followed by a residual
-    unit) -> logits (B, 2, h*2^ups, w*2^ups, d*2^ups), channel 0 fixed, 1 moving; sigmoid =
-    occupancy (crop to the frame grid with utils.crop_to). Group norm with a residual unit per scale:
-    on the 5 held-out folds it kept 90 % of the pairs' motion, batch norm 65 %; with instance norm
-    (groups of one channel) the fixed and moving maps collapsed onto each other (RESULTS.md).
+    held-out pairs with Dice ~0) -> `ups` x2 transposed convolutions (each followed by `up_blocks`
+    residual units) -> logits (B, 2, h*2^ups, w*2^ups, d*2^ups), channel 0 fixed, 1 moving; sigmoid =
+    occupancy (crop to the frame grid with utils.crop_to). Batch norm: with instance norm the
+    held-out fixed and moving maps collapsed onto each other (RESULTS.md).
     """
 
     kind = "tokendecoder"
 
-    def __init__(self, num_codes=1024, embed=64, width=64, blocks=4, up_channels=(32, 16), groups=8):
+    def __init__(self, num_codes=1024, embed=64, width=64, blocks=4, up_channels=(32, 16), norm="BATCH",
+                 kernel=3, up_blocks=0):
         super().__init__()
         self.num_codes = num_codes
-        norm = ("group", {"num_groups": groups})
         self.embed = nn.Embedding(num_codes, embed)
-        self.stem = Convolution(3, embed, width, kernel_size=3, norm=norm)
-        self.blocks = nn.Sequential(*[ResidualUnit(3, width, width, kernel_size=3, subunits=2, norm=norm)
+        self.stem = Convolution(3, embed, width, kernel_size=kernel, norm=norm)
+        self.blocks = nn.Sequential(*[ResidualUnit(3, width, width, kernel_size=kernel, subunits=2, norm=norm)
                                       for _ in range(blocks)])
         chans = (width, *up_channels)
         self.up = nn.Sequential(*[nn.Sequential(Convolution(3, a, b, strides=2, kernel_size=3, is_transposed=True, norm=norm),
-                                                ResidualUnit(3, b, b, kernel_size=3, subunits=2, norm=norm))
+                                                *[ResidualUnit(3, b, b, kernel_size=3, subunits=2, norm=norm)
+                                                  for _ in range(up_blocks)])
                                   for a, b in zip(chans[:-1], chans[1:])])
         self.head = Convolution(3, chans[-1], 2, kernel_size=1, conv_only=True)
         self.ups = len(up_channels)

@@ -135,14 +135,11 @@ def test_generator_on_a_token_file_synthesises_through_its_decoder(decoded, run,
 @pytest.mark.parametrize("preset", sorted(decode_tokens.PRESETS))
 def test_every_preset_decodes_the_reference_grids_on_meta(preset):
     """Each preset's decoder on the reference's 16x13x16 grids: a training step with no tensor on the
-    CPU (CUDA readiness), logits covering its frame grid, and group norm of >= 2 channels per group
-    (one channel per group is instance norm, under which fixed and moving collapsed)."""
+    CPU (CUDA readiness) and logits covering its frame grid."""
     meta = torch.device("meta")
     tokens = {"grid_shape": (16, 13, 16), "num_codes": 1024, "frame": utils.LUNG250M4B}
     cfg = decode_tokens.config_of(preset, tokens)
     model = TokenDecoder.build(cfg).to(meta)
-    groups = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
-    assert groups and all(m.num_channels // m.num_groups >= 2 for m in groups)
     size = utils.grid_shape(cfg["factor"], utils.LUNG250M4B)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
