@@ -137,13 +137,12 @@ def test_every_preset_decodes_the_reference_grids_on_meta(preset):
     """Each preset's decoder on the reference's 16x13x16 grids: a training step with no tensor on the
     CPU (CUDA readiness) and logits covering its frame grid."""
     meta = torch.device("meta")
-    tokens = {"grid_shape": (16, 13, 16), "num_codes": 1024, "frame": utils.LUNG250M4B}
-    cfg = decode_tokens.config_of(preset, tokens)
+    cfg = decode_tokens.config_of(preset, utils.REFERENCE_TOKENS)
     model = TokenDecoder.build(cfg).to(meta)
     size = utils.grid_shape(cfg["factor"], utils.LUNG250M4B)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    grids = torch.zeros(2, 16, 13, 16, dtype=torch.long, device=meta)
+    grids = torch.zeros(2, *utils.REFERENCE_TOKENS["grid_shape"], dtype=torch.long, device=meta)
     loss = decode_tokens.decoder_step(model, opt, scaler, grids, torch.zeros(2, 2, *size, device=meta), 4.0)
     assert loss.device == meta
     assert all(a >= b for a, b in zip(model(grids).shape[2:], size))
