@@ -9,7 +9,9 @@ of DATA that have a grid in TOKENS (same case id; the reference's list maps to i
 utils.REFERENCE_CASES), then every grid is decoded into OUT/case_XXX_1.nii.gz (fixed) and _2
 (moving): occupancies in [0, 1] on the frame grid pooled by the preset's factor, with the frame
 affine, so OUT is directly a DATA_FOLDER of train_registration.py, and at cpu/demo (4 mm) also of
-the cpu/demo generator stages.
+the cpu/demo generator stages. The decoder gives the fixed map and a smooth motion that warps it
+into the moving map (TokenDecoder(motion=True), the motion learned from each pair's quick
+registration): a decoded pair is one map, deformed, as a real pair is.
 
 First a K-fold check over the fitted pairs (contiguous folds in sorted case order; K = 5 of 10 pairs
 holds out 2 each): a decoder fitted without the held-out pairs decodes their grids, and the
@@ -36,12 +38,16 @@ from models import TokenDecoder, model_config
 # the BCE, as the cpu VQ-AE's (the voxels that carry the deformation). model: TokenDecoder kwargs;
 # up_channels gives the widths of the x2 upsamplings, as many as the token grid needs (last repeated).
 PRESETS = {
-    "paper": dict(factor=2, batch=8, iters=3000, lr=1e-3, diff_weight=4.0, model=dict(up_channels=(64, 32, 16))),
-    "cpu": dict(factor=4, batch=2, iters=1500, lr=1e-3, diff_weight=4.0, model=dict(up_channels=(32, 16))),
+    "paper": dict(factor=2, batch=8, iters=3000, lr=1e-3, diff_weight=4.0,
+                  model=dict(up_channels=(64, 32, 16), motion=True)),
+    "cpu": dict(factor=4, batch=2, iters=1500, lr=1e-3, diff_weight=4.0, model=dict(up_channels=(32, 16), motion=True)),
     "demo": dict(factor=4, batch=2, iters=150, lr=3e-3, diff_weight=4.0,
-                 model=dict(embed=16, width=16, blocks=1, up_channels=(16, 8))),
+                 model=dict(embed=16, width=16, blocks=1, up_channels=(16, 8), motion=True)),
 }
 WEIGHT_DECAY = 0.01
+# a TokenDecoder(motion=True)'s ddf is pulled towards the real pair's quick-registration field (MSE in
+# voxels of the factor grid, ~1-3 voxels of motion) next to the BCE, which refines it
+MOTION_WEIGHT = 1.0
 
 
 def config_of(preset, tokens):
@@ -67,13 +73,22 @@ def decoder_loss(logits, x, diff_weight):
     return (per_voxel * v).mean() / v.mean()
 
 
-def decoder_step(model, opt, scaler, grids, x, diff_weight):
+def motion_targets(pairs):
+    """The ddf a TokenDecoder(motion=True) learns for each pair (N, 2, H, W, D): (N, 3, H, W, D) with
+    fixed(y + ddf(y)) ~ moving(y), utils.quick_field (the field deformation_kept measures)."""
+    return torch.cat([utils.quick_field(p[1], p[0]) for p in pairs])
+
+
+def decoder_step(model, opt, scaler, grids, x, diff_weight, motion=None):
     """One iteration on token grids (B, h, w, d) and their pairs x (B, 2, H, W, D) -> the loss
     (0-dim tensor on the device; the decoder under utils.autocast, the loss in fp32). scaler: a
-    GradScaler, enabled on CUDA: a mean over ~1e7 voxels gives per-voxel gradients below fp16's range."""
+    GradScaler, enabled on CUDA: a mean over ~1e7 voxels gives per-voxel gradients below fp16's range.
+    motion: the pairs' motion_targets, for a decoder with `motion`."""
     with utils.autocast(x.device):
-        logits = utils.crop_to(model(grids), x.shape[2:])
-    loss = decoder_loss(logits, x, diff_weight)
+        logits, ddf = model.logits_and_motion(grids)
+    loss = decoder_loss(utils.crop_to(logits, x.shape[2:]), x, diff_weight)
+    if motion is not None:
+        loss = loss + MOTION_WEIGHT * F.mse_loss(utils.fp32(utils.crop_to(ddf, x.shape[2:])), motion)
     utils.optimiser_step(loss, opt, scaler)
     return loss.detach()
 
@@ -89,12 +104,14 @@ def fit(cfg, grids, pairs, iters, seed, device, desc="fit"):
     gen = torch.Generator().manual_seed(seed * 100003)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     batch = min(p["batch"], len(pairs))
+    motion = motion_targets(pairs).to(device) if model.motion else None
     grids, pairs = grids.to(device), pairs.to(device)
     losses = []
     bar = tqdm(range(iters), desc=desc, leave=False)
     for i in bar:
         idx = torch.randperm(len(pairs), generator=gen)[:batch].to(device)
-        losses.append(decoder_step(model, opt, scaler, grids[idx], pairs[idx], p["diff_weight"]))
+        target = None if motion is None else motion[idx]
+        losses.append(decoder_step(model, opt, scaler, grids[idx], pairs[idx], p["diff_weight"], target))
         sched.step()
         if (i + 1) % 50 == 0 or i + 1 == iters:
             recent = float(torch.stack(losses[-50:]).mean())

@@ -509,12 +509,18 @@ class TokenDecoder(Checkpointed):
     residual units) -> logits (B, 2, h*2^ups, w*2^ups, d*2^ups), channel 0 fixed, 1 moving; sigmoid =
     occupancy (crop to the frame grid with utils.crop_to). Batch norm: with instance norm the
     held-out fixed and moving maps collapsed onto each other (RESULTS.md).
+
+    motion=True: the head gives the fixed logits only, and a 3x3x3 convolution on the token grid a
+    smooth ddf (B, 3, ...) in output voxels (trilinear up); the moving logits are the fixed ones
+    warped by it, moving(y) = fixed(y + ddf(y)). Decoded pairs are then one map and an explicit
+    motion, consistent by construction (independently decoded maps differed by grain that nets
+    trained on them read as motion, RESULTS.md). decode_tokens.py supervises the ddf.
     """
 
     kind = "tokendecoder"
 
     def __init__(self, num_codes=1024, embed=64, width=64, blocks=4, up_channels=(32, 16), norm="BATCH",
-                 kernel=3, up_blocks=0):
+                 kernel=3, up_blocks=0, motion=False):
         super().__init__()
         self.num_codes = num_codes
         self.embed = nn.Embedding(num_codes, embed)
@@ -526,13 +532,27 @@ class TokenDecoder(Checkpointed):
                                                 *[ResidualUnit(3, b, b, kernel_size=3, subunits=2, norm=norm)
                                                   for _ in range(up_blocks)])
                                   for a, b in zip(chans[:-1], chans[1:])])
-        self.head = Convolution(3, chans[-1], 2, kernel_size=1, conv_only=True)
+        self.head = Convolution(3, chans[-1], 1 if motion else 2, kernel_size=1, conv_only=True)
         self.ups = len(up_channels)
+        self.motion = motion
+        if motion:
+            self.flow = nn.Conv3d(width, 3, kernel_size=3, padding=1)
+            nn.init.zeros_(self.flow.weight)  # training starts from no motion
+            nn.init.zeros_(self.flow.bias)
+
+    def logits_and_motion(self, ids):
+        """ids (B, h, w, d) -> (logits (B, 2, h*2^ups, w*2^ups, d*2^ups), the motion ddf (B, 3, same)
+        in those voxels, or None without `motion`)."""
+        x = self.blocks(self.stem(self.embed(ids.long()).movedim(-1, 1)))
+        out = self.head(self.up(x))
+        if not self.motion:
+            return out, None
+        ddf = F.interpolate(self.flow(x), size=out.shape[2:], mode="trilinear", align_corners=False)
+        return torch.cat([out, utils.warp(out, ddf)], 1), ddf
 
     def forward(self, ids):
         """ids (B, h, w, d) -> logits (B, 2, h*2^ups, w*2^ups, d*2^ups)."""
-        x = self.embed(ids.long()).movedim(-1, 1)
-        return self.head(self.up(self.blocks(self.stem(x))))
+        return self.logits_and_motion(ids)[0]
 
     @torch.no_grad()
     def occupancy(self, ids, size):

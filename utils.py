@@ -990,11 +990,9 @@ def codebook_stats(ids, num_codes):
 REALISM_STATS = ["vf_fixed", "vf_moving", "dice_fm", "disp_mm", "dice_reg", "nn_dice"]
 
 
-def quick_registration(fixed, moving, factor, iters=40, spacing=4, reg=0.05, lr=0.2, voxel_mm=(1.0, 1.0, 1.0)):
-    """(mean |u| in mm over the fixed vessels, Dice after) of a smooth ddf u with moving(x + u) ~ fixed.
-    fixed, moving (H, W, D) in [0, 1] at frame/factor. Registered at half that resolution (8 mm at
-    factor 4: smoother images reach further) with u on a grid `spacing` times coarser still (32 mm).
-    Cheap and identical for real and synthetic pairs. voxel_mm: the frame's spacing."""
+def quick_field(fixed, moving, iters=40, spacing=4, reg=0.05, lr=0.2):
+    """quick_registration's smooth ddf u (1, 3, H, W, D), in voxels of the input grid, with
+    moving(x + u) ~ fixed; fixed, moving (H, W, D) in [0, 1]."""
     f, m = (pool(v.float(), 2)[None, None] for v in (fixed, moving))
     size = f.shape[2:]
     ctrl = torch.zeros(1, 3, *[max(2, s // spacing) for s in size], requires_grad=True)
@@ -1006,7 +1004,16 @@ def quick_registration(fixed, moving, factor, iters=40, spacing=4, reg=0.05, lr=
         loss.backward()
         opt.step()
     with torch.no_grad():
-        u = resize_ddf(ctrl, fixed.shape)  # back to the input grid
+        return resize_ddf(ctrl, tuple(fixed.shape))  # back to the input grid
+
+
+def quick_registration(fixed, moving, factor, iters=40, spacing=4, reg=0.05, lr=0.2, voxel_mm=(1.0, 1.0, 1.0)):
+    """(mean |u| in mm over the fixed vessels, Dice after) of a smooth ddf u with moving(x + u) ~ fixed.
+    fixed, moving (H, W, D) in [0, 1] at frame/factor. Registered at half that resolution (8 mm at
+    factor 4: smoother images reach further) with u on a grid `spacing` times coarser still (32 mm).
+    Cheap and identical for real and synthetic pairs. voxel_mm: the frame's spacing."""
+    u = quick_field(fixed, moving, iters, spacing, reg, lr)
+    with torch.no_grad():
         mag = scale_channels(u, [factor * v for v in voxel_mm])[0].norm(dim=0)
         inside = fixed > 0.5
         warped = warp(moving[None, None].float(), u)[0, 0]

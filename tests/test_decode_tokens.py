@@ -14,7 +14,8 @@ from models import TokenDecoder
 
 GRID = (4, 4, 4)  # an 8 mm frame (32x26x32) in blocks of 8 voxels, cropped along the second axis
 N = 16  # pairs with volumes
-CODES = 8  # code c < 4: bit 0 = fixed vessel, bit 1 = moving vessel; codes 4-7 empty (sparse, like vessels)
+CODES = 8  # codes 0, 2: a vessel block; 1, 3-7 empty (sparse, like vessels)
+SHIFT = 2  # moving = fixed shifted by 2 voxels (16 mm) along the first axis: a motion the decoder can carry
 
 
 def test_reference_token_list_maps_to_its_cases(tmp_path):
@@ -41,16 +42,18 @@ def test_shared_reference_tokens_have_the_training_cases(shared_data):
     assert not val & set(ids)  # no validation case is among the reference's training grids
 
 
-def block_volume(grid, k):
-    """Channel k (0 fixed, 1 moving) of a token grid's known pattern: each token's 8x8x8 block."""
-    v = (((grid >> k) & 1) * (grid < 4)).float()
+def block_pair(grid):
+    """A token grid's known pair (2, ...): fixed = each vessel token's 8x8x8 block, moving = fixed
+    rolled by SHIFT voxels along the first axis, i.e. moving(y) = fixed(y + ddf) with ddf = -SHIFT."""
+    v = ((grid % 2 == 0) & (grid < 4)).float()
     size = utils.grid_shape(8, utils.LUNG250M4B)
-    return v.repeat_interleave(8, 0).repeat_interleave(8, 1).repeat_interleave(8, 2)[:size[0], :size[1], :size[2]]
+    fixed = v.repeat_interleave(8, 0).repeat_interleave(8, 1).repeat_interleave(8, 2)[:size[0], :size[1], :size[2]]
+    return torch.stack([fixed, fixed.roll(SHIFT, 0)])
 
 
 @pytest.fixture(scope="module")
 def decoded(tmp_path_factory):
-    """16 pairs made from their token grids' pattern and one more grid without volumes, decoded by
+    """16 pairs made from their token grids' pattern (block_pair) and one more grid without volumes, decoded by
     the demo decoder at 8 mm (a cheaper frame grid; the method is the same) with a 2-fold check
     (8 fitted pairs, as the real check; with 4 the decoder memorises them through their context)."""
     root = tmp_path_factory.mktemp("blocks")
@@ -59,8 +62,8 @@ def decoded(tmp_path_factory):
     grids = torch.randint(CODES, (N + 1, *GRID), generator=torch.Generator().manual_seed(0))
     cases = [f"case_{i:03d}" for i in range(N + 1)]
     for case, g in zip(cases[:N], grids):
-        for k in (0, 1):
-            utils.write_nifti(str(data / f"{case}_{k + 1}.nii.gz"), block_volume(g, k), 8, utils.LUNG250M4B)
+        for k, v in enumerate(block_pair(g)):
+            utils.write_nifti(str(data / f"{case}_{k + 1}.nii.gz"), v, 8, utils.LUNG250M4B)
     tokens = str(root / "tokens.pth")
     utils.write_tokens(tokens, grids, cases, CODES, {"factor": 8, "frame": utils.LUNG250M4B})
     out = root / "decoded"
@@ -85,12 +88,15 @@ def test_decoder_learns_a_known_block_pattern(decoded):
     assert manifest["tokens_sha256"] == utils.sha256(tokens) and manifest["complete"]
     ids, pairs = utils.load_pairs(str(out), 8, utils.LUNG250M4B)
     assert ids == [f"case_{i:03d}" for i in range(N + 1)] and pairs.shape == (N + 1, 2, 32, 26, 32)
-    assert utils.dice(pairs[N, 1], block_volume(grids[N], 1)) > 0.85  # the grid without volumes
+    assert utils.dice(pairs[N, 1], block_pair(grids[N])[1]) > 0.85  # the grid without volumes
     img = nib.load(str(out / f"case_{N:03d}_2.nii.gz"))
     assert np.allclose(img.affine, utils.frame_affine(8, utils.LUNG250M4B)) and os.path.exists(out / "preview.png")
     model = TokenDecoder.from_checkpoint(str(out / "decoder.pth"), torch.device("cpu"))
     assert model.saved["precision"] == "fp32"  # every checkpoint records its arithmetic
     assert model(grids[:1]).shape == (1, 2, 32, 32, 32)  # 3 upsamplings of 4x4x4, cropped when written
+    with torch.no_grad():  # the unseen grid's motion: -SHIFT along the first axis, none along the others
+        ddf = utils.crop_to(model.logits_and_motion(grids[N:])[1], pairs.shape[2:]).mean((0, 2, 3, 4))
+    assert -SHIFT - 0.5 < float(ddf[0]) < -SHIFT / 2 and float(ddf[1:].abs().max()) < 0.5, ddf
 
 
 def test_decode_tokens_resumes_and_refuses_other_settings(decoded, run, tmp_path):
@@ -143,6 +149,20 @@ def test_every_preset_decodes_the_reference_grids_on_meta(preset):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     grids = torch.zeros(2, *utils.REFERENCE_TOKENS["grid_shape"], dtype=torch.long, device=meta)
-    loss = decode_tokens.decoder_step(model, opt, scaler, grids, torch.zeros(2, 2, *size, device=meta), 4.0)
+    motion = torch.zeros(2, 3, *size, device=meta) if model.motion else None
+    loss = decode_tokens.decoder_step(model, opt, scaler, grids, torch.zeros(2, 2, *size, device=meta), 4.0, motion)
     assert loss.device == meta
     assert all(a >= b for a, b in zip(model(grids).shape[2:], size))
+
+
+def test_motion_decoder_warps_its_fixed_map():
+    """TokenDecoder(motion=True): the moving logits are the fixed ones sampled at y + ddf(y)."""
+    torch.manual_seed(0)
+    model = TokenDecoder(num_codes=CODES, embed=8, width=8, blocks=1, up_channels=(8,), motion=True).eval()
+    ids = torch.randint(CODES, (1, *GRID))
+    with torch.no_grad():
+        assert float(model.logits_and_motion(ids)[1].abs().max()) == 0  # training starts from no motion
+        model.flow.bias.copy_(torch.tensor([2.0, 0.0, 0.0]))
+        logits, ddf = model.logits_and_motion(ids)
+    assert logits.shape == (1, 2, 8, 8, 8) and ddf.shape == (1, 3, 8, 8, 8)
+    assert torch.allclose(logits[0, 1, :6], logits[0, 0, 2:], atol=1e-5)  # 2 voxels along the first axis
