@@ -49,23 +49,11 @@ def summary(values):
             "p50": float(np.percentile(v, 50)), "p75": float(np.percentile(v, 75))}
 
 
-def jacobian_det(ddf):
-    """Jacobian determinant of x + ddf(x) (central differences), (B, H, W, D)."""
-    g = torch.stack(torch.gradient(ddf, dim=(2, 3, 4)), dim=2)  # (B, 3 comp, 3 deriv, H, W, D)
-    J = g + torch.eye(3, dtype=ddf.dtype, device=ddf.device).view(1, 3, 3, 1, 1, 1)
-    return torch.linalg.det(J.permute(0, 3, 4, 5, 1, 2))
-
-
 def jacobian_stats(ddf):
     """(% voxels with det J <= 0, std of log det J) as in Learn2Reg (log of det+3, clipped)."""
-    det = jacobian_det(ddf.float())
+    det = utils.jacobian_det(ddf.float())
     logj = torch.log((det + 3).clamp(1e-9, 1e9))
     return float((det <= 0).float().mean() * 100), float(logj.std())
-
-
-def native_factor(path, frame):
-    """Finest pooled-frame factor a file offers (1 for original scans); read from the header only."""
-    return utils.frame_factor(nib.load(path).shape[:3], frame) or 1
 
 
 def case_number(path):
@@ -122,7 +110,7 @@ def evaluate_pair(net, pair, lms, iter_tta, device, direction="reference", label
     if disp:
         write_disp(disp, pair, fields_tta[0], frame)
     # Dice of the masks at the finest resolution the files offer (the frame's voxels for real scans)
-    f0 = native_factor(paths[0], frame)
+    f0 = utils.native_factor(paths[0], frame)
     fixed_mask, moving_mask = (utils.framed_volume(p, f0, frame, labels=labels)[None, None] for p in paths)
     for k, fields in zip(KEYS, (None, fields_net, fields_tta)):
         if fields is None:

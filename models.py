@@ -298,9 +298,8 @@ class TokenTransformer(Checkpointed):
         return y.reshape(len(y), self.seq_len, *rest)
 
     def classes_of(self, x0):
-        """Codebook ids (B, L) -> class indices into vocab. Precondition: every id is in vocab
-        (train_diffusion builds vocab from every grid it reads); an id outside maps to -1, which the
-        cross-entropy rejects (an error, not a one-line message)."""
+        """Codebook ids (B, L) -> class indices into vocab; an id outside maps to -1 (train_diffusion
+        builds vocab from the training grids, so only held-out grids can hold such ids)."""
         return self.index[x0.long()]
 
     def forward(self, ids):
@@ -343,6 +342,9 @@ class TokenTransformer(Checkpointed):
         x0 = self.classes_of(x0)
         t = torch.randint(1, self.T + 1, (n * procs,), generator=generator, device=x0.device)[rank * n:(rank + 1) * n] / self.T
         xt, masked = self.mask_tokens(x0, t, self.mask_id, generator, share)
+        unseen = x0 < 0  # a held-out grid's code outside vocab: shown masked, left out of the loss
+        if unseen.any():
+            xt, masked, x0 = xt.masked_fill(unseen, self.mask_id), masked & ~unseen, x0.clamp(min=0)
         return self.weighted_elbo((net or self)(xt), x0, masked, t).mean()
 
     @torch.no_grad()
@@ -388,11 +390,6 @@ class TokenTransformer(Checkpointed):
 
 
 # ======================================================================== registration (stage 5)
-def _along(axis, value, other):
-    """A 3-tuple with `value` at `axis` and `other` elsewhere (per-axis pooling arguments)."""
-    return tuple(value if i == axis else other for i in range(3))
-
-
 class RegistrationNet(Checkpointed):
     """Two-step inverse-consistent registration ("Inverse Consistency by Construction", Greer et
     al. 2023), as in the reference implementation. forward(fixed, moving), each (B, 1, H, W, D) in [0, 1], returns
@@ -434,10 +431,8 @@ class RegistrationNet(Checkpointed):
         o_ab, o_ba = utils.fp32(utils.crop_to(self.runners[step](x), size)).chunk(2)
         v = (torch.tanh(o_ab) - torch.tanh(o_ba)) * self.max_velocity
         v = v.flip(1)  # the reference reads the UNet's channels as grid_sample's (x, y, z) = axes (D, W, H)
-        k, p = self.pool_kernel, self.pool_kernel // 2
-        for s in self.pool_strides:  # the reference's smoothing: avg-pool 7 (stride 2, 2, then 1, 1),
-            for ax in range(3):      # computed as three exact 1D box filters (7 instead of 343 taps)
-                v = F.avg_pool3d(v, _along(ax, k, 1), stride=_along(ax, s, 1), padding=_along(ax, p, 0))
+        for s in self.pool_strides:  # the reference's smoothing: avg-pool 7 (stride 2, 2, then 1, 1)
+            v = utils.box_filter(v, self.pool_kernel, s)
         return v
 
     def exp(self, v, size):

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 import decode_tokens
+import deform_pairs
 import evaluate_registration
 import infer_vqae
 import make_phantoms
@@ -57,10 +58,14 @@ PRESETS = {
     "cpu": dict(tta=50, augment=20, seeds=3, decode_folds=0),
     "demo": dict(tta=10, augment=4, seeds=1, n_train=6, n_val=3, decode_folds=0),
 }
-# registration rows in report order: the real pairs, the decoded token grids, then each generator's
-# synthetic pairs and their mix with the real pairs (plain: the generator trained on --data; _tok: on
-# --generator-tokens)
-ROWS = ("real", "decoded", "synth", "mix", "synth_tok", "mix_tok")
+# registration rows in report order: the real pairs (plain and augmented on the fly), the decoded
+# token grids, each generator's synthetic pairs and their mix with the real pairs (plain: the
+# generator trained on --data; _tok: on --generator-tokens), the real pairs mixed with the free
+# baselines' pairs (deform_pairs.py). The free rows are tested against the real pairs and against
+# the generator's mix.
+ROWS = ("real", "augmented", "decoded", "synth", "mix", "warped", "deformed", "synth_tok", "mix_tok")
+FREE = ("augmented", "warped", "deformed")
+CURVE_ROWS = tuple(r for r in ROWS if r != "synth")  # --curve drops the synthetic-only row
 
 
 DIGESTS = {}  # file identity and change times -> digest: every stage of a run lists the data folder again
@@ -236,13 +241,12 @@ def run_chains(run, chains, jobs):
           flush=True)
 
 
-def mix_folder(real, synth, out, frame):
-    """real + synthetic pairs in one folder of symbolic links (real_ID_1, synth_ID_1, ...: names never
-    collide) and mix_dataset.json (with the frame: both kinds are placed as for the rows alone),
-    rebuilt on every run so it always mirrors the two sources."""
-    if (utils.recorded_frame(synth) or utils.LUNG250M4B) != frame:
-        raise utils.DataError(f"{synth}: its pairs were made in another frame than {real}'s; they cannot be mixed")
-    js = os.path.join(out, "mix_dataset.json")
+def link_folder(sources, out, frame, description):
+    """A folder of symbolic links to the pairs of `sources` [(prefix, folder, ids or None = all)]
+    (names PREFIX_ID_1.nii.gz, or ID_1.nii.gz without a prefix: they never collide) and
+    OUT/NAME_dataset.json with the frame (every source is placed as on its own), rebuilt on every run so
+    it always mirrors its sources."""
+    js = os.path.join(out, os.path.basename(os.path.normpath(out)) + "_dataset.json")
     if os.path.isdir(out):
         for f in os.listdir(out):
             path = os.path.join(out, f)
@@ -251,14 +255,23 @@ def mix_folder(real, synth, out, frame):
             os.remove(path)
     os.makedirs(out, exist_ok=True)
     listed = []
-    for prefix, source in (("real", real), ("synth", synth)):
+    for prefix, source, ids in sources:
         for p in utils.find_pairs(source):
-            names = {k: f"{prefix}_{p.id}_{i}.nii.gz" for i, k in ((1, "fixed"), (2, "moving"))}
+            if ids is not None and p.id not in ids:
+                continue
+            names = {k: f"{prefix + '_' if prefix else ''}{p.id}_{i}.nii.gz" for i, k in ((1, "fixed"), (2, "moving"))}
             for k, name in names.items():
                 os.symlink(os.path.abspath(getattr(p, k)), os.path.join(out, name))
             listed.append(names)
-    utils.write_dataset_json(js, "mix", listed, frame=frame, description="real and synthetic pairs (links)")
+    utils.write_dataset_json(js, os.path.basename(os.path.normpath(out)), listed, frame=frame, description=description)
     return out
+
+
+def mix_folder(real, synth, out, frame):
+    """real + synthetic (or baseline) pairs in one folder of links (link_folder)."""
+    if (utils.recorded_frame(synth) or utils.LUNG250M4B) != frame:
+        raise utils.DataError(f"{synth}: its pairs were made in another frame than {real}'s; they cannot be mixed")
+    return link_folder([("real", real, None), ("synth", synth, None)], out, frame, "real and synthetic pairs (links)")
 
 
 def sign_flip_p(d, rounds=20000, seed=0):
@@ -296,36 +309,51 @@ def log_prefix_paths(prefix):
     return [prefix + ext for ext in (".csv", ".json", ".png", ".md")]
 
 
-def eval_csv(out, row, seed):
-    return os.path.join(out, f"eval_{row}_s{seed}.csv")
+def eval_csv(out, row, seed, prefix="eval"):
+    return os.path.join(out, f"{prefix}_{row}_s{seed}.csv")
 
 
-def per_case_means(out, row, seeds):
+def per_case_means(out, row, seeds, prefix="eval"):
     """{case: ...} arrays of a row's per-case TRE (net, tta), averaged over the given seeds; None if none ran."""
     rows = [np.genfromtxt(c, delimiter=",", names=True, dtype=None, encoding=None)
-            for c in (eval_csv(out, row, s) for s in seeds) if os.path.exists(c)]
+            for c in (eval_csv(out, row, s, prefix) for s in seeds) if os.path.exists(c)]
     if not rows:
         return None
     cases = sorted(set(rows[0]["case"]))
     return {k: np.array([np.mean([x[k][x["case"] == c].mean() for x in rows]) for c in cases]) for k in ("net", "tta")}
 
 
-def report(out, seeds, times, preset, real=None, synth=None, labels=None, frame=None):
-    """results.md: the paper-style table (mean +- sd over seeds) of every row run so far in `out`,
-    named by labels (kept in rows.json across runs), each row's per-case difference to the real
-    pairs with a paired test, stage times, figures."""
-    labels_path = os.path.join(out, "rows.json")
-    names = utils.read_json(labels_path) if os.path.exists(labels_path) else {}
-    names.update(labels or {})
-    utils.write_json(labels_path, names)
-    evals = {"initial / TTA only": [os.path.join(out, "eval_none.json")]}
-    evals.update({names.get(r, r): [os.path.join(out, f"eval_{r}_s{s}.json") for s in range(seeds)]
+def per_case_tests(out, seeds, names, base_row, rows, prefix="eval"):
+    """results.md lines: each row's per-case TRE difference to base_row's, over the seeds both have (a
+    partial run may lack some), with a paired sign-flip test; none if base_row has not run."""
+    paired = {r: [s for s in range(seeds) if all(os.path.exists(eval_csv(out, x, s, prefix)) for x in (base_row, r))]
+              for r in rows}
+    compared = [(r, ss, per_case_means(out, base_row, ss, prefix), per_case_means(out, r, ss, prefix))
+                for r, ss in paired.items() if ss]
+    if not compared:
+        return []
+    n = len(compared[0][2]["net"])
+    lines = ["", f"Per case against {names[base_row]} ({n} cases, TRE averaged over the seeds both rows have; "
+             f"negative = better than {names[base_row]}; paired sign-flip permutation test):", ""]
+    for r, ss, base, m in compared:
+        cells = []
+        for k in ("net", "tta"):
+            d = m[k] - base[k]
+            cells.append(f"{k} {d.mean():+.2f} mm, better in {(d < 0).sum()}/{len(d)}, p = {sign_flip_p(d):.3f}")
+        some = f" (seeds {', '.join(map(str, ss))})" if len(ss) < seeds else ""
+        lines.append(f"- {names[r]}{some}: " + "; ".join(cells))
+    return lines
+
+
+def tre_table(out, names, seeds, prefix):
+    """The markdown table of every row's PREFIX_ROW_sS.json evaluations run so far -> {row name: [files]}
+    of the rows run, with "lines": the table."""
+    evals = {"initial / TTA only": [os.path.join(out, f"{prefix}_none.json")]}
+    evals.update({names.get(r, r): [os.path.join(out, f"{prefix}_{r}_s{s}.json") for s in range(seeds)]
                   for r in ROWS if r in names})
     evals = {k: [f for f in v if os.path.exists(f)] for k, v in evals.items()}  # a partial run: rows so far
     cols = [f"tre_{k}_{q}" for k in ("net", "tta") for q in ("mean", "p25", "p50", "p75")] + ["dice_tta", "folding_pct"]
-    lines = [f"# Results ({preset} preset)", "", "TRE in mm (mean over landmarks; mean ± sd over seeds); "
-             "`net` = registration net alone, `tta` = after test-time adaptation. Rows are named by what "
-             "the nets trained on.", "", "| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = ["| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     first = json.load(open(evals["initial / TTA only"][0]))
     lines.append("| initial | " + f"{first['tre_initial_mean']:.2f} (Dice {first['dice_initial']:.3f})" + " |" * len(cols))
     for name, files in evals.items():
@@ -337,26 +365,38 @@ def report(out, seeds, times, preset, real=None, synth=None, labels=None, frame=
                  else f"{js[0][c]:.2f}" for c in cols]
         partial = f" ({len(js)} of {seeds} seeds)" if name != "initial / TTA only" and len(js) < seeds else ""
         lines.append(f"| {name} | " + " | ".join(cells) + partial + " |")
-    # each row against the real pairs over the seeds both have (a partial run may lack some)
-    paired = {r: [s for s in range(seeds) if all(os.path.exists(eval_csv(out, x, s)) for x in ("real", r))]
-              for r in ROWS[1:] if r in names}
-    compared = [(r, ss, per_case_means(out, "real", ss), per_case_means(out, r, ss)) for r, ss in paired.items() if ss]
-    if compared:
-        n = len(compared[0][2]["net"])
-        lines += ["", f"Per case against {names['real']} ({n} cases, TRE averaged over the seeds both rows have; "
-                  "negative = better than the real pairs; paired sign-flip permutation test):", ""]
-    for r, ss, base, m in compared:
-        cells = []
-        for k in ("net", "tta"):
-            d = m[k] - base[k]
-            cells.append(f"{k} {d.mean():+.2f} mm, better in {(d < 0).sum()}/{len(d)}, p = {sign_flip_p(d):.3f}")
-        some = f" (seeds {', '.join(map(str, ss))})" if len(ss) < seeds else ""
-        lines.append(f"- {names[r]}{some}: " + "; ".join(cells))
+    return {**evals, "lines": lines}
+
+
+def report(out, seeds, times, preset, real=None, synth=None, labels=None, frame=None):
+    """results.md: the paper-style table (mean +- sd over seeds) of every row run so far in `out`,
+    named by labels (kept in rows.json across runs), each row's per-case difference to the real
+    pairs with a paired test, stage times, figures."""
+    labels_path = os.path.join(out, "rows.json")
+    names = utils.read_json(labels_path) if os.path.exists(labels_path) else {}
+    names.update(labels or {})
+    utils.write_json(labels_path, names)
+    evals = tre_table(out, names, seeds, "eval")
+    lines = [f"# Results ({preset} preset)", "", "TRE in mm (mean over landmarks; mean ± sd over seeds); "
+             "`net` = registration net alone, `tta` = after test-time adaptation. Rows are named by what "
+             "the nets trained on.", ""] + evals.pop("lines")
+    # each row against the real pairs, and each free baseline against the generator's mix
+    mix = "mix" if "mix" in names else "mix_tok"
+    for base_row, rows in (("real", ROWS[1:]), (mix, FREE)):
+        lines += per_case_tests(out, seeds, names, base_row, [r for r in rows if r in names and r != base_row])
+    if os.path.exists(os.path.join(out, "eval_extra_none.json")):  # a second evaluation set, apart
+        lines += ["", "Extra evaluation set (pseudo ground truth, e.g. corrField keypoints of held-out training "
+                  "pairs; reported apart from the validation pairs):", ""] + tre_table(out, names, seeds, "eval_extra")["lines"]
+        for base_row, rows in (("real", ROWS[1:]), (mix, FREE)):
+            lines += per_case_tests(out, seeds, names, base_row, [r for r in rows if r in names and r != base_row],
+                                    "eval_extra")
     total = sum(times.values())
     lines += ["", f"Time per stage (summed over resumed runs; stages run by --jobs overlap): total {total / 60:.1f} min", ""]
     lines += [f"- {k}: {v / 60:.1f} min ({100 * v / max(total, 1e-9):.0f} %)" for k, v in times.items()]
     for f, what in (("realism", "real training pairs, VQ-AE reconstructions, synthetic pairs"),
-                    ("realism_tok", "real training pairs, decoded token grids, synthetic pairs of the token generator")):
+                    ("realism_tok", "real training pairs, decoded token grids, synthetic pairs of the token generator"),
+                    ("realism_free", "real training pairs, synthetic pairs, the free baselines' warped and deformed pairs"),
+                    ("realism_free_tok", "the same with the token generator's synthetic pairs")):
         if os.path.exists(os.path.join(out, f + ".md")):
             lines += ["", f"Realism (frame pooled by 4; {what}):", "", open(os.path.join(out, f + ".md")).read().strip()]
     if real and synth:
@@ -416,17 +456,22 @@ def generator(run, path, preset, data, val, n, tag="", tokens=None, frame_args=(
     return synth, decoded
 
 
-def reg_chain(out, tag, data, reads, preset, seed, tta, val, landmarks, iters=(), frame_args=()):
+def reg_chain(out, tag, data, reads, preset, seed, tta, val, landmarks, iters=(), frame_args=(), train_args=(),
+              extra=None):
     """One registration row and seed as a stage chain: reg_TAG trains on `data` (the files it reads:
-    `reads`), then eval_TAG evaluates its net on `val` with `tta` test-time-adaptation iterations."""
+    `reads`; train_args: more of train_registration.py's options), then eval_TAG evaluates its net on
+    `val` with `tta` test-time-adaptation iterations; extra: (pairs, landmarks) of a second evaluation
+    set, eval_extra_TAG."""
     ck = os.path.join(out, f"reg_{tag}.pth")
-    ev = ["--data", val, *(["--landmarks", landmarks] if landmarks else []), "--overwrite"]
-    return [dict(name=f"reg_{tag}", outputs=[ck], fn=train_registration.main, preset=preset, inputs=reads,
-                 argv=[train_registration.PRESETS[preset]["batch"], data, "--preset", preset, "--seed", seed,
-                       "--out", ck, *iters, *frame_args], resume=["--resume"]),
-            dict(name=f"eval_{tag}", outputs=[os.path.join(out, f"eval_{tag}.json")], fn=evaluate_registration.main,
-                 argv=[tta, ck, "--out", os.path.join(out, f"eval_{tag}"), *ev], preset=preset,
-                 inputs=[ck, val, *([landmarks] if landmarks else [])])]
+    chain = [dict(name=f"reg_{tag}", outputs=[ck], fn=train_registration.main, preset=preset, inputs=reads,
+                  argv=[train_registration.PRESETS[preset]["batch"], data, "--preset", preset, "--seed", seed,
+                        "--out", ck, *iters, *frame_args, *train_args], resume=["--resume"])]
+    for name, pairs, lms in (("eval", val, landmarks), *([("eval_extra", *extra)] if extra else [])):
+        ev = ["--data", pairs, *(["--landmarks", lms] if lms else []), "--overwrite"]
+        chain.append(dict(name=f"{name}_{tag}", outputs=[os.path.join(out, f"{name}_{tag}.json")],
+                          fn=evaluate_registration.main, argv=[tta, ck, "--out", os.path.join(out, f"{name}_{tag}"), *ev],
+                          preset=preset, inputs=[ck, pairs, *([lms] if lms else [])]))
+    return chain
 
 
 def warn_overlap(both, source):
@@ -436,10 +481,179 @@ def warn_overlap(both, source):
               f"{' ...' if len(both) > 3 else ''}): the rows are not held out", file=sys.stderr)
 
 
-def shared_pairs(train, val):
-    """Validation pairs whose fixed volume is byte for byte one of the training pairs' (whatever the names)."""
-    seen = {digest(p.fixed)[1] for p in utils.find_pairs(train)}
-    return [p.id for p in utils.find_pairs(val, utils.val_split(val)) if digest(p.fixed)[1] in seen]
+def shared_pairs(train, val, split=None):
+    """(validation pair ids, training pair ids) of the pairs whose fixed volumes are byte for byte the
+    same (whatever the names). split: the validation pairs' split (default utils.val_split)."""
+    seen = {digest(p.fixed)[1]: p.id for p in utils.find_pairs(train)}
+    both = [(p.id, seen[digest(p.fixed)[1]]) for p in utils.find_pairs(val, split or utils.val_split(val))
+            if digest(p.fixed)[1] in seen]
+    return [v for v, _ in both], [t for _, t in both]
+
+
+def experiment(out, preset, data, val, lms, seeds, n, reg_iters=None, frame_name=None, force=(), jobs=1,
+               generator_tokens=None, rows=ROWS, extra=None):
+    """One run in `out` on the training pairs of `data`: the generator, the free baselines, every
+    registration row of `rows` x seed trained and evaluated on `val` (landmarks `lms`; extra: (pairs,
+    landmarks) evaluated too, reported apart), results.md. Every input is checked before the first stage."""
+    p = PRESETS[preset]
+    run = Stages(out, force)
+    frame_args = ["--frame", frame_name] if frame_name else []
+    frame = utils.data_frame(data, frame_name)
+    train_ids = [p.id for p in utils.find_pairs(data)]  # every input checked before the first stage runs
+    for pair in utils.find_pairs(val, utils.val_split(val)):
+        utils.pair_landmarks(pair, frame, lms)
+    warn_overlap(shared_pairs(data, val)[0], data)
+
+    def path(name):
+        return os.path.join(out, name)
+
+    real = f"real-{len(train_ids)}"
+    if generator_tokens:
+        grids = utils.read_tokens(generator_tokens)
+        # the reference's grids are named by their Lung250M-4B case ids: names are all there is to compare
+        val_ids = {p.id for p in utils.find_pairs(val, utils.val_split(val))}
+        warn_overlap(sorted(set(grids["case_ids"]) & val_ids), generator_tokens)
+        synth, decoded = generator(run, path, preset, data, val, n, "_tok", generator_tokens, frame_args)
+        mixes = {"mix_tok": synth}
+        folders = {"decoded": decoded, "synth_tok": synth}
+        k = len(grids["tokens"])
+        labels = {"decoded": f"decoded-{k} (token grids decoded)", "synth_tok": f"synth-{n}, generator on {k} token grids",
+                  "mix_tok": f"{real} + synth-{n} ({k}-grid generator)"}
+    else:  # the paper's: the generator trains on the real pairs
+        k = len(train_ids)
+        synth = generator(run, path, preset, data, val, n, frame_args=frame_args)[0]
+        mixes = {"mix": synth}
+        folders = {"synth": synth}
+        labels = {"synth": f"synth-{n}, generator on {k} pairs", "mix": f"{real} + synth-{n} ({k}-pair generator)"}
+    # the free baselines: pairs made from the real ones by random fields, and on-the-fly augmentation
+    free = {kind: path(kind) for kind in ("warped", "deformed") if kind in rows}
+    for kind, folder in free.items():
+        run(kind, [folder], deform_pairs.main, [kind, data, n, "--preset", preset, "--out", folder, *frame_args], preset,
+            [data], resume=[])  # deform_pairs.py keeps complete pairs
+    if free:  # beside the synthetic pairs of this generator
+        tag = "_tok" if generator_tokens else ""
+        report_path = path(f"realism_free{tag}")
+        groups = [synth, *free.values()]
+        run(f"realism_free{tag}", log_prefix_paths(report_path), realism_report.main,
+            [*groups, "--reference", data, "--val", val, "--out", report_path, "--overwrite", *frame_args], preset,
+            [data, val, *groups])
+    mixes.update(free)
+    labels.update(augmented=f"{real} augmented (random affine + field per batch)",
+                  warped=f"{real} + warped-{n} (real maps, random motion)",
+                  deformed=f"{real} + deformed-{n} (real pairs, random anatomy)")
+    folders.update({r: mix_folder(data, source, path(r if r.startswith("mix") else "mix_" + r), frame)
+                    for r, source in mixes.items()})
+    folders.update(real=data, augmented=data)
+    labels["real"] = real
+    reads = {r: [data, mixes[r]] if r in mixes else [f] for r, f in folders.items()}  # a mix reads the pairs behind its links
+    iters = ["--iters", reg_iters] if reg_iters else []
+    # seed-major: a run stopped part-way has the same seeds of every row, which the per-case tests pair
+    chains = [reg_chain(out, f"{r}_s{s}", folders[r], reads[r], preset, s, p["tta"], val, lms, iters,
+                        frame_args if r in ("real", "augmented") else [], ["--augment"] if r == "augmented" else [], extra)
+              for s in range(seeds) for r in ROWS if r in folders and r in rows]
+    # the short TTA-only baselines last: with --jobs the long chains start first
+    for name, pairs, marks in (("eval_none", val, lms), *([("eval_extra_none", *extra)] if extra else [])):
+        ev = ["--data", pairs, *(["--landmarks", marks] if marks else []), "--overwrite", *frame_args]
+        chains.append([dict(name=name, outputs=[path(name + ".json")], fn=evaluate_registration.main,
+                            argv=[p["tta"], "none", "--preset", preset, "--out", path(name), *ev], preset=preset,
+                            inputs=[pairs, *([marks] if marks else [])])])
+    run_chains(run, chains, jobs)
+    report(out, seeds, run.times, preset, data, synth, {r: v for r, v in labels.items() if r in rows}, frame)
+
+
+def curve_sizes(text, available):
+    """--curve N,N,...: distinct pair counts from 2 to the `available` training pairs, in increasing order."""
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise utils.DataError(f"--curve {text}: expected pair counts such as 2,5,10")
+    if min(sizes) < 2 or len(set(sizes)) != len(sizes):
+        raise utils.DataError(f"--curve {text}: every N must be at least 2 and listed once")
+    if max(sizes) > available:
+        raise utils.DataError(f"--curve {text}: the data hold {available} training pairs, fewer than N = {max(sizes)}")
+    return sorted(sizes)
+
+
+def nested_subsets(ids, sizes, held=()):
+    """{N: the first N training pair ids}: sorted by id, the pairs of the extra evaluation set (`held`)
+    last, so N = 2 is inside N = 5 is inside N = 10 and small N leave the extra set held out."""
+    order = sorted(ids, key=lambda i: (i in held, i))
+    return {n: order[:n] for n in sizes}
+
+
+CURVE_NAMES = {"real": "real-N", "augmented": "real-N augmented", "mix": "real-N + synth (N-pair generator)",
+               "warped": "real-N + warped", "deformed": "real-N + deformed"}
+
+
+def curve_report(out, sizes, seeds, n_synth):
+    """curve.md (TRE net and +TTA per N and row, mean ± sd over seeds, the per-case tests of each run)
+    and curve.png (TRE against N, one line per row; the extra evaluation set in a second row of panels)."""
+    import matplotlib.pyplot as plt
+
+    prefixes = [("eval", "validation pairs")]
+    if any(os.path.exists(os.path.join(out, f"n{n}", "eval_extra_none.json")) for n in sizes):
+        prefixes.append(("eval_extra", "extra evaluation pairs (pseudo ground truth)"))
+    lines = ["# Low-data curve", "", f"Registration nets trained on N real pairs, alone, augmented on the fly, or mixed with "
+             f"{n_synth} pairs of the N-pair generator or of a free baseline. TRE in mm (mean over landmarks; mean ± sd "
+             "over seeds; `net` = the net alone, `tta` = after test-time adaptation). Subsets are nested (`subsets.json`); "
+             "each N is one run (`nN/results.md`: every table, per-case test and stage time).", ""]
+    fig, ax = plt.subplots(len(prefixes), 2, figsize=(11, 4 * len(prefixes)), squeeze=False)
+    for row_ax, (prefix, title) in zip(ax, prefixes):
+        lines += [f"## {title}", "", "| N | row | net | tta | seeds |", "|---|---|---|---|---|"]
+        points = {r: [] for r in CURVE_NAMES}
+        tests = []
+        for n in sizes:
+            sub = os.path.join(out, f"n{n}")
+            names = utils.read_json(os.path.join(sub, "rows.json")) if os.path.exists(os.path.join(sub, "rows.json")) else {}
+            for r in CURVE_NAMES:
+                js = [json.load(open(f)) for f in (os.path.join(sub, f"{prefix}_{r}_s{s}.json") for s in range(seeds))
+                      if os.path.exists(f)]
+                if not js:
+                    continue
+                m = {k: (np.mean([j[f"tre_{k}_mean"] for j in js]), np.std([j[f"tre_{k}_mean"] for j in js]))
+                     for k in ("net", "tta")}
+                points[r].append((n, m))
+                lines.append(f"| {n} | {names.get(r, r)} | {m['net'][0]:.2f} ± {m['net'][1]:.2f} | "
+                             f"{m['tta'][0]:.2f} ± {m['tta'][1]:.2f} | {len(js)} |")
+            for base_row, rows in (("real", [r for r in CURVE_NAMES if r != "real"]), ("mix", FREE)):
+                found = per_case_tests(sub, seeds, names, base_row, [r for r in rows if r in names], prefix)
+                tests += [f"N = {n}: {found[1].strip()}"] + found[3:] if found else []
+        lines += ["", "Per-case tests within each run:", "", *tests, ""]
+        for i, k in enumerate(("net", "tta")):
+            for r, pts in points.items():
+                if pts:
+                    row_ax[i].errorbar([q[0] for q in pts], [q[1][k][0] for q in pts], yerr=[q[1][k][1] for q in pts],
+                                       marker="o", capsize=3, label=CURVE_NAMES[r])
+            row_ax[i].set_xlabel("N real pairs")
+            row_ax[i].set_ylabel("TRE (mm)")
+            row_ax[i].set_xticks(sizes)
+            row_ax[i].set_title(f"{title}: {'net alone' if k == 'net' else 'net + TTA'}", fontsize=9)
+        row_ax[0].legend(fontsize=7)
+    utils.save_figure(fig, os.path.join(out, "curve.png"))
+    md = "\n".join(lines + ["Figure: `curve.png`.", ""])
+    with utils.atomic_path(os.path.join(out, "curve.md")) as tmp:
+        open(tmp, "w").write(md)
+    print(md)
+
+
+def extra_pairs(extra_val, extra_landmarks):
+    """The pairs of --extra-val that have a landmark file in --extra-landmarks."""
+    pairs = [p for p in utils.find_pairs(extra_val, utils.val_split(extra_val))
+             if os.path.exists(os.path.join(extra_landmarks, p.id + ".csv"))]
+    if not pairs:
+        raise utils.DataError(f"{extra_landmarks}: holds no landmark file ID.csv of a pair of {extra_val}")
+    return pairs
+
+
+def pair_links(pairs, folder):
+    """A folder of links ID_1 / ID_2.nii.gz to `pairs` (ids kept: landmark files are found by id)."""
+    os.makedirs(folder, exist_ok=True)
+    for f in os.listdir(folder):
+        os.remove(os.path.join(folder, f))
+    for p in pairs:
+        for i, f in ((1, p.fixed), (2, p.moving)):
+            os.symlink(os.path.abspath(f), os.path.join(folder, f"{p.id}_{i}.nii.gz"))
+    return folder
 
 
 def main(argv=None):
@@ -455,6 +669,12 @@ def main(argv=None):
                     help="token grids the generator trains on, decoded by a decoder fitted on --data (not in the paper)")
     ap.add_argument("--reg-iters", type=int, help="override the registration preset's iterations")
     ap.add_argument("--frame", choices=utils.FRAME_NAMES, help="the frame of the real pairs (utils.data_frame)")
+    ap.add_argument("--curve", metavar="N,N,...",
+                    help="the low-data curve: the whole experiment (without the synthetic-only row) on nested subsets "
+                         "of N training pairs, each in OUT/nN, then OUT/curve.md and curve.png")
+    ap.add_argument("--extra-val", metavar="DATA", help="a second evaluation set, reported apart: the pairs of DATA "
+                    "with a landmark file in --extra-landmarks (held out of every subset that may hold them)")
+    ap.add_argument("--extra-landmarks", metavar="FOLDER", help="landmark files ID.csv of --extra-val's pairs")
     ap.add_argument("--force", nargs="*", default=[], metavar="STAGE")
     ap.add_argument("--jobs", type=int, default=1,
                     help="registration trainings and evaluations run this many at a time, each in its own process "
@@ -462,68 +682,69 @@ def main(argv=None):
     args = ap.parse_args(argv)
     utils.check_positive({"--seeds": args.seeds, "--num-synth": args.num_synth, "--reg-iters": args.reg_iters,
                           "--jobs": args.jobs})
+    if bool(args.extra_val) != bool(args.extra_landmarks):
+        raise utils.DataError("--extra-val and --extra-landmarks go together")
+    if args.curve and args.generator_tokens:
+        raise utils.DataError("--curve trains the paper's generator on each subset; --generator-tokens is not for it")
+    if args.curve:
+        curve_sizes(args.curve, float("inf"))  # its form, before the demo's phantoms are made
     preset = args.preset
     p = PRESETS[preset]
     seeds = p["seeds"] if args.seeds is None else args.seeds
     out = args.out or os.path.join("results", preset)
-    os.makedirs(out, exist_ok=True)
-    run = Stages(out, args.force)
     data, val = args.data, args.val
-    if data is None:
-        if preset != "demo":
-            raise utils.DataError("--data is required for the cpu and paper presets")
+    if data is None and preset != "demo":
+        raise utils.DataError("--data is required for the cpu and paper presets")
+    if data is not None and val is None and utils.dataset_json(data):
+        val = data  # its registration_val pairs
+    if data is not None and val is None:
+        raise utils.DataError("--val is required with a --data folder")
+    n = synthesise.PRESETS[preset]["num_pairs"] if args.num_synth is None else args.num_synth
+    os.makedirs(out, exist_ok=True)
+    if data is None:  # the demo's phantoms
+        run = Stages(out, args.force)
         data = os.path.join(out, "phantoms_train")
         val = os.path.join(out, "phantoms_val")
         run("phantoms_train", [data], make_phantoms.main, [data, p["n_train"], "--seed", 0])
         run("phantoms_val", [val], make_phantoms.main, [val, p["n_val"], "--seed", 1000])
-    if val is None and utils.dataset_json(data):
-        val = data  # its registration_val pairs
-    if val is None:
-        raise utils.DataError("--val is required with a --data folder")
     lms = args.landmarks or (None if utils.dataset_json(val) else os.path.join(val, "landmarks"))
-    frame_args = ["--frame", args.frame] if args.frame else []
     frame = utils.data_frame(data, args.frame)
-    train_ids = [p.id for p in utils.find_pairs(data)]  # every input checked before the first stage runs
-    for pair in utils.find_pairs(val, utils.val_split(val)):
-        utils.pair_landmarks(pair, frame, lms)
-    warn_overlap(shared_pairs(data, val), data)
-
-    def path(name):
-        return os.path.join(out, name)
-
-    n = synthesise.PRESETS[preset]["num_pairs"] if args.num_synth is None else args.num_synth
-    real = f"real-{len(train_ids)}"
-    if args.generator_tokens:
-        grids = utils.read_tokens(args.generator_tokens)
-        # the reference's grids are named by their Lung250M-4B case ids: names are all there is to compare
-        val_ids = {p.id for p in utils.find_pairs(val, utils.val_split(val))}
-        warn_overlap(sorted(set(grids["case_ids"]) & val_ids), args.generator_tokens)
-        synth, decoded = generator(run, path, preset, data, val, n, "_tok", args.generator_tokens, frame_args)
-        folders = {"decoded": decoded, "synth_tok": synth, "mix_tok": mix_folder(data, synth, path("mix_tok"), frame)}
-        k = len(grids["tokens"])
-        labels = {"decoded": f"decoded-{k} (token grids decoded)", "synth_tok": f"synth-{n}, generator on {k} token grids",
-                  "mix_tok": f"{real} + synth-{n} ({k}-grid generator)"}
-    else:  # the paper's: the generator trains on the real pairs
-        k = len(train_ids)
-        synth = generator(run, path, preset, data, val, n, frame_args=frame_args)[0]
-        folders = {"synth": synth, "mix": mix_folder(data, synth, path("mix"), frame)}
-        labels = {"synth": f"synth-{n}, generator on {k} pairs", "mix": f"{real} + synth-{n} ({k}-pair generator)"}
-    folders = {"real": data, **folders}
-    labels = {"real": real, **labels}
-    # a mix stage reads the pairs behind mix/'s links
-    reads = {r: [data, folders["synth" + r[3:]]] if r.startswith("mix") else [f] for r, f in folders.items()}
-    iters = ["--iters", args.reg_iters] if args.reg_iters else []
-    ev = ["--data", val, *(["--landmarks", lms] if lms else []), "--overwrite", *frame_args]
-    # seed-major: a run stopped part-way has the same seeds of every row, which the per-case tests pair
-    chains = [reg_chain(out, f"{r}_s{s}", folders[r], reads[r], preset, s, p["tta"], val, lms, iters,
-                        frame_args if r == "real" else [])
-              for s in range(seeds) for r in ROWS if r in folders]
-    # the short TTA-only baseline last: with --jobs the long chains start first
-    chains.append([dict(name="eval_none", outputs=[path("eval_none.json")], fn=evaluate_registration.main,
-                        argv=[p["tta"], "none", "--preset", preset, "--out", path("eval_none"), *ev], preset=preset,
-                        inputs=[val, *([lms] if lms else [])])])
-    run_chains(run, chains, args.jobs)
-    report(out, seeds, run.times, preset, data, synth, labels, frame)
+    ids = utils.pair_ids(data)
+    sizes = curve_sizes(args.curve, len(ids)) if args.curve else None
+    extra, held = None, []
+    if args.extra_val:
+        listed = extra_pairs(args.extra_val, args.extra_landmarks)
+        for pair in listed:
+            utils.pair_landmarks(pair, frame, args.extra_landmarks)
+        fixed = {digest(p.fixed)[1] for p in listed}
+        held = [p.id for p in utils.find_pairs(data) if digest(p.fixed)[1] in fixed]  # training pairs among them
+        if held and not args.curve:
+            raise utils.DataError(f"{args.extra_val}: its pairs {', '.join(held[:3])} are training pairs of {data}: "
+                                  "not an evaluation set")
+    if args.curve:  # every subset checked before the first stage of any
+        in_val = set(shared_pairs(data, val)[1])
+        subsets = nested_subsets(ids, sizes, held)
+        for size, subset in subsets.items():
+            if in_val & set(subset):
+                raise utils.DataError(f"{val}: holds training pair {sorted(in_val & set(subset))[0]} of the N = {size} "
+                                      "subset: it is not held out")
+    if args.extra_val:
+        extra = (pair_links(listed, os.path.join(out, "extra_val")), args.extra_landmarks)
+    common = dict(reg_iters=args.reg_iters, force=args.force, jobs=args.jobs)
+    if not args.curve:
+        experiment(out, preset, data, val, lms, seeds, n, frame_name=args.frame, generator_tokens=args.generator_tokens,
+                   extra=extra, **common)
+        return
+    utils.write_json(os.path.join(out, "subsets.json"), {f"n{k}": v for k, v in subsets.items()})
+    for size, subset in subsets.items():
+        sub = data if size == len(ids) else link_folder([("", data, subset)], os.path.join(out, "subsets", f"n{size}"), frame,
+                                                        f"the first {size} training pairs of {data} (links)")
+        evaluated = extra if extra and not set(held) & set(subset) else None
+        if extra and not evaluated:
+            print(f"[pipeline] N = {size}: the subset holds extra evaluation pairs; they are not evaluated at this N")
+        experiment(os.path.join(out, f"n{size}"), preset, sub, val, lms, seeds, n, frame_name=args.frame,
+                   rows=CURVE_ROWS, extra=evaluated, **common)
+    curve_report(out, sizes, seeds, n)
 
 
 if __name__ == "__main__":

@@ -52,16 +52,16 @@ def read_tokens(path, preset):
     return d
 
 
-def config_of(preset, tokens, val=None):
+def config_of(preset, tokens):
     """Checkpoint config: preset, the tokens' frame factor and grid, the transformer's kwargs (with
     the smallest block grouping that keeps the preset's max_positions, and with `compact` the codes
-    of the training and validation grids as vocab; neither at paper). tokens, val: utils.read_tokens
-    dicts (without 'tokens', e.g. utils.REFERENCE_TOKENS: the shapes alone, every code)."""
+    of the training grids as vocab - never the validation grids': they are held out; neither at
+    paper). tokens: a utils.read_tokens dict (without 'tokens', e.g. utils.REFERENCE_TOKENS: the
+    shapes alone, every code)."""
     grid = list(tokens["grid_shape"])
     kw = dict(num_codes=tokens["num_codes"], seq_len=int(np.prod(grid)), **PRESETS[preset]["model"])
     if PRESETS[preset].get("compact") and "tokens" in tokens:
-        used = tokens["tokens"] if val is None else torch.cat([tokens["tokens"], val["tokens"]])
-        kw.update(vocab=torch.unique(used).tolist())
+        kw.update(vocab=torch.unique(tokens["tokens"]).tolist())
     limit = PRESETS[preset].get("max_positions")
     group = 1
     while limit and np.prod([-(-n // group) for n in grid]) > limit:
@@ -140,7 +140,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         if (v["grid_shape"], v["num_codes"], v["frame"]) != (grid, codes, tokens["frame"]):
             raise utils.DataError(f"{val}: token grid, codebook size or frame differs from {data}")
         val_tokens = v["tokens"]
-    config = config_of(preset, tokens, v if val else None)
+    config = config_of(preset, tokens)
     if ck is not None:
         utils.check_config(out, ck, config)  # other preset / grid / codebook -> one-line error
         iters = iters or ck["iters"]
@@ -149,9 +149,12 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     vqae_model = None
     if vqae or decoder:
         vqae_model = load_decoder(grid, codes, vqae, decoder, device)
+    vocab = config["model"].get("vocab", range(codes))
+    unseen = 0 if val_tokens is None else float((~torch.isin(val_tokens, torch.as_tensor(vocab))).float().mean())
     utils.main_print(f"{len(tokens['tokens'])} token grids {'x'.join(map(str, grid))} ({codes} codes, "
-          f"{len(torch.unique(tokens['tokens']))} used; the model predicts {len(config['model'].get('vocab', range(codes)))})"
-          + (f", {len(val_tokens)} validation grids" if val else ""))
+          f"{len(torch.unique(tokens['tokens']))} used; the model predicts {len(vocab)})"
+          + (f", {len(val_tokens)} validation grids ({100 * unseen:.2f} % of their tokens outside the vocab: "
+             "the validation loss leaves them out)" if val else ""))
     iters = iters or p["samples"] // batch_size
     utils.seed_all(seed)
     model = TokenTransformer.build(config).to(device)

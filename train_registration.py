@@ -7,6 +7,9 @@
 DATA: a folder of ID_1 / ID_2 .nii.gz pairs or a Learn2Reg dataset JSON (its training pairs):
 original scans (binarised and framed) or synthetic / phantom volumes already on the pooled frame
 grid (soft probabilities in [0, 1]). The frame (utils.data_frame) is stored in CKPT.
+--augment (not in the paper; pipeline.py's free baseline "augmented"): every pair of every batch is
+deformed by its own random affine + smooth field (utils.random_field), the same draw for its fixed
+and moving map, of the pair's strength (utils.field_strengths: the motion a quick registration finds).
 """
 import math
 import os
@@ -107,14 +110,29 @@ def optimise(net, batches, iters, lr, reg, device, desc="train", on_step=None, s
     return opts, last
 
 
+def augment_pairs(x, motion, frame, generator):
+    """x (B, 2, H, W, D) on a pooled frame grid: each pair warped by its own random affine + smooth
+    field (utils.random_field, magnitude motion[b] mm over its fixed map), both maps by the same one."""
+    out = []
+    for pair, mm in zip(x, motion):
+        u = utils.random_field(frame, mm, utils.field_weight(pair[0].cpu(), frame), generator, utils.AFFINE_STD)
+        ddf = utils.resize_ddf(u.to(x.device), tuple(x.shape[2:]))
+        out.append(utils.warp(pair[None], ddf, padding="zeros"))
+    return torch.cat(out)
+
+
 def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, overwrite=False, device=None,
-          compile=False, log=utils.main_print, frame=None, labels=None):
-    """Train on the training pairs of DATA placed in `frame` (utils.data_frame); returns the net."""
+          compile=False, log=utils.main_print, frame=None, labels=None, augment=False):
+    """Train on the training pairs of DATA placed in `frame` (utils.data_frame); returns the net.
+    augment: every batch through augment_pairs."""
     p, cfg = PRESETS[preset], config_of(preset, utils.data_frame(data, frame))
     # a constant learning rate: a larger --iters simply trains on to the new target
     ck, batch_size, seed = utils.start_training(out, "regnet", resume=resume, overwrite=overwrite, batch_size=batch_size,
                                                 seed=seed, iters=iters, default_batch=p["batch"], config=cfg,
                                                 data=os.path.abspath(data), labels=labels)
+    if ck is not None and ck.get("augment", False) != augment:
+        raise utils.DataError(f"{out}: trained {'with' if ck.get('augment') else 'without'} --augment; resume the same way "
+                              "or write a new --out")
     iters = iters or p["iters"] or 2500 // batch_size * 4
     ids, pairs = utils.load_pairs(data, p["factor"], cfg["frame"], labels=labels)  # (N, 2, H, W, D)
     rank, _, device = utils.distributed(device)
@@ -125,11 +143,20 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     utils.compile_modules(net.unets, compile)
     net.parallel(device)
     gen = torch.Generator().manual_seed(seed * 100003)  # batch draws
+    # augmentation: its own stream (the batch draws stay those of a run without it)
+    gens = [gen, torch.Generator().manual_seed(seed * 100003 + 1)] if augment else [gen]
+    motion = None
+    if augment:
+        strengths, disp, r = utils.field_strengths(pairs, p["factor"], cfg["frame"], gens[1])
+        motion = torch.tensor(strengths)
+        log(f"augmentation: random affine (std {utils.AFFINE_STD}) + smooth field per pair of {motion.mean():.2f} mm on "
+            f"average (the pairs' quick-registration displacement {sum(disp) / len(disp):.2f} mm / {r:.2f}, the share "
+            "of a random field's it finds)")
     start = 0
     opt_state = None
     if ck is not None:
         net.load_weights(ck["state"], out)
-        utils.set_rng_state(ck["rng"], [gen])
+        utils.set_rng_state(ck["rng"], gens)
         start = ck["iteration"]
         opt_state = ck["optimisers"]
 
@@ -139,6 +166,10 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
             idx = torch.randperm(len(ids), generator=gen)[:batch_size]
         else:
             idx = torch.randint(len(ids), (batch_size,), generator=gen)
+        if augment:  # every process draws the whole global batch's fields, then keeps its share
+            x = pairs[idx.to(pairs.device)].to(device, non_blocking=True).float()
+            x = augment_pairs(x, motion[idx], cfg["frame"], gens[1])[rank * local:(rank + 1) * local]
+            return x[:, :1], x[:, 1:]
         idx = idx[rank * local:(rank + 1) * local]  # the global batch's draws, this process's share
         x = pairs[idx.to(pairs.device)].to(device, non_blocking=True).float()
         return x[:, :1], x[:, 1:]
@@ -149,9 +180,9 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         loss_value = utils.all_mean([total], device)[0]
         if utils.is_main():
             utils.save_checkpoint(out, "regnet", cfg, net.state_dict(), iteration=i, loss=loss_value,
-                                  optimisers=[o.state_dict() for o in opts], rng=utils.rng_state([gen]), iters=iters,
+                                  optimisers=[o.state_dict() for o in opts], rng=utils.rng_state(gens), iters=iters,
                                   data=os.path.abspath(data), cases=ids, seed=seed, batch=batch_size, labels=labels,
-                                  precision=utils.precision(device))
+                                  augment=augment, precision=utils.precision(device))
         utils.barrier()  # nobody reads the checkpoint before it is written
 
     t = time.time()
@@ -170,12 +201,14 @@ def main(argv=None):
     ap = utils.training_parser(__doc__, PRESETS, "regnets_state_<DATA name>.pth")
     ap.add_argument("data", help="folder of ID_{1,2}.nii.gz pairs or a Learn2Reg dataset JSON")
     utils.data_options(ap)
+    ap.add_argument("--augment", action="store_true",
+                    help="a random affine + smooth field per pair and batch, the same for both maps (not in the paper)")
     args = ap.parse_args(argv)
     name = os.path.basename(os.path.normpath(args.data)).removesuffix(".json")
     out = args.out or f"regnets_state_{name}.pth"
     train(data=args.data, out=out, preset=args.preset, batch_size=args.batch_size, iters=args.iters, seed=args.seed,
           resume=args.resume, overwrite=args.overwrite, device=args.device, compile=args.compile, frame=args.frame,
-          labels=args.labels)
+          labels=args.labels, augment=args.augment)
 
 
 if __name__ == "__main__":

@@ -488,13 +488,21 @@ def pair_id(fixed, moving):
 
 
 def read_dataset(path):
-    """A Learn2Reg dataset JSON -> {"train": [Pair], "val": [Pair], "frame": a frame it records or None}."""
+    """A Learn2Reg dataset JSON -> {"train": [Pair], "val": [Pair], "frame": a frame it records or None}.
+    A pair's volumes are its images' segmentations where training[] gives one ("label", else "mask",
+    as OASIS, NLST and ThoraxCBCT layouts do), else the images; ids and keypoints follow the images."""
     d = read_json(path)
     root = os.path.dirname(os.path.abspath(path))
-    kps = {}
+    kps, segs = {}, {}
     for e in d.get("training", []) if isinstance(d.get("training"), list) else []:
-        if isinstance(e, dict) and isinstance(e.get("image"), str) and isinstance(e.get("keypoints"), str):
-            kps[os.path.normpath(os.path.join(root, e["image"]))] = os.path.normpath(os.path.join(root, e["keypoints"]))
+        if not isinstance(e, dict) or not isinstance(e.get("image"), str):
+            continue
+        image = os.path.normpath(os.path.join(root, e["image"]))
+        if isinstance(e.get("keypoints"), str):
+            kps[image] = os.path.normpath(os.path.join(root, e["keypoints"]))
+        seg = next((e[k] for k in ("label", "mask") if isinstance(e.get(k), str)), None)
+        if seg:
+            segs[image] = os.path.normpath(os.path.join(root, seg))
 
     def keypoints(img):
         default = os.path.join(root, "keypointsTr", image_stem(img) + ".csv")
@@ -507,10 +515,11 @@ def read_dataset(path):
             if not isinstance(e, dict) or not isinstance(e.get("fixed"), str) or not isinstance(e.get("moving"), str):
                 raise DataError(f"{path}: {key} entries must be {{\"fixed\": path, \"moving\": path}}")
             fixed, moving = (os.path.normpath(os.path.join(root, e[k])) for k in ("fixed", "moving"))
-            for p in (fixed, moving):
+            for p in (fixed, moving, *(segs[q] for q in (fixed, moving) if q in segs)):
                 if not os.path.exists(p):
                     raise DataError(f"{path}: lists {os.path.relpath(p, root)}, which does not exist")
-            pairs.append(Pair(pair_id(fixed, moving), fixed, moving, keypoints(fixed), keypoints(moving)))
+            pairs.append(Pair(pair_id(fixed, moving), segs.get(fixed, fixed), segs.get(moving, moving),
+                              keypoints(fixed), keypoints(moving)))
         out[split] = pairs
     if not out["train"] and not out["val"]:
         raise DataError(f"{path}: lists no pairs (training_paired_images and registration_val are empty)")
@@ -614,6 +623,10 @@ def image_shape(path):
 
 
 _SEVERAL_LABELS = set()  # files already reported as label maps
+SOFT_TOL = 1e-3  # soft maps may exceed 1 by rounding
+MAX_LABELS = 255  # an integer volume with more distinct values is an image (CT in HU, MRI), not labels
+INTENSITY_HINT = ('the nets register segmentations: give each dataset JSON training[] entry its "label" '
+                  '(or "mask") beside its "image"')
 
 
 def load_volume(path, labels=None):
@@ -633,9 +646,15 @@ def load_volume(path, labels=None):
         a = np.isin(a, labels).astype(np.float32)
         if not a.any():
             raise DataError(f"{path}: holds none of the labels {', '.join(map(str, labels))}")
+    elif a.max() > 1 + SOFT_TOL and not np.array_equal(a, np.round(a)):
+        raise DataError(f"{path}: holds intensities (values above 1 that are not labels), not a mask or label map; "
+                        f"{INTENSITY_HINT}")
+    elif a.max() > 1 and len(np.unique(a[::4, ::4, ::4])) > MAX_LABELS:  # a sample: cheap on every volume
+        raise DataError(f"{path}: holds more than {MAX_LABELS} distinct values, an intensity image rather than a label "
+                        f"map; {INTENSITY_HINT}")
     elif a.max() > 1 and not _SEVERAL_LABELS:
         values = np.unique(a[a > 0])
-        if len(values) > 1 and np.allclose(values, np.round(values)):
+        if len(values) > 1:
             _SEVERAL_LABELS.add(path)
             print(f"note: {path} is a label map with {len(values)} labels; the mask is all labels > 0 "
                   "(--labels picks some)", file=sys.stderr)
@@ -670,6 +689,11 @@ def check_geometry(path, frame):
                       "(landmarks are voxel indices)")
 
 
+def native_factor(path, frame):
+    """Finest pooled-frame factor a file offers (1 for original scans); read from the header only."""
+    return frame_factor(nib.load(path).shape[:3], frame) or 1
+
+
 def framed_volume(path, factor, frame, cut_deep=False, labels=None):
     """A volume at frame/`factor` resolution, values in [0, 1] (float32 tensor).
     Original-size scans are binarised (> 0, or the chosen labels) and framed first; volumes that
@@ -678,7 +702,7 @@ def framed_volume(path, factor, frame, cut_deep=False, labels=None):
     DEPTH_CUT first (training data only: landmarks are given in the uncut frame)."""
     a = load_volume(path, labels)
     if a.min() < 0:
-        raise DataError(f"{path}: negative voxel values (expected a mask or probabilities)")
+        raise DataError(f"{path}: negative voxel values (expected a mask or probabilities); {INTENSITY_HINT}")
     f0 = frame_factor(a.shape, frame)
     if f0 in (None, 1):  # a scan may have the frame's own shape: its spacing must match too
         check_geometry(path, frame)
@@ -915,6 +939,66 @@ def resize_ddf(ddf, size):
     return scale_channels(out, [s / t for s, t in zip(size, ddf.shape[-3:])])
 
 
+def box_filter(v, kernel, stride=1):
+    """kernel^3 average pooling of v (B, C, H, W, D) (zero padding counted, as avg_pool3d's default),
+    computed as three exact 1D box filters: kernel instead of kernel^3 taps. The registration nets'
+    velocity smoothing."""
+    for ax in range(3):
+        along = [tuple(a if i == ax else b for i in range(3)) for a, b in ((kernel, 1), (stride, 1), (kernel // 2, 0))]
+        v = F.avg_pool3d(v, along[0], stride=along[1], padding=along[2])
+    return v
+
+
+# Random smooth fields (the free baselines: deform_pairs.py, train_registration.py --augment).
+# Their spatial scale is fixed here: velocity noise on the frame pooled by FIELD_FACTOR (the
+# registration nets' velocity grid, 8 mm on Lung250M-4B), smoothed by the nets' FIELD_PASSES stride-1
+# box filters of FIELD_KERNEL voxels at that grid, integrated by scaling and squaring as the nets'
+# fields are. Their strength is the caller's, measured on the real pairs in use.
+FIELD_FACTOR, FIELD_KERNEL, FIELD_PASSES, FIELD_SQUARINGS = 8, 7, 2, 12
+# small random affine (identity + N(0, std) in normalised coordinates): half the reference's
+# augmentation (AUG_STD), so a deformed pair's own motion changes by a few % only
+AFFINE_STD = AUG_STD / 2
+
+
+def field_weight(x, frame):
+    """A map x (H, W, D) on any pooled frame grid whose factor divides FIELD_FACTOR, pooled onto the
+    random fields' grid: where a field's strength is measured."""
+    f = frame_factor(x.shape, frame)
+    if f is None or FIELD_FACTOR % f:
+        raise ValueError(f"a map of shape {tuple(x.shape)} is not on a frame grid pooled by a divisor of {FIELD_FACTOR}")
+    return pool(x.float(), FIELD_FACTOR // f)
+
+
+def random_field(frame, magnitude, weight, generator=None, affine_std=0.0):
+    """A random smooth diffeomorphic ddf (1, 3, h, w, d) on the frame pooled by FIELD_FACTOR, in
+    voxels of that grid (resize_ddf puts it on any other grid of the frame): the exponential of
+    smoothed velocity noise, scaled so that its mean length in mm weighted by `weight` (h, w, d;
+    field_weight) is `magnitude`; affine_std > 0: a random affine applied before it (not counted in
+    the magnitude). Draws on the CPU from `generator`."""
+    grid = grid_shape(FIELD_FACTOR, frame)
+    cell_mm = [FIELD_FACTOR * s for s in frame["spacing"]]
+    w = weight.float() / weight.float().sum().clamp(min=1e-12)
+    v = torch.randn((1, 3, *grid), generator=generator)
+    for _ in range(FIELD_PASSES):
+        v = box_filter(v, FIELD_KERNEL)
+
+    def mean_mm(u):
+        return float((scale_channels(u, cell_mm)[0].norm(dim=0) * w).sum())
+
+    scale = magnitude / max(mean_mm(v), 1e-12)
+    for _ in range(2):  # the exponential is nearly linear at these sizes: two corrections reach the target
+        scale *= magnitude / max(mean_mm(exp_velocity(v * scale, FIELD_SQUARINGS)), 1e-12)
+    u = exp_velocity(v * scale, FIELD_SQUARINGS)
+    theta = torch.eye(3, 4) + affine_std * torch.randn((3, 4), generator=generator)
+    if affine_std > 0:  # x -> A x first, then the field: ddf = a + u(x + a)
+        axes = [(torch.arange(n, dtype=torch.float32) * 2 + 1) / n - 1 for n in grid]  # voxel centres
+        q = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (3, h, w, d), normalised
+        moved = torch.einsum("ij,jhwd->ihwd", theta[:, :3], q) + theta[:, 3, None, None, None]
+        a = scale_channels((moved - q)[None], [n / 2 for n in grid])
+        u = compose(u, a)
+    return u
+
+
 def scale_channels(x, factors):
     """Channel c of x (B, C, ...) times the Python number factors[c]: no small tensor is built
     and copied to the device on every call (each such copy synchronises with a GPU)."""
@@ -973,6 +1057,13 @@ def displacement_on_image(ddf, frame, shape):
     return full.movedim(0, -1).numpy().astype(np.float32)
 
 
+def jacobian_det(ddf):
+    """Jacobian determinant of x + ddf(x) (central differences), (B, H, W, D)."""
+    g = torch.stack(torch.gradient(ddf, dim=(2, 3, 4)), dim=2)  # (B, 3 comp, 3 deriv, H, W, D)
+    J = g + torch.eye(3, dtype=ddf.dtype, device=ddf.device).view(1, 3, 3, 1, 1, 1)
+    return torch.linalg.det(J.permute(0, 3, 4, 5, 1, 2))
+
+
 def dice(a, b, thr=0.5):
     a, b = a > thr, b > thr
     s = a.sum() + b.sum()
@@ -1018,6 +1109,28 @@ def quick_registration(fixed, moving, factor, iters=40, spacing=4, reg=0.05, lr=
         inside = fixed > 0.5
         warped = warp(moving[None, None].float(), u)[0, 0]
         return float(mag[inside].mean() if inside.any() else mag.mean()), dice(fixed, warped)
+
+
+FIELD_CALIBRATION = 8  # random fields quick-registered to learn how much of a field quick_registration finds
+
+
+def field_strengths(pairs, factor, frame, generator):
+    """The random fields' strength from real pairs (N, 2, H, W, D) at frame/factor (factor divides 4):
+    per pair the magnitude (mm) of a field whose pairs a quick registration finds to move as far as it
+    finds that pair to move (realism_report.py's disp_mm at 4 mm): the pair's displacement divided by
+    the share r of a random field's displacement the quick registration recovers, measured on
+    FIELD_CALIBRATION fields of the pairs' own strengths on their fixed maps. Returns (strengths, the
+    pairs' displacements, r)."""
+    x = pool(pairs.float(), 4 // factor)
+    disp = [quick_registration(p[0], p[1], 4, voxel_mm=frame["spacing"])[0] for p in x]
+    found = []
+    for k in range(FIELD_CALIBRATION):
+        base = x[k % len(x), 0]
+        u = random_field(frame, disp[k % len(x)], field_weight(base, frame), generator)
+        moved = warp(base[None, None], resize_ddf(u, tuple(base.shape)), padding="zeros")[0, 0]
+        found.append(quick_registration(base, moved, 4, voxel_mm=frame["spacing"])[0] / disp[k % len(x)])
+    r = float(np.mean(found))
+    return [d / r for d in disp], disp, r
 
 
 def nn_dice(vols, ref, exclude=None):

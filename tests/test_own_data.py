@@ -216,3 +216,38 @@ def test_pipeline_demo_on_a_learn2reg_json(micro, own, tmp_path, capsys):  # noq
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(utils.find_pairs(os.path.join(out, "mix"))) == 7
+
+
+def test_segmentations_come_from_the_json_and_intensity_images_are_refused(own, tmp_path):
+    """An NLST / OASIS-style layout: training[] lists intensity images with their "label" (or "mask");
+    the pairs read the segmentations, ids and keypoints stay the images'. Without the entry, an
+    intensity image is refused in one line that names the entry to add."""
+    js = copy_set(own, tmp_path)
+    root = os.path.dirname(js)
+    d = json.load(open(js))
+    before = utils.find_pairs(js)
+    os.makedirs(os.path.join(root, "labelsTr"))
+    for i, e in enumerate(d["training"]):
+        image = os.path.join(root, e["image"])
+        label = "./labelsTr/" + os.path.basename(image)
+        shutil.move(image, os.path.join(root, label))  # the masks become the labels ...
+        img = nib.load(os.path.join(root, label))
+        noise = np.random.default_rng(i).normal(100, 20, img.shape).astype(np.float32)  # ... beside MRI-like images
+        nib.save(nib.Nifti1Image(noise, img.affine), image)
+        e["label" if i % 2 else "mask"] = label
+    json.dump(d, open(js, "w"))
+    after = utils.find_pairs(js)
+    assert [p.id for p in after] == [p.id for p in before]
+    assert [p.fixed_kp for p in after] == [p.fixed_kp for p in before]
+    assert all("labelsTr" in p.fixed and "labelsTr" in p.moving for p in after)
+    assert np.array_equal(utils.load_volume(after[0].fixed), utils.load_volume(before[0].fixed.replace("imagesTr", "labelsTr")))
+    for e in d["training"]:
+        e.pop("label", None)
+        e.pop("mask", None)
+    json.dump(d, open(js, "w"))
+    with pytest.raises(utils.DataError, match='holds intensities .* "label" \\(or "mask"\\)'):
+        utils.load_volume(utils.find_pairs(js)[0].fixed)
+    ct = np.random.default_rng(0).integers(-1000, 1500, (64, 64, 64)).astype(np.int16)  # CT in HU: integers
+    nib.save(nib.Nifti1Image(ct, np.eye(4)), str(tmp_path / "ct.nii.gz"))
+    with pytest.raises(utils.DataError, match="distinct values, an intensity image rather than a label map; .*label"):
+        utils.load_volume(str(tmp_path / "ct.nii.gz"))

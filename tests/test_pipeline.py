@@ -25,10 +25,14 @@ def micro(monkeypatch):
     monkeypatch.setitem(train_vqae.PRESETS, "demo", dict(train_vqae.PRESETS["demo"], samples=16, val_every=4))
     monkeypatch.setitem(train_diffusion.PRESETS, "demo", dict(train_diffusion.PRESETS["demo"], samples=64))
     monkeypatch.setitem(train_registration.PRESETS, "demo", dict(train_registration.PRESETS["demo"], iters=3))
+    monkeypatch.setattr(utils, "FIELD_CALIBRATION", 1)  # the free baselines' calibration: one quick registration
     monkeypatch.setitem(pipeline.PRESETS, "demo", dict(pipeline.PRESETS["demo"], tta=2, augment=1, n_train=3,
                                                         n_val=2))
     yield
     torch.set_num_threads(n)
+
+
+ROW_ORDER = ("real", "augmented", "synth", "mix", "warped", "deformed")  # the rows of a plain run
 
 
 def stages_run(out):
@@ -57,12 +61,17 @@ def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys, monkeypatch):
     first = stages_run(captured.out)
     assert "warning" not in captured.err  # the demo's phantoms are held out: nothing to warn about
     assert first[:6] == ["phantoms_train", "phantoms_val", "vqae", "tokens", "tokens_val", "diffusion"]
+    assert first[8:11] == ["warped", "deformed", "realism_free"]
     for name in ("results.md", "eval_none.csv", "eval_real_s0.json", "eval_synth_s0.json", "eval_mix_s0.json",
-                 "synth/manifest.json"):
+                 "eval_augmented_s0.json", "eval_warped_s0.json", "eval_deformed_s0.json", "synth/manifest.json",
+                 "warped/manifest.json", "deformed/deformed_dataset.json", "realism_free.md"):
         assert os.path.exists(os.path.join(out, name)), name
     md = open(os.path.join(out, "results.md")).read()
     for row in ("initial", "TTA only", "| real-3 |", "| synth-4, generator on 3 pairs |",
-                "| real-3 + synth-4 (3-pair generator) |", "- synth-4, generator on 3 pairs: net"):
+                "| real-3 + synth-4 (3-pair generator) |", "- synth-4, generator on 3 pairs: net",
+                "| real-3 augmented (random affine + field per batch) |", "| real-3 + warped-4 (real maps, random motion) |",
+                "| real-3 + deformed-4 (real pairs, random anatomy) |", "Per case against real-3 + synth-4 (3-pair generator)",
+                "- real-3 + warped-4 (real maps, random motion): net", "free baselines' warped and deformed pairs"):
         assert row in md, row
     assert "paired sign-flip permutation test" in md
 
@@ -89,21 +98,20 @@ def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys, monkeypatch):
 
     # --force redoes one stage (a prefix names several)
     pipeline.main(argv + ["--force", "eval_"])
-    assert stages_run(capsys.readouterr().out) == ["eval_real_s0", "eval_synth_s0", "eval_mix_s0", "eval_none"]
+    assert stages_run(capsys.readouterr().out) == [f"eval_{r}_s0" for r in ROW_ORDER] + ["eval_none"]
 
     # --jobs 2: the rows in two 1-thread worker processes compute what one process computes, bit for bit
     # (checkpoints compared by content: torch.save names its archive after the writing process's temporary
     # file). Forked workers only: spawned ones (after CUDA) would not see this test's micro presets.
     if torch.cuda.is_initialized():
         return
-    rows = ["eval_none.csv"] + [f"{f}_{r}_s0.{e}" for r in ("real", "synth", "mix") for f, e in (("reg", "pth"), ("eval", "csv"))]
+    rows = ["eval_none.csv"] + [f"{f}_{r}_s0.{e}" for r in ROW_ORDER for f, e in (("reg", "pth"), ("eval", "csv"))]
     before = {f: contents(os.path.join(out, f)) for f in rows}
     del before["reg_synth_s0.pth"]["note"]  # the edit above; the forced training writes it afresh
     pipeline.main(argv + ["--force", "reg_", "eval_", "--jobs", "2"])
     text = capsys.readouterr().out
-    assert sorted(stages_run(text)) == sorted(["eval_none"] + [f"{k}_{r}_s0" for r in ("real", "synth", "mix")
-                                                                for k in ("reg", "eval")])
-    assert "4 stage chains, 2 at a time (1 threads each)" in text and "min wall" in text
+    assert sorted(stages_run(text)) == sorted(["eval_none"] + [f"{k}_{r}_s0" for r in ROW_ORDER for k in ("reg", "eval")])
+    assert "7 stage chains, 2 at a time (1 threads each)" in text and "min wall" in text
     for f in rows:
         assert contents(os.path.join(out, f)) == before[f], f
     pipeline.main(argv + ["--jobs", "2"])  # and its records are the parent's: nothing left to redo
@@ -117,7 +125,7 @@ def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(decode_tokens.PRESETS, "demo", dict(decode_tokens.PRESETS["demo"], iters=3))
     pipeline.main(argv + ["--generator-tokens", str(tmp_path / "tok.pth")])
     text = capsys.readouterr().out
-    assert stages_run(text) == ["decode", "diffusion_tok", "synth_tok", "realism_tok"] + [
+    assert stages_run(text) == ["decode", "diffusion_tok", "synth_tok", "realism_tok", "realism_free_tok"] + [
         f"{k}_{r}_s0" for r in ("decoded", "synth_tok", "mix_tok") for k in ("reg", "eval")]
     md = open(os.path.join(out, "results.md")).read()
     for row in ("| real-3 |", "| decoded-5 (token grids decoded) |", "| synth-4, generator on 3 pairs |",
@@ -199,11 +207,72 @@ def test_held_out_check_compares_contents_not_names(phantoms, tmp_path, capsys):
 
     val = str(tmp_path / "val")
     make_phantoms.make_pairs(val, 2, seed=1000)
-    assert pipeline.shared_pairs(phantoms, val) == []
+    assert pipeline.shared_pairs(phantoms, val) == ([], [])
     train = str(tmp_path / "train")
     shutil.copytree(phantoms, train)
     for k in (1, 2):
         shutil.copy(os.path.join(val, f"case_001_{k}.nii.gz"), os.path.join(train, f"copy_{k}.nii.gz"))
-    assert pipeline.shared_pairs(train, val) == ["case_001"]
-    pipeline.warn_overlap(pipeline.shared_pairs(train, val), train)
+    assert pipeline.shared_pairs(train, val) == (["case_001"], ["copy"])
+    pipeline.warn_overlap(pipeline.shared_pairs(train, val)[0], train)
     assert "holds validation cases (case_001)" in capsys.readouterr().err
+
+
+def test_curve_micro_nested_subsets_extra_set_and_resume(micro, tmp_path, capsys):
+    """--curve 2,3 on 3 training phantoms with one of them also an extra evaluation pair: nested subsets
+    with the extra pair last, each N a run of its own without the synthetic-only row, the extra set
+    evaluated only where no subset holds it, curve.md / curve.png; a second call redoes nothing."""
+    import shutil
+
+    train, val = str(tmp_path / "train"), str(tmp_path / "val")
+    make_phantoms.make_pairs(train, 3, seed=0)
+    make_phantoms.make_pairs(val, 2, seed=1000)
+    extra_lms = tmp_path / "extra_lms"
+    extra_lms.mkdir()
+    shutil.copy(os.path.join(train, "landmarks", "case_000.csv"), extra_lms)  # case_000: held to the end
+    out = str(tmp_path / "curve")
+    argv = ["--preset", "demo", "--data", train, "--val", val, "--out", out, "--seeds", "1", "--num-synth", "2",
+            "--curve", "3,2", "--extra-val", train, "--extra-landmarks", str(extra_lms)]
+    pipeline.main(argv)
+    text = capsys.readouterr().out
+    assert utils.read_json(os.path.join(out, "subsets.json")) == {"n2": ["case_001", "case_002"],
+                                                                   "n3": ["case_001", "case_002", "case_000"]}
+    assert utils.pair_ids(os.path.join(out, "subsets", "n2")) == ["case_001", "case_002"]
+    assert not os.path.exists(os.path.join(out, "subsets", "n3"))  # N = every pair: the data itself
+    assert "N = 3: the subset holds extra evaluation pairs" in text
+    for n in (2, 3):
+        sub = os.path.join(out, f"n{n}")
+        seen = utils.read_tokens(os.path.join(sub, "tokens.pth"))["case_ids"][:n]
+        assert sorted(seen) == sorted(utils.read_json(os.path.join(out, "subsets.json"))[f"n{n}"])  # the subset alone
+        for r in ("real", "augmented", "mix", "warped", "deformed"):
+            assert os.path.exists(os.path.join(sub, f"eval_{r}_s0.json")), (n, r)
+        assert not os.path.exists(os.path.join(sub, "reg_synth_s0.pth"))
+        assert os.path.exists(os.path.join(sub, "eval_extra_real_s0.json")) == (n == 2)
+        assert f"| real-{n} |" in open(os.path.join(sub, "results.md")).read()
+    md = open(os.path.join(out, "curve.md")).read()
+    for line in ("| 2 | real-2 |", "| 3 | real-3 + deformed-2 (real pairs, random anatomy) |",
+                 "## extra evaluation pairs (pseudo ground truth)", "N = 2: Per case against real-2 + synth-2"):
+        assert line in md, line
+    assert md.count("| 3 |") == 5  # the validation pairs only
+    assert os.path.exists(os.path.join(out, "curve.png"))
+    pipeline.main(argv)
+    assert stages_run(capsys.readouterr().out) == []
+
+
+@pytest.mark.parametrize("curve,extra,message", [
+    ("2,9", False, "fewer than N = 9"), ("1,2", False, "at least 2"), ("2,2", False, "listed once"),
+    ("2,x", False, "expected pair counts"), ("2,3", True, "not held out")])
+def test_curve_bad_input_is_refused_before_any_work(phantoms, tmp_path, run, curve, extra, message):
+    """Bad --curve values, and a validation set that holds a training pair of a subset: one line, no stage run."""
+    import shutil
+
+    val = str(tmp_path / "val")
+    make_phantoms.make_pairs(val, 1, seed=1000)
+    if extra:  # a training pair copied into the validation set under another name
+        for k in (1, 2):
+            shutil.copy(os.path.join(phantoms, f"case_002_{k}.nii.gz"), os.path.join(val, f"copy_{k}.nii.gz"))
+        shutil.copy(os.path.join(phantoms, "landmarks", "case_002.csv"), os.path.join(val, "landmarks", "copy.csv"))
+    out = tmp_path / "out"
+    proc = run("pipeline.py", "--preset", "demo", "--data", phantoms, "--val", val, "--out", out, "--curve", curve)
+    from conftest import assert_one_line_error
+    assert_one_line_error(proc, message)
+    assert not os.path.exists(out / "stages.json") and not os.path.exists(out / "n2")
