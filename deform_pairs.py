@@ -13,10 +13,10 @@ smoothing, scaling and squaring): its spatial scale is fixed; its strength (util
 makes a quick registration find as much motion in a new pair as in its source pair
 (realism_report.py's disp_mm) - taken from DATA alone.
 The framed maps are warped at the finest resolution DATA offers (1 mm scans), then pooled to the
-preset's factor (the synthetic pairs' grid). A field that folds anywhere is refused.
+preset's factor (the synthetic pairs' grid). A field that folds anywhere is drawn again (10 tries).
 Writes OUT/case_XXXX_1.nii.gz / _2 exactly as synthesise.py (frame affine), OUT/KIND_dataset.json
-(Learn2Reg, with the frame), OUT/manifest.json (settings, per-pair source and field strength, the
-fraction of folding voxels) and OUT/preview.png; a stopped run continues (each pair has its own seed).
+(Learn2Reg, with the frame), OUT/manifest.json (settings, per-pair source and field strength, how
+many fields were drawn and how many folded) and OUT/preview.png; a stopped run continues (each pair has its own seed).
 """
 import argparse
 import os
@@ -30,6 +30,7 @@ import synthesise
 import utils
 
 KINDS = ("warped", "deformed")
+DRAWS = 10  # fields drawn for one pair before a folding one is an error
 # factor: the output grid (the preset's synthetic pairs': the VQ-AE's factor); num_pairs: synthesise.py's
 PRESETS = {"paper": dict(factor=1), "cpu": dict(factor=4), "demo": dict(factor=4)}
 
@@ -54,11 +55,9 @@ def make_pair(kind, source, motion, frame, generator):
     if kind == "warped":
         base = source[int(torch.randint(2, (1,), generator=generator))].float()
         u = utils.random_field(frame, motion, utils.field_weight(base, frame), generator)
-        moved = utils.warp(base[None, None], utils.resize_ddf(u, tuple(base.shape)), padding="zeros")[0, 0]
-        return torch.stack([base, moved]), u
+        return torch.stack([base, utils.random_warp(base[None, None], u)[0, 0]]), u
     u = utils.random_field(frame, motion, utils.field_weight(source[0], frame), generator, utils.AFFINE_STD)
-    both = source.float()[None]
-    return utils.warp(both, utils.resize_ddf(u, tuple(both.shape[2:])), padding="zeros")[0], u
+    return utils.random_warp(source.float()[None], u)[0], u
 
 
 def run(kind, data, out, n, preset, seed=0, frame_name=None, labels=None, overwrite=False, progress=True):
@@ -94,13 +93,16 @@ def run(kind, data, out, n, preset, seed=0, frame_name=None, labels=None, overwr
     for i in tqdm(range(n), desc=f"{kind} pairs", disable=not progress):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)  # resuming reproduces the same pairs
         j = int(torch.randint(len(ids), (1,), generator=gen))
-        pair, u = make_pair(kind, maps[j], motion[j], frame, gen)
-        fold = float((utils.jacobian_det(utils.resize_ddf(u, utils.grid_shape(factor, frame))) <= 0).float().mean())
+        for draw in range(DRAWS):  # a field that folds is drawn again (the stream goes on: still reproducible)
+            pair, u = make_pair(kind, maps[j], motion[j], frame, gen)
+            fold = float((utils.jacobian_det(utils.resize_ddf(u, utils.grid_shape(factor, frame))) <= 0).float().mean())
+            folding.append(fold)
+            if fold == 0:
+                break
         if fold > 0:
-            raise utils.DataError(f"{data}: the random field of pair {i} (from {ids[j]}, {motion[j]:.1f} mm) folds "
-                                  f"{100 * fold:.3f} % of its voxels; no pair was written for it")
-        rows.append({"pair": i, "source": ids[j], "field_mm": round(motion[j], 3)})
-        folding.append(fold)
+            raise utils.DataError(f"{data}: {DRAWS} random fields for pair {i} (from {ids[j]}, {motion[j]:.1f} mm) fold, the "
+                                  f"last {100 * fold:.3f} % of its voxels; no pair was written for it")
+        rows.append({"pair": i, "source": ids[j], "field_mm": round(motion[j], 3), "draws": draw + 1})
         paths = synthesise.pair_paths(out, i)
         if overwrite or not all(map(os.path.exists, paths)):
             # clamped: interpolation rounding above 1 would make later stages read a label map
@@ -114,12 +116,12 @@ def run(kind, data, out, n, preset, seed=0, frame_name=None, labels=None, overwr
                                          f"moving *_2, occupancies in [0, 1] on the frame pooled by {factor}")
     utils.write_json(mpath, {**settings, "num_pairs": n, "complete": True, "source_pairs": ids,
                              "source_disp_mm": [round(m, 3) for m in disp], "quick_registration_share": round(ratio, 4),
-                             "folding_fraction": max(folding),
+                             "fields_drawn": len(folding), "fields_folding": sum(f > 0 for f in folding),
                              "seconds": round(time.time() - t0, 1), "pairs": rows})
     synthesise.preview(out)
     print(f"{out}: {made} {kind} pairs written ({n - made} kept) from {len(ids)} real pairs; fields of {np.mean(motion):.2f} mm "
           f"on average (the pairs' quick-registration displacement {np.mean(disp):.2f} mm / {ratio:.2f}, the share of "
-          "a random field's it finds); no field folds")
+          f"a random field's it finds); {sum(f > 0 for f in folding)} of {len(folding)} fields drawn folded")
     return rows
 
 

@@ -342,10 +342,10 @@ class TokenTransformer(Checkpointed):
         x0 = self.classes_of(x0)
         t = torch.randint(1, self.T + 1, (n * procs,), generator=generator, device=x0.device)[rank * n:(rank + 1) * n] / self.T
         xt, masked = self.mask_tokens(x0, t, self.mask_id, generator, share)
-        unseen = x0 < 0  # a held-out grid's code outside vocab: shown masked, left out of the loss
-        if unseen.any():
-            xt, masked, x0 = xt.masked_fill(unseen, self.mask_id), masked & ~unseen, x0.clamp(min=0)
-        return self.weighted_elbo((net or self)(xt), x0, masked, t).mean()
+        unseen = x0 < 0  # a held-out grid's code outside vocab: shown masked, left out of the loss (0 bits)
+        xt = xt.masked_fill(unseen, self.mask_id)  # unconditional: no host synchronisation on a GPU
+        masked = masked & ~unseen
+        return self.weighted_elbo((net or self)(xt), x0.clamp(min=0), masked, t).mean()
 
     @torch.no_grad()
     def sample(self, n, steps=256, temp=0.9, schedule="reference", generator=None, device=None, on_step=None):

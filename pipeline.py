@@ -241,12 +241,13 @@ def run_chains(run, chains, jobs):
           flush=True)
 
 
-def link_folder(sources, out, frame, description):
-    """A folder of symbolic links to the pairs of `sources` [(prefix, folder, ids or None = all)]
-    (names PREFIX_ID_1.nii.gz, or ID_1.nii.gz without a prefix: they never collide) and
-    OUT/NAME_dataset.json with the frame (every source is placed as on its own), rebuilt on every run so
-    it always mirrors its sources."""
-    js = os.path.join(out, os.path.basename(os.path.normpath(out)) + "_dataset.json")
+def link_folder(sources, out, frame=None, description="", name=None, split="train"):
+    """A folder of symbolic links to the pairs of `sources` [(prefix, folder, ids or None = all)] of
+    `split` (names PREFIX_ID_1.nii.gz, or ID_1.nii.gz without a prefix: they never collide) and, with
+    a frame, OUT/NAME_dataset.json recording it (every source is placed as on its own; NAME: the
+    folder's), rebuilt on every run so it always mirrors its sources."""
+    name = name or os.path.basename(os.path.normpath(out))
+    js = os.path.join(out, name + "_dataset.json")
     if os.path.isdir(out):
         for f in os.listdir(out):
             path = os.path.join(out, f)
@@ -256,14 +257,15 @@ def link_folder(sources, out, frame, description):
     os.makedirs(out, exist_ok=True)
     listed = []
     for prefix, source, ids in sources:
-        for p in utils.find_pairs(source):
+        for p in utils.find_pairs(source, split):
             if ids is not None and p.id not in ids:
                 continue
             names = {k: f"{prefix + '_' if prefix else ''}{p.id}_{i}.nii.gz" for i, k in ((1, "fixed"), (2, "moving"))}
             for k, name in names.items():
                 os.symlink(os.path.abspath(getattr(p, k)), os.path.join(out, name))
             listed.append(names)
-    utils.write_dataset_json(js, os.path.basename(os.path.normpath(out)), listed, frame=frame, description=description)
+    if frame:
+        utils.write_dataset_json(js, name, listed, frame=frame, description=description)
     return out
 
 
@@ -271,7 +273,8 @@ def mix_folder(real, synth, out, frame):
     """real + synthetic (or baseline) pairs in one folder of links (link_folder)."""
     if (utils.recorded_frame(synth) or utils.LUNG250M4B) != frame:
         raise utils.DataError(f"{synth}: its pairs were made in another frame than {real}'s; they cannot be mixed")
-    return link_folder([("real", real, None), ("synth", synth, None)], out, frame, "real and synthetic pairs (links)")
+    return link_folder([("real", real, None), ("synth", synth, None)], out, frame, "real and generated pairs (links)",
+                       name="mix")
 
 
 def sign_flip_p(d, rounds=20000, seed=0):
@@ -345,6 +348,16 @@ def per_case_tests(out, seeds, names, base_row, rows, prefix="eval"):
     return lines
 
 
+def compare_rows(out, seeds, names, prefix="eval"):
+    """Per-case tests of every row against the real pairs and of each free baseline against the
+    generator's mix (real + synthetic; the paper's generator's where both ran)."""
+    mix = "mix" if "mix" in names else "mix_tok"
+    lines = []
+    for base_row, rows in (("real", ROWS[1:]), (mix, FREE)):
+        lines += per_case_tests(out, seeds, names, base_row, [r for r in rows if r in names and r != base_row], prefix)
+    return lines
+
+
 def tre_table(out, names, seeds, prefix):
     """The markdown table of every row's PREFIX_ROW_sS.json evaluations run so far -> {row name: [files]}
     of the rows run, with "lines": the table."""
@@ -380,16 +393,11 @@ def report(out, seeds, times, preset, real=None, synth=None, labels=None, frame=
     lines = [f"# Results ({preset} preset)", "", "TRE in mm (mean over landmarks; mean ± sd over seeds); "
              "`net` = registration net alone, `tta` = after test-time adaptation. Rows are named by what "
              "the nets trained on.", ""] + evals.pop("lines")
-    # each row against the real pairs, and each free baseline against the generator's mix
-    mix = "mix" if "mix" in names else "mix_tok"
-    for base_row, rows in (("real", ROWS[1:]), (mix, FREE)):
-        lines += per_case_tests(out, seeds, names, base_row, [r for r in rows if r in names and r != base_row])
+    lines += compare_rows(out, seeds, names)
     if os.path.exists(os.path.join(out, "eval_extra_none.json")):  # a second evaluation set, apart
         lines += ["", "Extra evaluation set (pseudo ground truth, e.g. corrField keypoints of held-out training "
                   "pairs; reported apart from the validation pairs):", ""] + tre_table(out, names, seeds, "eval_extra")["lines"]
-        for base_row, rows in (("real", ROWS[1:]), (mix, FREE)):
-            lines += per_case_tests(out, seeds, names, base_row, [r for r in rows if r in names and r != base_row],
-                                    "eval_extra")
+        lines += compare_rows(out, seeds, names, "eval_extra")
     total = sum(times.values())
     lines += ["", f"Time per stage (summed over resumed runs; stages run by --jobs overlap): total {total / 60:.1f} min", ""]
     lines += [f"- {k}: {v / 60:.1f} min ({100 * v / max(total, 1e-9):.0f} %)" for k, v in times.items()]
@@ -497,6 +505,9 @@ def experiment(out, preset, data, val, lms, seeds, n, reg_iters=None, frame_name
     landmarks) evaluated too, reported apart), results.md. Every input is checked before the first stage."""
     p = PRESETS[preset]
     run = Stages(out, force)
+    if extra:  # (data, pair ids, landmark folder) -> (a folder of links to those pairs, landmark folder)
+        extra = (link_folder([("", extra[0], extra[1])], os.path.join(out, "extra_val"), split=utils.val_split(extra[0])),
+                 extra[2])
     frame_args = ["--frame", frame_name] if frame_name else []
     frame = utils.data_frame(data, frame_name)
     train_ids = [p.id for p in utils.find_pairs(data)]  # every input checked before the first stage runs
@@ -617,7 +628,8 @@ def curve_report(out, sizes, seeds, n_synth):
                              f"{m['tta'][0]:.2f} ± {m['tta'][1]:.2f} | {len(js)} |")
             for base_row, rows in (("real", [r for r in CURVE_NAMES if r != "real"]), ("mix", FREE)):
                 found = per_case_tests(sub, seeds, names, base_row, [r for r in rows if r in names], prefix)
-                tests += [f"N = {n}: {found[1].strip()}"] + found[3:] if found else []
+                if found:
+                    tests += [f"N = {n}: {found[1].strip()}", *found[3:]]
         lines += ["", "Per-case tests within each run:", "", *tests, ""]
         for i, k in enumerate(("net", "tta")):
             for r, pts in points.items():
@@ -643,17 +655,6 @@ def extra_pairs(extra_val, extra_landmarks):
     if not pairs:
         raise utils.DataError(f"{extra_landmarks}: holds no landmark file ID.csv of a pair of {extra_val}")
     return pairs
-
-
-def pair_links(pairs, folder):
-    """A folder of links ID_1 / ID_2.nii.gz to `pairs` (ids kept: landmark files are found by id)."""
-    os.makedirs(folder, exist_ok=True)
-    for f in os.listdir(folder):
-        os.remove(os.path.join(folder, f))
-    for p in pairs:
-        for i, f in ((1, p.fixed), (2, p.moving)):
-            os.symlink(os.path.abspath(f), os.path.join(folder, f"{p.id}_{i}.nii.gz"))
-    return folder
 
 
 def main(argv=None):
@@ -728,8 +729,8 @@ def main(argv=None):
             if in_val & set(subset):
                 raise utils.DataError(f"{val}: holds training pair {sorted(in_val & set(subset))[0]} of the N = {size} "
                                       "subset: it is not held out")
-    if args.extra_val:
-        extra = (pair_links(listed, os.path.join(out, "extra_val")), args.extra_landmarks)
+    if args.extra_val:  # each run links the pairs into its own folder (extra_val/), ids kept for the landmark files
+        extra = (args.extra_val, [p.id for p in listed], args.extra_landmarks)
     common = dict(reg_iters=args.reg_iters, force=args.force, jobs=args.jobs)
     if not args.curve:
         experiment(out, preset, data, val, lms, seeds, n, frame_name=args.frame, generator_tokens=args.generator_tokens,
@@ -738,7 +739,7 @@ def main(argv=None):
     utils.write_json(os.path.join(out, "subsets.json"), {f"n{k}": v for k, v in subsets.items()})
     for size, subset in subsets.items():
         sub = data if size == len(ids) else link_folder([("", data, subset)], os.path.join(out, "subsets", f"n{size}"), frame,
-                                                        f"the first {size} training pairs of {data} (links)")
+                                                        f"{size} training pairs of {os.path.abspath(data)} (links)")
         evaluated = extra if extra and not set(held) & set(subset) else None
         if extra and not evaluated:
             print(f"[pipeline] N = {size}: the subset holds extra evaluation pairs; they are not evaluated at this N")

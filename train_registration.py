@@ -115,9 +115,8 @@ def augment_pairs(x, motion, frame, generator):
     field (utils.random_field, magnitude motion[b] mm over its fixed map), both maps by the same one."""
     out = []
     for pair, mm in zip(x, motion):
-        u = utils.random_field(frame, mm, utils.field_weight(pair[0].cpu(), frame), generator, utils.AFFINE_STD)
-        ddf = utils.resize_ddf(u.to(x.device), tuple(x.shape[2:]))
-        out.append(utils.warp(pair[None], ddf, padding="zeros"))
+        u = utils.random_field(frame, float(mm), utils.field_weight(pair[0].cpu(), frame), generator, utils.AFFINE_STD)
+        out.append(utils.random_warp(pair[None], u))
     return torch.cat(out)
 
 
@@ -146,7 +145,9 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     # augmentation: its own stream (the batch draws stay those of a run without it)
     gens = [gen, torch.Generator().manual_seed(seed * 100003 + 1)] if augment else [gen]
     motion = None
-    if augment:
+    if augment and ck is not None:
+        motion = torch.tensor(ck["motion"])  # as measured at the start: a resumed run draws the same fields
+    elif augment:
         strengths, disp, r = utils.field_strengths(pairs, p["factor"], cfg["frame"], gens[1])
         motion = torch.tensor(strengths)
         log(f"augmentation: random affine (std {utils.AFFINE_STD}) + smooth field per pair of {motion.mean():.2f} mm on "
@@ -182,7 +183,8 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
             utils.save_checkpoint(out, "regnet", cfg, net.state_dict(), iteration=i, loss=loss_value,
                                   optimisers=[o.state_dict() for o in opts], rng=utils.rng_state(gens), iters=iters,
                                   data=os.path.abspath(data), cases=ids, seed=seed, batch=batch_size, labels=labels,
-                                  augment=augment, precision=utils.precision(device))
+                                  augment=augment, motion=None if motion is None else motion.tolist(),
+                                  precision=utils.precision(device))
         utils.barrier()  # nobody reads the checkpoint before it is written
 
     t = time.time()

@@ -944,8 +944,10 @@ def box_filter(v, kernel, stride=1):
     computed as three exact 1D box filters: kernel instead of kernel^3 taps. The registration nets'
     velocity smoothing."""
     for ax in range(3):
-        along = [tuple(a if i == ax else b for i in range(3)) for a, b in ((kernel, 1), (stride, 1), (kernel // 2, 0))]
-        v = F.avg_pool3d(v, along[0], stride=along[1], padding=along[2])
+        size = tuple(kernel if i == ax else 1 for i in range(3))
+        step = tuple(stride if i == ax else 1 for i in range(3))
+        pad = tuple(kernel // 2 if i == ax else 0 for i in range(3))
+        v = F.avg_pool3d(v, size, stride=step, padding=pad)
     return v
 
 
@@ -989,7 +991,7 @@ def random_field(frame, magnitude, weight, generator=None, affine_std=0.0):
     for _ in range(2):  # the exponential is nearly linear at these sizes: two corrections reach the target
         scale *= magnitude / max(mean_mm(exp_velocity(v * scale, FIELD_SQUARINGS)), 1e-12)
     u = exp_velocity(v * scale, FIELD_SQUARINGS)
-    theta = torch.eye(3, 4) + affine_std * torch.randn((3, 4), generator=generator)
+    theta = torch.eye(3, 4) + affine_std * torch.randn((3, 4), generator=generator)  # drawn always: one stream
     if affine_std > 0:  # x -> A x first, then the field: ddf = a + u(x + a)
         axes = [(torch.arange(n, dtype=torch.float32) * 2 + 1) / n - 1 for n in grid]  # voxel centres
         q = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (3, h, w, d), normalised
@@ -1058,7 +1060,7 @@ def displacement_on_image(ddf, frame, shape):
 
 
 def jacobian_det(ddf):
-    """Jacobian determinant of x + ddf(x) (central differences), (B, H, W, D)."""
+    """Jacobian determinant of x + ddf(x) (central differences): ddf (B, 3, H, W, D) -> (B, H, W, D)."""
     g = torch.stack(torch.gradient(ddf, dim=(2, 3, 4)), dim=2)  # (B, 3 comp, 3 deriv, H, W, D)
     J = g + torch.eye(3, dtype=ddf.dtype, device=ddf.device).view(1, 3, 3, 1, 1, 1)
     return torch.linalg.det(J.permute(0, 3, 4, 5, 1, 2))
@@ -1111,6 +1113,11 @@ def quick_registration(fixed, moving, factor, iters=40, spacing=4, reg=0.05, lr=
         return float(mag[inside].mean() if inside.any() else mag.mean()), dice(fixed, warped)
 
 
+def random_warp(x, u):
+    """Volumes x (B, C, H, W, D) on a frame grid warped by a random_field u (1, 3, h, w, d), zero outside."""
+    return warp(x, resize_ddf(u.to(x.device), tuple(x.shape[2:])), padding="zeros")
+
+
 FIELD_CALIBRATION = 8  # random fields quick-registered to learn how much of a field quick_registration finds
 
 
@@ -1121,15 +1128,14 @@ def field_strengths(pairs, factor, frame, generator):
     the share r of a random field's displacement the quick registration recovers, measured on
     FIELD_CALIBRATION fields of the pairs' own strengths on their fixed maps. Returns (strengths, the
     pairs' displacements, r)."""
-    x = pool(pairs.float(), 4 // factor)
-    disp = [quick_registration(p[0], p[1], 4, voxel_mm=frame["spacing"])[0] for p in x]
+    x = torch.stack([pool(p.float().cpu(), 4 // factor) for p in pairs])  # pair by pair: full-resolution pairs are large
+    disp = [max(quick_registration(p[0], p[1], 4, voxel_mm=frame["spacing"])[0], 1e-3) for p in x]
     found = []
     for k in range(FIELD_CALIBRATION):
         base = x[k % len(x), 0]
-        u = random_field(frame, disp[k % len(x)], field_weight(base, frame), generator)
-        moved = warp(base[None, None], resize_ddf(u, tuple(base.shape)), padding="zeros")[0, 0]
-        found.append(quick_registration(base, moved, 4, voxel_mm=frame["spacing"])[0] / disp[k % len(x)])
-    r = float(np.mean(found))
+        moved = random_warp(base[None, None], random_field(frame, disp[k % len(x)], field_weight(base, frame), generator))
+        found.append(quick_registration(base, moved[0, 0], 4, voxel_mm=frame["spacing"])[0] / disp[k % len(x)])
+    r = max(float(np.mean(found)), 1e-3)
     return [d / r for d in disp], disp, r
 
 

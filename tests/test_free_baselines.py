@@ -95,7 +95,6 @@ def test_augmented_training_resumes_bit_identical_and_refuses_a_switch(phantoms,
 def made(phantoms, tmp_path_factory):
     """6 warped and 6 deformed pairs of the phantoms, written by the script's main()."""
     root = tmp_path_factory.mktemp("free")
-    torch.set_num_threads(1)
     for kind in deform_pairs.KINDS:
         deform_pairs.main([kind, phantoms, "6", "--preset", "demo", "--out", str(root / kind), "--seed", "3"])
     return root
@@ -105,7 +104,8 @@ def test_baseline_pairs_are_written_like_synthetic_pairs_and_train_a_net(made, p
     for kind in deform_pairs.KINDS:
         folder = str(made / kind)
         m = json.load(open(os.path.join(folder, "manifest.json")))
-        assert m["complete"] and m["kind"] == kind and m["folding_fraction"] == 0 and m["frame"] == FRAME
+        assert m["complete"] and m["kind"] == kind and m["frame"] == FRAME
+        assert m["fields_drawn"] == 6 and m["fields_folding"] == 0  # phantom motion: no field needs a second draw
         assert len(m["pairs"]) == 6 and set(p["source"] for p in m["pairs"]) <= set(utils.pair_ids(phantoms))
         assert utils.recorded_frame(folder) == FRAME and len(utils.find_pairs(folder)) == 6
         assert os.path.exists(os.path.join(folder, "preview.png"))
@@ -161,9 +161,9 @@ def test_deform_pairs_refuses_empty_maps_and_folding_fields(phantoms, tmp_path, 
     proc = run("deform_pairs.py", "warped", bad, "2", "--preset", "demo", "--out", tmp_path / "w")
     assert_one_line_error(proc, "case_001_2.nii.gz", "all zero")
     assert not os.path.exists(tmp_path / "w")
-    # a field far stronger than the anatomy it moves folds: refused, no pair written for it
+    # fields far stronger than the anatomy they move fold at every draw: refused, no pair written
     monkeypatch.setattr(utils, "field_strengths", lambda pairs, *a: ([200.0] * len(pairs), [1.0] * len(pairs), 1.0))
-    with pytest.raises(utils.DataError, match="folds"):
+    with pytest.raises(utils.DataError, match="10 random fields for pair 0 .* fold"):
         deform_pairs.run("deformed", phantoms, str(tmp_path / "d"), 2, "demo", progress=False)
     assert not os.path.exists(tmp_path / "d" / "case_0000_1.nii.gz")
 
