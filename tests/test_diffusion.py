@@ -341,13 +341,15 @@ def test_vocab_benchmark_runs(tmp_path, capsys):
 
 
 def test_resume_refuses_grids_outside_the_checkpoints_vocab(ckpts, tmp_path):
-    """The compact vocab is part of the config: resuming on grids that use other codes is refused."""
+    """The compact vocab is part of the config and comes from the training grids alone: validation
+    grids of other codes leave it as it is, training grids of other codes are refused on resume."""
     small = str(tmp_path / "small.pth")  # grids of codes 0-3 only: a checkpoint predicting those four
     utils.write_tokens(small, torch.randint(0, 4, (4, *GRID)), list("abcd"), 16, {"preset": "demo", "factor": 4, "frame": utils.LUNG250M4B})
     out = str(tmp_path / "e.pth")
     train_diffusion.main(["2", small, "--preset", "demo", "--out", out, "--iters", "2"])
     assert utils.load_checkpoint(out, "diffusion")["config"]["model"]["vocab"] == [0, 1, 2, 3]
-    train_diffusion.main(["2", small, "--preset", "demo", "--out", out, "--iters", "3", "--resume"])
-    with pytest.raises(utils.DataError, match="config differs in model"):
-        train_diffusion.main(["2", small, "--val", str(ckpts / "tokens.pth"), "--preset", "demo", "--out", out,
-                              "--iters", "4", "--resume"])
+    train_diffusion.main(["2", small, "--val", str(ckpts / "tokens.pth"), "--preset", "demo", "--out", out,
+                          "--iters", "3", "--resume"])  # validation grids of codes 0-15: the vocab stays
+    assert utils.load_checkpoint(out, "diffusion")["config"]["model"]["vocab"] == [0, 1, 2, 3]
+    with pytest.raises(utils.DataError, match="trained with other settings \\(tokens"):
+        train_diffusion.main(["2", str(ckpts / "tokens.pth"), "--preset", "demo", "--out", out, "--iters", "4", "--resume"])
