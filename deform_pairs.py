@@ -27,12 +27,13 @@ import torch
 from tqdm import tqdm
 
 import synthesise
+import train_vqae
 import utils
 
 KINDS = ("warped", "deformed")
 DRAWS = 10  # fields drawn for one pair before a folding one is an error
-# factor: the output grid (the preset's synthetic pairs': the VQ-AE's factor); num_pairs: synthesise.py's
-PRESETS = {"paper": dict(factor=1), "cpu": dict(factor=4), "demo": dict(factor=4)}
+# the output grid: the preset's synthetic pairs', i.e. its VQ-AE's factor (num_pairs: synthesise.py's)
+PRESETS = {k: dict(factor=p["factor"]) for k, p in train_vqae.PRESETS.items()}
 
 
 def load_maps(data, frame, labels=None):
