@@ -54,13 +54,15 @@ def config_of(preset, tokens):
     """The decoder's checkpoint config for a token file (read_tokens): as many x2 upsamplings as
     take its grid to the preset's frame grid (or just past it: the output is cropped)."""
     p = PRESETS[preset]
-    size = utils.grid_shape(p["factor"], tokens["frame"])
+    factor = utils.preset_factor(p, tokens["frame"])
+    size = utils.grid_shape(factor, tokens["frame"])
     ratio = max(s / g for s, g in zip(size, tokens["grid_shape"]))
     ups = max(0, math.ceil(math.log2(ratio) - 1e-9))
     widths = p["model"]["up_channels"]
     kwargs = dict(p["model"], num_codes=tokens["num_codes"],
                   up_channels=[widths[min(i, len(widths) - 1)] for i in range(ups)])
-    return model_config(preset, p["factor"], kwargs, grid_shape=list(tokens["grid_shape"]), frame=tokens["frame"])
+    return model_config(preset, factor, utils.dims_kwargs(kwargs, tokens["frame"]), grid_shape=list(tokens["grid_shape"]),
+                        frame=tokens["frame"])
 
 
 def decoder_loss(logits, x, diff_weight):
@@ -197,8 +199,9 @@ def run(tokens_path, data, out, preset, iters=None, folds=5, seed=0, device=None
     case_ids = tokens["case_ids"]
     grids = tokens["tokens"].reshape(-1, *tokens["grid_shape"])
     row = {c: i for i, c in enumerate(case_ids)}
-    size = utils.grid_shape(p["factor"], frame)
-    pairs = utils.load_pairs(data, p["factor"], frame, [have[c] for c in fitted])[1]  # (n, 2, *size) occupancies
+    factor = cfg["factor"]
+    size = utils.grid_shape(factor, frame)
+    pairs = utils.load_pairs(data, factor, frame, [have[c] for c in fitted])[1]  # (n, 2, *size) occupancies
     fit_grids = grids[[row[c] for c in fitted]]
     print(f"decode_tokens: {len(grids)} grids {'x'.join(map(str, tokens['grid_shape']))} from {tokens_path}, "
           f"decoder fitted on {len(fitted)} pairs of {data} at {'x'.join(map(str, size))}, preset {preset}, "
@@ -217,7 +220,7 @@ def run(tokens_path, data, out, preset, iters=None, folds=5, seed=0, device=None
         if k >= len(manifest["folds"]):
             model, loss = fit(cfg, fit_grids[train], pairs[train], iters, seed + 1 + k, device, desc=f"fold {k}")
             recon = decode(model, fit_grids[held], size, device)
-            m = {"held_out": [fitted[i] for i in held], "train_loss": loss, **fold_metrics(pairs[held], recon, p["factor"])}
+            m = {"held_out": [fitted[i] for i in held], "train_loss": loss, **fold_metrics(pairs[held], recon, factor)}
             manifest["folds"].append(m)
             utils.write_json(mpath, manifest)  # a finished fold survives an interruption
             shown.append((fitted[held[0]], pairs[held[0]], recon[0]))
@@ -243,11 +246,11 @@ def run(tokens_path, data, out, preset, iters=None, folds=5, seed=0, device=None
         occ = decode(model, grids[c:c + 8], size, device)
         for case, x in zip(case_ids[c:c + 8], occ):
             for k in (0, 1):
-                utils.write_nifti(os.path.join(out, f"{case}_{k + 1}.nii.gz"), x[k].numpy(), p["factor"], frame)
+                utils.write_nifti(os.path.join(out, f"{case}_{k + 1}.nii.gz"), x[k].numpy(), factor, frame)
     utils.write_dataset_json(os.path.join(out, "decoded_dataset.json"), "decoded",
                              [{"fixed": f"{c}_1.nii.gz", "moving": f"{c}_2.nii.gz"} for c in case_ids], shape=size,
                              frame=frame, description="token grids decoded by decode_tokens.py: fixed *_1, moving *_2")
-    manifest.update(complete=True, num_pairs=len(grids), factor=p["factor"], shape=list(size), frame=frame)
+    manifest.update(complete=True, num_pairs=len(grids), factor=factor, shape=list(size), frame=frame)
     utils.write_json(mpath, manifest)
     print(f"{out}: {len(grids)} decoded pairs (reconstructions: blurrier than real masks)")
     return manifest

@@ -33,7 +33,7 @@ import utils
 KINDS = ("warped", "deformed")
 DRAWS = 10  # fields drawn for one pair before a folding one is an error
 # the output grid: the preset's synthetic pairs', i.e. its VQ-AE's factor (num_pairs: synthesise.py's)
-PRESETS = {k: dict(factor=p["factor"]) for k, p in train_vqae.PRESETS.items()}
+PRESETS = train_vqae.PRESETS
 
 
 def load_maps(data, frame, labels=None):
@@ -66,7 +66,7 @@ def run(kind, data, out, n, preset, seed=0, frame_name=None, labels=None, overwr
     if kind not in KINDS:
         raise utils.DataError(f"{kind}: not a kind of baseline ({', '.join(KINDS)})")
     frame = utils.data_frame(data, frame_name)
-    factor = PRESETS[preset]["factor"]
+    factor = utils.preset_factor(PRESETS[preset], frame)
     mpath = os.path.join(out, "manifest.json")
     if os.path.exists(out) and not os.path.isdir(out):
         raise utils.DataError(f"{out}: is a file, --out must be a folder")
@@ -107,7 +107,7 @@ def run(kind, data, out, n, preset, seed=0, frame_name=None, labels=None, overwr
         paths = synthesise.pair_paths(out, i)
         if overwrite or not all(map(os.path.exists, paths)):
             # clamped: interpolation rounding above 1 would make later stages read a label map
-            for path, vol in zip(paths, utils.pool(pair, factor // f0).clamp(0, 1)):
+            for path, vol in zip(paths, utils.pool(pair, factor // f0, utils.spatial_dims(frame)).clamp(0, 1)):
                 utils.write_nifti(path, vol.numpy(), factor, frame)
             made += 1
     dataset = [{k: os.path.basename(p) for k, p in zip(("fixed", "moving"), synthesise.pair_paths(out, i))} for i in range(n)]

@@ -11,7 +11,8 @@ or a Learn2Reg dataset JSON: its registration_val pairs and their keypoints (vox
 TRE in mm (the frame's voxel spacing, from the NIfTI headers). Writes PREFIX.csv (per landmark),
 PREFIX.json (summary) and PREFIX.png (MIPs); --disp DIR: DIR/disp_FFFF_MMMM.nii.gz per pair (FFFF,
 MMMM: the fixed and moving case numbers), the Learn2Reg convention: a (H, W, D, 3) displacement in
-voxels on the fixed image's grid and affine, fixed keypoint x maps to x + disp(x) in the moving image.
+voxels on the fixed image's grid and affine, fixed keypoint x maps to x + disp(x) in the moving image
+(2D: (H, W, 2)).
 """
 import argparse
 import copy
@@ -71,7 +72,7 @@ def write_disp(folder, pair, ddf, frame):
     """DIR/disp_FFFF_MMMM.nii.gz of a pair: ddf (1, 3, ...) fixed -> moving on a pooled frame grid,
     written on the fixed image's grid with its affine (utils.displacement_on_image)."""
     img = nib.load(pair.fixed)
-    disp = utils.displacement_on_image(ddf, frame, img.shape[:3])
+    disp = utils.displacement_on_image(ddf, frame, utils.image_shape(pair.fixed))
     path = disp_path(folder, pair)
     with utils.atomic_path(path) as tmp:
         nib.save(nib.Nifti1Image(disp, img.affine), tmp)

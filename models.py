@@ -5,8 +5,12 @@ loads itself from its checkpoint: Class.from_checkpoint(path).
   VQAE             paired 3D VQ-autoencoder           (B, 2, H, W, D) masks  <-> (B, h, w, d) token ids
   TokenTransformer absorbing-diffusion denoiser        (B, L) ids (mask = K)  ->  (B, L, K) logits (K = len(vocab))
   RegistrationNet  two-step inverse-consistent net     fixed, moving (B, 1, H, W, D) -> ddfs (B, 3, H, W, D)
+  (2D: every D dropped and ddfs of 2 channels; see below)
   TokenDecoder     stand-in decoder of a token file    (B, h, w, d) ids       ->  (B, 2, H, W, D) logits
                    whose VQ-AE is not available (the reference's 97 grids; not part of the paper)
+
+2D data (spatial_dims=2, MONAI's parameter, passed down from the frame) drop D everywhere: masks
+(B, 2, H, W), token grids (B, h, w), ddfs (B, 2, H, W). The default 3 is the paper's model.
 """
 import math
 
@@ -89,9 +93,10 @@ class VQAE(Checkpointed):
     kind = "vqae"
 
     def __init__(self, channels=(48, 48, 64, 64, 128, 192, 256, 384), strides=(1, 2, 1, 2, 1, 2, 1, 2),
-                 num_codes=1024, beta=0.25):
+                 num_codes=1024, beta=0.25, spatial_dims=3):
         super().__init__()
-        self.ae = AutoEncoder(spatial_dims=3, in_channels=2, out_channels=4, channels=channels, strides=strides)
+        self.ae = AutoEncoder(spatial_dims=spatial_dims, in_channels=2, out_channels=4, channels=channels, strides=strides)
+        self.spatial_dims = spatial_dims
         self.stride = math.prod(strides)
         self.num_codes, self.code_dim, self.beta = num_codes, channels[-1], beta
         self.codebook = nn.Embedding(num_codes, self.code_dim)
@@ -129,8 +134,8 @@ class VQAE(Checkpointed):
 
     def encode(self, x):
         """x (B, 2, H, W, D) -> (z_q (B, C, h, w, d), codebook loss (scalar), token ids (B, h, w, d))."""
-        if any(s % self.stride for s in x.shape[-3:]):
-            raise ValueError(f"VQAE input {tuple(x.shape[-3:])} is not a multiple of the stride {self.stride}")
+        if any(s % self.stride for s in x.shape[2:]):
+            raise ValueError(f"VQAE input {tuple(x.shape[2:])} is not a multiple of the stride {self.stride}")
         return self.quantise(self.ae.intermediate(self.ae.encode(x)))
 
     def decode(self, zq):
@@ -174,7 +179,7 @@ class VQAE(Checkpointed):
             ids.append(t[0].cpu())
             dices.append([utils.dice(fixed[0], x[0, 0]), utils.dice(moving[0], x[0, 1])])
             if keep_probs:
-                probs.append(utils.pool(torch.stack([fixed[0], moving[0]]), pool).cpu())
+                probs.append(utils.pool(torch.stack([fixed[0], moving[0]]), pool, self.spatial_dims).cpu())
         self.train(was_training)
         return torch.stack(ids), np.array(dices), (torch.stack(probs) if keep_probs else None)
 
@@ -272,7 +277,7 @@ class TokenTransformer(Checkpointed):
 
     def blocks_of(self, x, fill):
         """(B, L, *rest) row-major over grid_shape -> (B, P, g^3, *rest): the tokens of each g x g x g
-        block (the grid padded with `fill`); g = 1: (B, L, 1, *rest)."""
+        block (g^2 on a 2D grid; the grid padded with `fill`); g = 1: (B, L, 1, *rest)."""
         g = self.group
         if g == 1:
             return x.unsqueeze(2)
@@ -282,19 +287,21 @@ class TokenTransformer(Checkpointed):
         for n in reversed(self.grid_shape):
             pad += [0, -n % g]
         x = F.pad(x, pad, value=fill)
-        (H, W, D), B = x.shape[1:4], len(x)
-        x = x.reshape(B, H // g, g, W // g, g, D // g, g, *rest).permute(0, 1, 3, 5, 2, 4, 6, *range(7, 7 + len(rest)))
-        return x.reshape(B, -1, g ** 3, *rest)
+        n, B = len(self.grid_shape), len(x)
+        x = x.reshape(B, *[v for s in x.shape[1:1 + n] for v in (s // g, g)], *rest)  # (B, H/g, g, W/g, g, ...)
+        x = x.permute(0, *range(1, 2 * n, 2), *range(2, 2 * n + 1, 2), *range(2 * n + 1, 2 * n + 1 + len(rest)))
+        return x.reshape(B, -1, g ** n, *rest)
 
     def tokens_of(self, y):
         """blocks_of's inverse: (B, P, g^3, *rest) -> (B, L, *rest), the padding dropped."""
         g = self.group
         if g == 1:
             return y.squeeze(2)
-        rest = y.shape[3:]
-        h, w, d = (-(-n // g) for n in self.grid_shape)
-        y = y.reshape(len(y), h, w, d, g, g, g, *rest).permute(0, 1, 4, 2, 5, 3, 6, *range(7, 7 + len(rest)))
-        y = y.reshape(len(y), h * g, w * g, d * g, *rest)[:, :self.grid_shape[0], :self.grid_shape[1], :self.grid_shape[2]]
+        rest, n = y.shape[3:], len(self.grid_shape)
+        blocks = [-(-k // g) for k in self.grid_shape]
+        y = y.reshape(len(y), *blocks, *[g] * n, *rest)
+        y = y.permute(0, *[v for i in range(n) for v in (1 + i, 1 + n + i)], *range(2 * n + 1, 2 * n + 1 + len(rest)))
+        y = y.reshape(len(y), *[k * g for k in blocks], *rest)[(slice(None),) + tuple(slice(0, k) for k in self.grid_shape)]
         return y.reshape(len(y), self.seq_len, *rest)
 
     def classes_of(self, x0):
@@ -406,12 +413,13 @@ class RegistrationNet(Checkpointed):
     kind = "regnet"
 
     def __init__(self, channels=(8, 16, 32, 64, 64, 64), strides=(2, 2, 1, 2, 1), max_velocity=0.35,
-                 pool_strides=(2, 2, 1, 1), pool_kernel=7, squarings=12, exp_at="input", exp_coarsen=1):
+                 pool_strides=(2, 2, 1, 1), pool_kernel=7, squarings=12, exp_at="input", exp_coarsen=1, spatial_dims=3):
         super().__init__()
         if exp_at not in ("input", "velocity") or (exp_at == "input" and exp_coarsen != 1):
             raise ValueError(f"exp_at={exp_at!r} with exp_coarsen={exp_coarsen}: coarsening needs exp_at='velocity'")
-        self.unets = nn.ModuleList(UNet(spatial_dims=3, in_channels=2, out_channels=3, channels=channels,
-                                        strides=strides) for _ in range(2))
+        self.unets = nn.ModuleList(UNet(spatial_dims=spatial_dims, in_channels=2, out_channels=spatial_dims,
+                                        channels=channels, strides=strides) for _ in range(2))
+        self.spatial_dims = spatial_dims
         self.multiple = math.prod(strides)
         self.max_velocity, self.pool_strides, self.pool_kernel = max_velocity, pool_strides, pool_kernel
         self.squarings, self.exp_at, self.exp_coarsen = squarings, exp_at, exp_coarsen
@@ -437,11 +445,11 @@ class RegistrationNet(Checkpointed):
 
     def exp(self, v, size):
         """Normalised velocity -> ddf (voxel units) on the grid chosen by exp_at."""
+        mode = utils.LINEAR[self.spatial_dims]
         if self.exp_at == "input":
-            v = F.interpolate(v, size=size, mode="trilinear", align_corners=False)
+            v = F.interpolate(v, size=size, mode=mode, align_corners=False)
         elif self.exp_coarsen > 1:  # factor 2 on even sizes = the mean of 2x2x2 neighbours
-            v = F.interpolate(v, size=[math.ceil(n / self.exp_coarsen) for n in v.shape[2:]],
-                              mode="trilinear", align_corners=False)
+            v = F.interpolate(v, size=[math.ceil(n / self.exp_coarsen) for n in v.shape[2:]], mode=mode, align_corners=False)
         return utils.exp_velocity(utils.scale_channels(v, [n / 2 for n in v.shape[2:]]), self.squarings)
 
     def halfway(self, v, fixed, moving):
@@ -515,23 +523,24 @@ class TokenDecoder(Checkpointed):
     kind = "tokendecoder"
 
     def __init__(self, num_codes=1024, embed=64, width=64, blocks=4, up_channels=(32, 16), norm="BATCH",
-                 kernel=3, up_blocks=0, motion=False):
+                 kernel=3, up_blocks=0, motion=False, spatial_dims=3):
         super().__init__()
+        n = self.spatial_dims = spatial_dims
         self.num_codes = num_codes
         self.embed = nn.Embedding(num_codes, embed)
-        self.stem = Convolution(3, embed, width, kernel_size=kernel, norm=norm)
-        self.blocks = nn.Sequential(*[ResidualUnit(3, width, width, kernel_size=kernel, subunits=2, norm=norm)
+        self.stem = Convolution(n, embed, width, kernel_size=kernel, norm=norm)
+        self.blocks = nn.Sequential(*[ResidualUnit(n, width, width, kernel_size=kernel, subunits=2, norm=norm)
                                       for _ in range(blocks)])
         chans = (width, *up_channels)
-        self.up = nn.Sequential(*[nn.Sequential(Convolution(3, a, b, strides=2, kernel_size=3, is_transposed=True, norm=norm),
-                                                *[ResidualUnit(3, b, b, kernel_size=3, subunits=2, norm=norm)
+        self.up = nn.Sequential(*[nn.Sequential(Convolution(n, a, b, strides=2, kernel_size=3, is_transposed=True, norm=norm),
+                                                *[ResidualUnit(n, b, b, kernel_size=3, subunits=2, norm=norm)
                                                   for _ in range(up_blocks)])
                                   for a, b in zip(chans[:-1], chans[1:])])
-        self.head = Convolution(3, chans[-1], 1 if motion else 2, kernel_size=1, conv_only=True)
+        self.head = Convolution(n, chans[-1], 1 if motion else 2, kernel_size=1, conv_only=True)
         self.ups = len(up_channels)
         self.motion = motion
         if motion:
-            self.flow = nn.Conv3d(width, 3, kernel_size=3, padding=1)
+            self.flow = (nn.Conv2d, nn.Conv3d)[n - 2](width, n, kernel_size=3, padding=1)
             nn.init.zeros_(self.flow.weight)  # training starts from no motion
             nn.init.zeros_(self.flow.bias)
 
@@ -542,7 +551,7 @@ class TokenDecoder(Checkpointed):
         out = self.head(self.up(x))
         if not self.motion:
             return out, None
-        ddf = F.interpolate(self.flow(x), size=out.shape[2:], mode="trilinear", align_corners=False)
+        ddf = F.interpolate(self.flow(x), size=out.shape[2:], mode=utils.LINEAR[self.spatial_dims], align_corners=False)
         return torch.cat([out, utils.warp(out, ddf)], 1), ddf
 
     def forward(self, ids):

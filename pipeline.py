@@ -7,7 +7,8 @@ registration nets trained on real / synthetic / real+synthetic pairs -> Dice/TRE
 
 DATA: a folder of ID_1 / ID_2 pairs (then --val is required, with landmark CSVs in --landmarks,
 default VAL/landmarks) or a Learn2Reg dataset JSON (--val defaults to its registration_val pairs and
-their keypoints). --frame: see utils.data_frame (default: derived for a JSON, lung250m4b for a folder).
+their keypoints). --frame: see utils.data_frame (default: derived for a JSON or 2D images, lung250m4b for a
+folder of 3D pairs).
 
 The generator trains on --data (the registration nets' real pairs) unless --generator-tokens names
 a token file whose VQ-AE is not available (the reference's 97 grids; not in the paper's code): then
@@ -408,7 +409,7 @@ def report(out, seeds, times, preset, real=None, synth=None, labels=None, frame=
         if os.path.exists(os.path.join(out, f + ".md")):
             lines += ["", f"Realism (frame pooled by 4; {what}):", "", open(os.path.join(out, f + ".md")).read().strip()]
     if real and synth:
-        figures(out, {k: v for k, v in evals.items() if v}, real, synth, train_registration.PRESETS[preset]["factor"], frame)
+        figures(out, {k: v for k, v in evals.items() if v}, real, synth, utils.preset_factor(train_registration.PRESETS[preset], frame), frame)
     lines += ["", "Figures: `results_tre.png` (TRE box plots per row), `results_pairs.png` (real vs synthetic pairs); "
               "how much deformation the VQ-AE (or the token decoder) and the diffusion model keep: "
               "`realism.csv` / `.png` (`realism_tok.*`).", ""]

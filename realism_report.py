@@ -59,7 +59,7 @@ def report(folders, reference, out, overwrite=False, val=None, vqae=None, frame=
         utils.check_output(out + ext, overwrite)
     model = None if vqae is None else VQAE.from_checkpoint(vqae)
     frame = utils.data_frame(reference, frame) if model is None else model.config["frame"]
-    sp = frame["spacing"]
+    sp, dims = frame["spacing"], utils.spatial_dims(frame)
     load_factor = FACTOR if model is None else model.config["factor"]  # real pairs are read once, at the VQ-AE's
     if FACTOR % load_factor:
         raise utils.DataError(f"{vqae}: works at frame/{load_factor}, cannot compare at /{FACTOR}")
@@ -67,11 +67,11 @@ def report(folders, reference, out, overwrite=False, val=None, vqae=None, frame=
     for real, split in [(reference, "train")] + ([(val, utils.val_split(val))] if val else []):
         ids, x = utils.load_pairs(real, load_factor, frame, utils.find_pairs(real, split))
         if ref is None:
-            rids, ref = ids, utils.pool(x, FACTOR // load_factor)  # the memorisation reference
+            rids, ref = ids, utils.pool(x, FACTOR // load_factor, dims)  # the memorisation reference
         real_name = "real " + os.path.basename(os.path.normpath(real)).removesuffix(".json") + ("" if split == "train" else " val")
         if real_name in groups:
             real_name += " (val)"  # same folder name in another place
-        groups[real_name] = utils.pair_stats(ids, utils.pool(x, FACTOR // load_factor), FACTOR, (rids, ref), True, sp)
+        groups[real_name] = utils.pair_stats(ids, utils.pool(x, FACTOR // load_factor, dims), FACTOR, (rids, ref), True, sp)
         if model is not None:
             recon = model.reconstruct(x, keep_probs=True, pool=FACTOR // load_factor)[2]
             groups["recon " + real_name[5:]] = utils.pair_stats(ids, recon, FACTOR, (rids, ref), True, sp)

@@ -24,7 +24,8 @@ from models import RegistrationNet, model_config
 
 LOG_EVERY = 10  # iterations between host synchronisations (progress bar, finiteness check)
 LR, REG, TTA_LR = 0.015, 0.5, 0.005  # the reference's Adam rates (training, test-time adaptation), smoothness weight
-# factor: input = frame average-pooled by it. model: RegistrationNet kwargs. iters None = the reference's rule.
+# factor: input = frame average-pooled by it (2D frames: factor_2d, default 1, utils.preset_factor).
+# model: RegistrationNet kwargs. iters None = the reference's rule.
 PRESETS = {
     # the reference: half resolution, smooth velocity squared 12x at input resolution
     "paper": dict(factor=2, batch=8, iters=None, ckpt_every=500, model=dict(pool_strides=(2, 2, 1, 1), exp_at="input")),
@@ -41,13 +42,13 @@ PRESETS = {
 def config_of(preset, frame):
     """What the checkpoint stores next to the weights: enough to rebuild net and input grid."""
     p = PRESETS[preset]
-    return model_config(preset, p["factor"], p["model"], frame=frame)
+    return model_config(preset, utils.preset_factor(p, frame), utils.dims_kwargs(p["model"], frame), frame=frame)
 
 
 def smoothness(ddf):
     """Squared finite differences (diffusion regulariser) of a ddf in normalised units (the reference's)."""
     u = utils.scale_channels(ddf, [2 / n for n in ddf.shape[2:]])
-    return sum((u.diff(dim=d) ** 2).mean() for d in (2, 3, 4))
+    return sum((u.diff(dim=d) ** 2).mean() for d in range(2, ddf.ndim))
 
 
 def pair_loss(fixed, moving, ddf, ddf_inv, reg):
@@ -67,7 +68,7 @@ def step_loss(net, step, fixed, moving, reg, device):
 
 
 def train_step(net, opts, scaler, fixed, moving, reg, device):
-    """One iteration on a batch (B, 1, H, W, D) each -> (summed loss (0-dim tensor, no host sync),
+    """One iteration on a batch (B, 1, H, W, D) each ((B, 1, H, W) in 2D) -> (summed loss (0-dim tensor, no host sync),
     v1, v2 detached: net.fields(v1, v2, size) are the fields this iteration computed). As the
     reference: UNet 1 is optimised on its own full fields, then the pair is warped half-way by step 1
     and detached, and UNet 2 is optimised on that pair with its own loss."""
@@ -133,7 +134,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         raise utils.DataError(f"{out}: trained {'with' if ck.get('augment') else 'without'} --augment; resume the same way "
                               "or write a new --out")
     iters = iters or p["iters"] or 2500 // batch_size * 4
-    ids, pairs = utils.load_pairs(data, p["factor"], cfg["frame"], labels=labels)  # (N, 2, H, W, D)
+    ids, pairs = utils.load_pairs(data, cfg["factor"], cfg["frame"], labels=labels)  # (N, 2, H, W, D)
     rank, _, device = utils.distributed(device)
     local = utils.local_batch(batch_size)
     pairs = utils.to_device_if_fits(pairs.half(), device)  # exact for masks pooled by 2 or 4; fp16 maps as the reference
@@ -148,7 +149,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     if augment and ck is not None:
         motion = torch.tensor(ck["motion"])  # as measured at the start: a resumed run draws the same fields
     elif augment:
-        strengths, disp, r = utils.field_strengths(pairs, p["factor"], cfg["frame"], gens[1])
+        strengths, disp, r = utils.field_strengths(pairs, cfg["factor"], cfg["frame"], gens[1])
         motion = torch.tensor(strengths)
         log(f"augmentation: random affine (std {utils.AFFINE_STD}) + smooth field per pair of {motion.mean():.2f} mm on "
             f"average (the pairs' quick-registration displacement {sum(disp) / len(disp):.2f} mm / {r:.2f}, the share "

@@ -1,4 +1,4 @@
-"""Stage 1: train the paired 3D VQ-AE (models.VQAE) on fixed/moving vessel-mask pairs.
+"""Stage 1: train the paired 3D (or 2D) VQ-AE (models.VQAE) on fixed/moving vessel-mask pairs.
 
     python train_vqae.py [BATCH_SIZE] [--preset paper|cpu|demo] [--data DATA] [--val DATA] [--iters N]
                          [--out CKPT] [--seed S] [--diff-weight W] [--frame derived|lung250m4b]
@@ -14,7 +14,8 @@ At every validation: reconstruction Dice and the deformation the reconstructions
 registration displacement of reconstructed / real pairs, training and validation pairs).
 DATA: a folder of ID_1 / ID_2 pairs or a Learn2Reg dataset JSON (its registration_val pairs are the
 default --val). Writes CKPT (kind 'vqae': preset, model kwargs, data factor and frame in its
-config), CKPT.csv, CKPT.png.
+config), CKPT.csv, CKPT.png. 2D images make a 2D VQ-AE (2D convolutions, (h, w) token grids) at the
+preset's factor_2d.
 """
 import functools
 import math
@@ -33,6 +34,7 @@ from models import VQAE, model_config
 SAMPLES = 336000  # paper: 336000 // BATCH_SIZE iterations
 PRESETS = {
     # factor: frame pooling (1 = 1 mm); patch: random cube side (None = whole volume); samples: iters x batch
+    # factor_2d: the pooling of 2D frames (utils.preset_factor): none, a slice is small
     "paper": dict(factor=1, patch=128, samples=SAMPLES, batch=8, lr=5e-4, ckpt_every=3500, val_every=3500, model={}),
     # quarter res 64x52x64 padded to 64x56x64; stride 8 -> 8x7x8 = 448 tokens. The first layer already
     # strides by 2: a full-resolution stage costs far more time on 2 CPU cores for little Dice.
@@ -59,11 +61,11 @@ LOG_FIELDS = ["iter", "loss", "codebook_loss", "dice_fixed", "dice_moving", "cod
 def config_of(preset, frame):
     """The checkpoint config: everything needed to rebuild the model and its input."""
     p = PRESETS[preset]
-    return model_config(preset, p["factor"], p["model"], frame=frame)
+    return model_config(preset, utils.preset_factor(p, frame), utils.dims_kwargs(p["model"], frame), frame=frame)
 
 
 def load_data(data, factor, frame, split="train", labels=None):
-    """DATA's pairs of `split` (or pairs already loaded) -> (N, 2, H, W, D) float16 (exact for
+    """DATA's pairs of `split` (or pairs already loaded) -> (N, 2, H, W, D) ((N, 2, H, W) in 2D) float16 (exact for
     masks and for 1/64 steps of quarter-res occupancy)."""
     if torch.is_tensor(data):
         return data.half()
@@ -79,8 +81,8 @@ def sample_batch(data, batch, patch, generator, part=slice(None)):
         return torch.stack([data[i] for i in idx[part]])
     corners = []
     for _ in idx:  # same patch location in fixed and moving (they are the two channels)
-        corners.append([int(torch.randint(s - patch + 1, (1,), generator=generator)) for s in data.shape[-3:]])
-    out = [data[i, :, c[0]:c[0] + patch, c[1]:c[1] + patch, c[2]:c[2] + patch] for i, c in zip(idx[part], corners[part])]
+        corners.append([int(torch.randint(s - patch + 1, (1,), generator=generator)) for s in data.shape[2:]])
+    out = [data[(i, slice(None), *(slice(v, v + patch) for v in c))] for i, c in zip(idx[part], corners[part])]
     return torch.stack(out)
 
 
@@ -206,11 +208,12 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     diff_weight = p.get("diff_weight", 0.0) if diff_weight is None else float(diff_weight)
     if not math.isfinite(diff_weight) or diff_weight < 0:
         raise utils.DataError(f"--diff-weight must be a finite number >= 0, got {diff_weight}")
-    train_data = load_data(data, p["factor"], frame, labels=labels)
-    val = None if val is None else load_data(val, p["factor"], frame, utils.val_split(val) if isinstance(val, str) else None,
+    factor, dims = config["factor"], utils.spatial_dims(frame)
+    train_data = load_data(data, factor, frame, labels=labels)
+    val = None if val is None else load_data(val, factor, frame, utils.val_split(val) if isinstance(val, str) else None,
                                              labels)
-    if p["patch"] and any(s < p["patch"] for s in train_data.shape[-3:]):
-        raise utils.DataError(f"{data}: volumes {tuple(train_data.shape[-3:])} smaller than the {p['patch']}^3 patch")
+    if p["patch"] and any(s < p["patch"] for s in train_data.shape[2:]):
+        raise utils.DataError(f"{data}: volumes {tuple(train_data.shape[2:])} smaller than the {p['patch']}^{dims} patch")
     rank, _, device = utils.distributed(device)
     local = utils.local_batch(batch_size)
     part = slice(rank * local, (rank + 1) * local)  # this process's share of every global batch
@@ -233,10 +236,10 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         start, rows, iters = ck["iteration"], ck["log"], ck["iters"]
         seen = ck["seen"].to(device)
     soft = bool(((train_data > 0) & (train_data < 1)).any())  # pooled occupancies (cpu/demo) or binary 1 mm masks
-    to_realism = REALISM_FACTOR // p["factor"]
+    to_realism = REALISM_FACTOR // factor
     real_def = {}  # the real pairs' deformation (quick-registration displacement, Dice(f, m)), measured once
     if val is not None:
-        real_def = {k: utils.pair_stats(range(len(x)), utils.pool(x, to_realism), REALISM_FACTOR)
+        real_def = {k: utils.pair_stats(range(len(x)), utils.pool(x, to_realism, dims), REALISM_FACTOR)
                     for k, x in (("train", train_data), ("val", val))}
     train_data = utils.to_device_if_fits(train_data, device)
     base = os.path.splitext(out)[0]

@@ -14,6 +14,8 @@ Conventions used everywhere:
   * landmark coordinates inside the code are voxel indices (i, j, k) of the frame; TRE is in mm.
   * displacement fields (ddf) are (B, 3, H, W, D) in voxel units of their own grid, channel c along
     spatial axis c: the map is x -> x + ddf(x) (fixed -> moving), MONAI's `Warp` convention.
+  * 2D data (H, W) follow the same code with one axis fewer: the frame's len(shape) is the number of
+    spatial dims, tensors drop D, ddfs have 2 channels (spatial_dims, as MONAI passes it down).
 """
 import argparse
 import contextlib
@@ -350,18 +352,25 @@ FRAME_MIN = 64  # and at least this: the registration nets smooth their velocity
 SPACING_TOL = 0.02  # relative: voxel sizes that differ by less are the same spacing
 
 
-def derived_frame(shapes, spacings, source):
+def derived_frame(shapes, spacings, source, names=None):
     """The frame of a data set: every scan's extent (largest per axis) rounded up to FRAME_MULTIPLE,
-    centred, at the scans' common voxel spacing (they must share one: the nets work on voxels)."""
+    centred, at the scans' common voxel spacing (they must share one: the nets work on voxels).
+    2D scans (H, W) make a 2D frame; names (the scans' files) name the odd one out of mixed dims."""
+    dims = [len(s) for s in shapes]
+    if len(set(dims)) > 1:
+        odd = min(sorted(set(dims)), key=dims.count)  # a tie names the 2D image
+        i = dims.index(odd)
+        raise DataError(f"{names[i] if names else source}: a {odd}D image among {5 - odd}D ones; "
+                        "a data set is all 2D or all 3D")
     sp = np.asarray(spacings, dtype=np.float64)
     ref = np.median(sp, axis=0)
     bad = np.abs(sp / ref - 1).max(axis=1) > SPACING_TOL
     if bad.any():
         i = int(np.argmax(bad))
-        raise DataError(f"{source}: voxel spacing {fmt_mm(sp[i])} of one scan differs from the others' {fmt_mm(ref)}; "
+        raise DataError(f"{names[i] if names else source}: voxel spacing {fmt_mm(sp[i])} differs from the other scans' {fmt_mm(ref)}; "
                         "resample the data to one spacing first")
     shape = [max(FRAME_MIN, int(-(-m // FRAME_MULTIPLE) * FRAME_MULTIPLE)) for m in np.max(np.asarray(shapes), axis=0)]
-    return {"name": "derived", "shape": shape, "spacing": [round(float(v), 5) for v in ref], "shift": [0, 0, 0]}
+    return {"name": "derived", "shape": shape, "spacing": [round(float(v), 5) for v in ref], "shift": [0] * len(shape)}
 
 
 def fmt_mm(spacing):
@@ -375,7 +384,8 @@ def fmt_shape(shape):
 def check_frame(frame, source):
     """A frame read from a file (checkpoint, token file, manifest, dataset JSON) -> the frame."""
     ok = isinstance(frame, dict) and frame.get("name") in FRAME_NAMES and all(
-        isinstance(frame.get(k), (list, tuple)) and len(frame[k]) == 3 for k in ("shape", "spacing", "shift"))
+        isinstance(frame.get(k), (list, tuple)) and len(frame[k]) == len(frame.get("shape") or ()) in (2, 3)
+        for k in ("shape", "spacing", "shift"))
     if not ok or min(frame["shape"]) < 1 or min(frame["spacing"]) <= 0:
         raise DataError(f"{source}: records no valid frame (name, shape, spacing, shift); a file made before "
                         "frames were stored must be made again")
@@ -383,8 +393,27 @@ def check_frame(frame, source):
             "spacing": [float(v) for v in frame["spacing"]], "shift": [int(v) for v in frame["shift"]]}
 
 
+def spatial_dims(frame):
+    """2 or 3: the frame's spatial dimensions."""
+    return len(frame["shape"])
+
+
+def preset_factor(preset, frame):
+    """A preset's frame pooling (a stage's PRESETS entry) for this frame: its "factor" in 3D, its
+    "factor_2d" in 2D (default 1: a 160x192 slice pooled by the 3D presets' 4 would keep 40x48 pixels
+    and a 5x6 token grid)."""
+    return preset["factor"] if spatial_dims(frame) == 3 else preset.get("factor_2d", 1)
+
+
+def dims_kwargs(kwargs, frame):
+    """Model constructor kwargs for this frame: spatial_dims=2 added for a 2D frame; 3D kwargs stay
+    as they are (the default, so 3D checkpoint configs do not change)."""
+    return kwargs if spatial_dims(frame) == 3 else {**kwargs, "spatial_dims": spatial_dims(frame)}
+
+
 def frame_pads(shape, frame):
-    """Pad widths (negative = crop) that put a volume of `shape` into `frame`: (h1, h2, w1, w2, d1, d2).
+    """Pad widths (negative = crop) that put a volume of `shape` into `frame`: (h1, h2, w1, w2, d1, d2)
+    ((h1, h2, w1, w2) in 2D).
     For lung250m4b exactly the Lung250M-4B data README's rule."""
     pads = []
     for s, n, t in zip(shape, frame["shape"], frame["shift"]):
@@ -394,9 +423,9 @@ def frame_pads(shape, frame):
 
 
 def to_frame(vol, frame):
-    """(H, W, D) tensor of any size -> frame["shape"], zero-padded / cropped."""
-    h1, h2, w1, w2, d1, d2 = frame_pads(vol.shape, frame)
-    return F.pad(vol, (d1, d2, w1, w2, h1, h2))
+    """(H, W, D) (2D: (H, W)) tensor of any size -> frame["shape"], zero-padded / cropped."""
+    pads = frame_pads(vol.shape, frame)
+    return F.pad(vol, [v for i in reversed(range(0, len(pads), 2)) for v in pads[i:i + 2]])
 
 
 def grid_shape(factor, frame):
@@ -411,28 +440,34 @@ def frame_factor(shape, frame):
     return None
 
 
-def pool(x, factor):
-    """Average-pool a (..., H, W, D) tensor by an integer factor (soft occupancy for masks)."""
+AVG_POOL = {2: F.avg_pool2d, 3: F.avg_pool3d}
+LINEAR = {2: "bilinear", 3: "trilinear"}  # F.interpolate's linear mode per spatial dims
+
+
+def pool(x, factor, dims=3):
+    """Average-pool a (..., H, W, D) tensor ((..., H, W) with dims=2) by an integer factor (soft
+    occupancy for masks)."""
     if factor == 1:
         return x
-    lead = x.shape[:-3]
-    y = F.avg_pool3d(x.reshape(-1, 1, *x.shape[-3:]).float(), factor)
-    return y.reshape(*lead, *y.shape[-3:])
+    lead = x.shape[:-dims]
+    y = AVG_POOL[dims](x.reshape(-1, 1, *x.shape[-dims:]).float(), factor)
+    return y.reshape(*lead, *y.shape[-dims:])
 
 
 def frame_affine(factor, frame):
     """Voxel -> world affine of a volume on the frame grid pooled by `factor`: world = frame
     coordinates in mm (pooled voxel v's centre at frame voxel f*v + (f-1)/2). Opens in Slicer/ITK-SNAP."""
     sp = np.asarray(frame["spacing"], dtype=np.float64)
-    a = np.diag(list(sp * factor) + [1.0])
-    a[:3, 3] = sp * (factor - 1) / 2
+    n = len(sp)
+    a = np.diag(list(sp * factor) + [1.0] * (4 - n))  # 2D: a unit third axis, as NIfTI stores slices
+    a[:n, 3] = sp * (factor - 1) / 2
     return a
 
 
 def pad_to_multiple(x, m):
-    """Zero-pad the last three dims of x up to multiples of m (networks with stride m need it).
-    Returns the padded tensor and the original spatial size to crop back to."""
-    size = x.shape[-3:]
+    """Zero-pad the spatial dims of x (B, C, *spatial) up to multiples of m (networks with stride m
+    need it). Returns the padded tensor and the original spatial size to crop back to."""
+    size = x.shape[2:]
     pads = []
     for s in reversed(size):
         pads += [0, (-s) % m]
@@ -440,7 +475,8 @@ def pad_to_multiple(x, m):
 
 
 def crop_to(x, size):
-    return x[..., : size[0], : size[1], : size[2]]
+    """The last len(size) dims of x cut to size."""
+    return x[(...,) + tuple(slice(0, s) for s in size)]
 
 
 # ------------------------------ 6. data: data sets, volumes, pairs, keypoints, augmentation
@@ -524,6 +560,8 @@ def read_dataset(path):
     if not out["train"] and not out["val"]:
         raise DataError(f"{path}: lists no pairs (training_paired_images and registration_val are empty)")
     out["frame"] = check_frame(d["frame"], path) if "frame" in d else None
+    size = d.get("tensorImageSize")
+    out["dims"] = {"2D": 2, "3D": 3}.get(size.get("0")) if isinstance(size, dict) else None  # what the JSON declares
     return out
 
 
@@ -531,7 +569,9 @@ def find_pairs(data, split="train"):
     """The pairs of DATA (see above) as [Pair]; with a dataset JSON, split "train" or "val" picks
     training_paired_images or registration_val. Fixed and moving of each pair must share a grid."""
     js = dataset_json(data)
+    declared = None
     if js:
+        declared = read_dataset(js)["dims"]
         pairs = sorted(read_dataset(js)[split])  # by id, as a folder's: the order training draws from
         if not pairs:
             raise DataError(f"{js}: lists no {'training_paired_images' if split == 'train' else 'registration_val'} pairs")
@@ -550,11 +590,23 @@ def find_pairs(data, split="train"):
     ids = [p.id for p in pairs]
     if len(set(ids)) != len(ids):
         raise DataError(f"{data}: pair id {next(i for i in ids if ids.count(i) > 1)} appears twice")
+    flat = []  # 2D images in a JSON declaring 3D (a copied template): read as 2D, with one warning
     for p in pairs:
         a, b = header_geometry(p.fixed), header_geometry(p.moving)
+        for f, g in ((p.fixed, a), (p.moving, b)):
+            if g and declared == 2 and len(g[0]) == 3:
+                raise DataError(f"{f}: a 3D image of shape {fmt_shape(nib.load(f).shape)}, but {js} declares "
+                                "tensorImageSize 2D")
+            if g and declared == 3 and len(g[0]) == 2:
+                flat.append(f)
+        if a and b and len(a[0]) != len(b[0]):
+            raise DataError(f"{p.moving}: a {len(b[0])}D image paired with the {len(a[0])}D {p.fixed}; a data set is all "
+                            "2D or all 3D")
         if a and b and (a[0] != b[0] or not np.allclose(a[1], b[1], rtol=SPACING_TOL)):
             raise DataError(f"{p.moving}: grid {fmt_shape(b[0])} at {fmt_mm(b[1])} differs from its fixed image's "
                             f"{fmt_shape(a[0])} at {fmt_mm(a[1])}; fixed and moving must share a grid")
+    if flat:
+        warnings.warn(f"{js}: declares tensorImageSize 3D, but {flat[0]} and {len(flat) - 1} more are 2D images; read as 2D")
     return pairs
 
 
@@ -576,24 +628,28 @@ def val_split(data):
 def data_frame(data, name=None):
     """The frame to place DATA's pairs in: the one its dataset JSON records (pairs written by this
     project), else `name`: lung250m4b, or derived from the training pairs' headers (default: derived
-    for a dataset JSON, lung250m4b for a folder of ID_1 / ID_2 pairs, the reference's layout)."""
+    for a dataset JSON or 2D images, lung250m4b for a folder of ID_1 / ID_2 pairs, the reference's layout)."""
     js = dataset_json(data)
     recorded = recorded_frame(data)
     if recorded:
         return recorded
-    if (name or ("derived" if js else "lung250m4b")) == "lung250m4b":
-        return dict(LUNG250M4B)
     pairs = find_pairs(data, "train" if not js or read_dataset(js)["train"] else "val")
+    flat = len((header_geometry(pairs[0].fixed) or [()])[0]) == 2
+    if flat and name == "lung250m4b":
+        raise DataError(f"{pairs[0].fixed}: a 2D image; the lung250m4b frame is 3D (use --frame derived)")
+    if (name or ("derived" if js or flat else "lung250m4b")) == "lung250m4b":
+        return dict(LUNG250M4B)
     geo = [header_geometry(p.fixed) for p in pairs]
     if None in geo:
         load_volume(pairs[[g is None for g in geo].index(True)].fixed)  # says what is wrong with it
-    return derived_frame([g[0] for g in geo], [g[1] for g in geo], data)
+    return derived_frame([g[0] for g in geo], [g[1] for g in geo], data, [p.fixed for p in pairs])
 
 
 def data_options(ap):
     """--frame and --labels, for the scripts that read pairs."""
     ap.add_argument("--frame", choices=FRAME_NAMES, help="the grid pairs are placed on: derived from the "
-                    "training pairs (default for a dataset JSON) or lung250m4b (the reference's; default for a folder)")
+                    "training pairs (default for a dataset JSON or 2D images) or lung250m4b (the reference's; default "
+                    "for a folder of 3D pairs)")
     ap.add_argument("--labels", type=label_list, help="label values that form the mask, e.g. 1,3 (default: all > 0)")
 
 
@@ -607,12 +663,24 @@ def label_list(text):
     return labels
 
 
+def image_dims(shape):
+    """Spatial dims of a NIfTI array shape: (H, W) and (H, W, 1) are 2D, (H, W, D) 3D (trailing
+    singleton dims ignored); None for anything else."""
+    shape = tuple(int(v) for v in shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == 3 and shape[2] == 1:
+        return 2
+    return len(shape) if len(shape) in (2, 3) else None
+
+
 def header_geometry(path):
-    """(3D shape, voxel spacing) from a NIfTI header (None when unreadable: load_volume reports that)."""
+    """(spatial shape, voxel spacing) from a NIfTI header, 2 or 3 axes (image_dims); None when
+    unreadable (load_volume reports that)."""
     try:
         img = nib.load(path)
-        ok = len(img.shape) >= 3
-        return (tuple(int(v) for v in img.shape[:3]), tuple(float(v) for v in img.header.get_zooms()[:3])) if ok else None
+        n = image_dims(img.shape)
+        return (tuple(int(v) for v in img.shape[:n]), tuple(float(v) for v in img.header.get_zooms()[:n])) if n else None
     except Exception:
         return None
 
@@ -637,9 +705,10 @@ def load_volume(path, labels=None):
         a = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as e:  # nibabel raises many kinds for a broken file
         raise DataError(f"{path}: cannot be read as NIfTI ({type(e).__name__})")
-    a = np.squeeze(a, axis=tuple(range(3, a.ndim))) if a.ndim > 3 and all(s == 1 for s in a.shape[3:]) else a
-    if a.ndim != 3:
-        raise DataError(f"{path}: expected a 3D volume, got shape {a.shape}")
+    n = image_dims(a.shape)
+    if n is None:
+        raise DataError(f"{path}: expected a 3D volume or a 2D image, got shape {a.shape}")
+    a = a.reshape(a.shape[:n])  # 2D: (H, W, 1) -> (H, W)
     if not np.isfinite(a).all():
         raise DataError(f"{path}: contains NaN or inf voxels")
     if labels:
@@ -649,7 +718,7 @@ def load_volume(path, labels=None):
     elif a.max() > 1 + SOFT_TOL and not np.array_equal(a, np.round(a)):
         raise DataError(f"{path}: holds intensities (values above 1 that are not labels), not a mask or label map; "
                         f"{INTENSITY_HINT}")
-    elif a.max() > 1 and len(np.unique(a[::4, ::4, ::4])) > MAX_LABELS:  # a sample: cheap on every volume
+    elif a.max() > 1 and len(np.unique(a[(slice(None, None, 4),) * a.ndim])) > MAX_LABELS:  # a sample: cheap on every volume
         raise DataError(f"{path}: holds more than {MAX_LABELS} distinct values, an intensity image rather than a label "
                         f"map; {INTENSITY_HINT}")
     elif a.max() > 1 and not _SEVERAL_LABELS:
@@ -678,7 +747,11 @@ def check_geometry(path, frame):
     """An original scan must have the frame's voxel spacing (it is used as stored: keypoints are
     voxel indices). In the lung250m4b frame, axes permuted against Lung250M-4B's are reported."""
     img = nib.load(path)
-    zooms = img.header.get_zooms()[:3]
+    dims = spatial_dims(frame)
+    if image_dims(img.shape) != dims:
+        raise DataError(f"{path}: a {image_dims(img.shape)}D image, but the {frame['name']} frame is {dims}D; "
+                        "a data set is all 2D or all 3D")
+    zooms = img.header.get_zooms()[:dims]
     tol = 0.1 if frame["name"] == "lung250m4b" else SPACING_TOL  # Lung250M-4B's nominal 1 mm
     if not np.allclose(zooms, frame["spacing"], rtol=tol):
         hint = "; use --frame derived for data at another spacing" if frame["name"] == "lung250m4b" else ""
@@ -691,7 +764,7 @@ def check_geometry(path, frame):
 
 def native_factor(path, frame):
     """Finest pooled-frame factor a file offers (1 for original scans); read from the header only."""
-    return frame_factor(nib.load(path).shape[:3], frame) or 1
+    return frame_factor(nib.load(path).shape[:spatial_dims(frame)], frame) or 1
 
 
 def framed_volume(path, factor, frame, cut_deep=False, labels=None):
@@ -721,7 +794,7 @@ def framed_volume(path, factor, frame, cut_deep=False, labels=None):
         raise DataError(f"{path}: volume is at frame/{f0} but frame/{factor} is needed")
     if not (v > 0).any():
         raise DataError(f"{path}: the mask is empty inside the {fmt_shape(frame['shape'])} frame")
-    return pool(v, factor // f0)
+    return pool(v, factor // f0, spatial_dims(frame))
 
 
 def load_pairs(data, factor, frame, pairs=None, progress=True, labels=None):
@@ -756,7 +829,7 @@ def read_points(path, n_cols):
 
 
 def outside_frame(pts, frame):
-    """(N,) bool: points (N, 3) outside the frame."""
+    """(N,) bool: points (N, dims) outside the frame."""
     return ((pts < 0) | (pts > np.array(frame["shape"]) - 1)).any(axis=1)
 
 
@@ -768,10 +841,11 @@ def check_in_frame(path, pts, frame):
 
 def read_landmarks(path, frame):
     """Landmark CSV (fixed_i,fixed_j,fixed_k,moving_i,moving_j,moving_k; frame voxel indices; the
-    header line may be left out) -> (fixed, moving) float arrays of shape (N, 3)."""
-    a = read_points(path, 6)
-    check_in_frame(path, a.reshape(-1, 3), frame)
-    return a[:, :3], a[:, 3:]
+    header line may be left out; 2D: four columns) -> (fixed, moving) float arrays of shape (N, dims)."""
+    n = spatial_dims(frame)
+    a = read_points(path, 2 * n)
+    check_in_frame(path, a.reshape(-1, n), frame)
+    return a[:, :n], a[:, n:]
 
 
 def pair_landmarks(pair, frame, landmarks=None):
@@ -779,9 +853,10 @@ def pair_landmarks(pair, frame, landmarks=None):
     each image, moved by the image's frame offsets), else landmarks/ID.csv (frame voxels)."""
     if pair.fixed_kp and pair.moving_kp:
         pts = []
+        dims = spatial_dims(frame)
         for img, kp in ((pair.fixed, pair.fixed_kp), (pair.moving, pair.moving_kp)):
             shape = image_shape(img)
-            a = read_points(kp, 3)
+            a = read_points(kp, dims)
             f0 = frame_factor(shape, frame)
             a = a * f0 + (f0 - 1) / 2 if f0 else a + np.array(frame_pads(shape, frame)[::2])
             pts.append(a)
@@ -796,22 +871,24 @@ def pair_landmarks(pair, frame, landmarks=None):
         return pts[0][~out], pts[1][~out]
     if landmarks is None:
         raise DataError(f"{pair.fixed}: no keypoints listed for pair {pair.id} and no --landmarks folder")
-    if frame["name"] != "lung250m4b":
-        raise DataError(f"{landmarks}: landmark CSVs are lung250m4b frame voxels, but the frame is {frame['name']}; "
-                        "give keypoints in each image's voxels through a Learn2Reg dataset JSON")
+    if frame["name"] != "lung250m4b" and tuple(image_shape(pair.fixed)) != tuple(frame["shape"]):
+        raise DataError(f"{landmarks}: landmark CSVs are frame voxels, but {pair.fixed} is not on the "
+                        f"{fmt_shape(frame['shape'])} frame's grid; give keypoints in each image's voxels through a "
+                        "Learn2Reg dataset JSON")
     return read_landmarks(os.path.join(landmarks, f"{pair.id}.csv"), frame)
 
 
 def write_keypoints(path, pts):
-    """A Learn2Reg keypoint CSV: one i,j,k (voxels of its image) per row, no header."""
+    """A Learn2Reg keypoint CSV: one i,j,k (2D: i,j; voxels of its image) per row, no header."""
     with atomic_path(path) as tmp:
         np.savetxt(tmp, pts, delimiter=",", fmt="%.4f")
 
 
 def write_landmarks(path, fixed, moving):
+    axes = "ijk"[:fixed.shape[1]]
     with atomic_path(path) as tmp:
         np.savetxt(tmp, np.hstack([fixed, moving]), delimiter=",", fmt="%.4f", comments="",
-                   header="fixed_i,fixed_j,fixed_k,moving_i,moving_j,moving_k")
+                   header=",".join(f"{side}_{a}" for side in ("fixed", "moving") for a in axes))
 
 
 AUG_STD = 0.05  # the reference's affine augmentation: identity 3x4 + N(0, 0.05)
@@ -826,11 +903,13 @@ def batch_randn(x, shape, generator=None, share=(0, 1)):
 
 
 def augment(x, std=AUG_STD, generator=None, share=(0, 1)):
-    """One random affine per pair of x (B, 2, H, W, D) (identity 3x4 + N(0, std)), the same for
-    fixed and moving, nearest-neighbour resampling (the reference's choice: keeps masks binary).
-    Drawn on x's device (`generator` must live there): a GPU step needs no host-to-device copy.
-    share (rank, processes): x is that part of a global batch; the draws are the global batch's."""
-    theta = torch.eye(3, 4, device=x.device).repeat(len(x), 1, 1) + std * batch_randn(x, (3, 4), generator, share)
+    """One random affine per pair of x (B, 2, H, W, D) (identity 3x4 + N(0, std); 2D: (B, 2, H, W),
+    2x3), the same for fixed and moving, nearest-neighbour resampling (the reference's choice: keeps
+    masks binary). Drawn on x's device (`generator` must live there): a GPU step needs no
+    host-to-device copy. share (rank, processes): x is that part of a global batch; the draws are
+    the global batch's."""
+    n = x.ndim - 2
+    theta = torch.eye(n, n + 1, device=x.device).repeat(len(x), 1, 1) + std * batch_randn(x, (n, n + 1), generator, share)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(fp32(x), grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
@@ -904,7 +983,7 @@ def _identity_grid(shape, device, dtype):
 
 
 def warp(img, ddf, nearest=False, padding=None):
-    """img (B, C, H, W, D) sampled at x + ddf(x): bilinear with border padding (fields), or nearest
+    """img (B, C, H, W, D) (or (B, C, H, W) with a 2-channel ddf) sampled at x + ddf(x): bilinear with border padding (fields), or nearest
     with zeros; padding="zeros" for images, as the reference implementation warps its vessel maps.
     Same result as MONAI's `Warp` (tests/test_utils.py). MONAI's caches its voxel grid too, but
     then adds the ddf, normalises the sum with three in-place per-axis slice writes (whose backward
@@ -933,21 +1012,22 @@ def exp_velocity(v, squarings):
 def resize_ddf(ddf, size):
     """Resample a ddf onto a grid of `size` covering the same frame (values rescaled to the new
     voxel size); align_corners=False matches the avg-pooling convention above."""
-    if tuple(ddf.shape[-3:]) == tuple(size):
+    if tuple(ddf.shape[2:]) == tuple(size):
         return ddf
-    out = F.interpolate(ddf, size=size, mode="trilinear", align_corners=False)
-    return scale_channels(out, [s / t for s, t in zip(size, ddf.shape[-3:])])
+    out = F.interpolate(ddf, size=size, mode=LINEAR[len(size)], align_corners=False)
+    return scale_channels(out, [s / t for s, t in zip(size, ddf.shape[2:])])
 
 
 def box_filter(v, kernel, stride=1):
     """kernel^3 average pooling of v (B, C, H, W, D) (zero padding counted, as avg_pool3d's default),
-    computed as three exact 1D box filters: kernel instead of kernel^3 taps. The registration nets'
-    velocity smoothing."""
-    for ax in range(3):
-        size = tuple(kernel if i == ax else 1 for i in range(3))
-        step = tuple(stride if i == ax else 1 for i in range(3))
-        pad = tuple(kernel // 2 if i == ax else 0 for i in range(3))
-        v = F.avg_pool3d(v, size, stride=step, padding=pad)
+    computed as three exact 1D box filters: kernel instead of kernel^3 taps (2D: (B, C, H, W), two).
+    The registration nets' velocity smoothing."""
+    n = v.ndim - 2
+    for ax in range(n):
+        size = tuple(kernel if i == ax else 1 for i in range(n))
+        step = tuple(stride if i == ax else 1 for i in range(n))
+        pad = tuple(kernel // 2 if i == ax else 0 for i in range(n))
+        v = AVG_POOL[n](v, size, stride=step, padding=pad)
     return v
 
 
@@ -968,11 +1048,11 @@ def field_weight(x, frame):
     f = frame_factor(x.shape, frame)
     if f is None or FIELD_FACTOR % f:
         raise ValueError(f"a map of shape {tuple(x.shape)} is not on a frame grid pooled by a divisor of {FIELD_FACTOR}")
-    return pool(x.float(), FIELD_FACTOR // f)
+    return pool(x.float(), FIELD_FACTOR // f, spatial_dims(frame))
 
 
 def random_field(frame, magnitude, weight, generator=None, affine_std=0.0):
-    """A random smooth diffeomorphic ddf (1, 3, h, w, d) on the frame pooled by FIELD_FACTOR, in
+    """A random smooth diffeomorphic ddf (1, 3, h, w, d) (2D: (1, 2, h, w)) on the frame pooled by FIELD_FACTOR, in
     voxels of that grid (resize_ddf puts it on any other grid of the frame): the exponential of
     smoothed velocity noise, scaled so that its mean length in mm weighted by `weight` (h, w, d;
     field_weight) is `magnitude`; affine_std > 0: a random affine applied before it (not counted in
@@ -980,7 +1060,8 @@ def random_field(frame, magnitude, weight, generator=None, affine_std=0.0):
     grid = grid_shape(FIELD_FACTOR, frame)
     cell_mm = [FIELD_FACTOR * s for s in frame["spacing"]]
     w = weight.float() / weight.float().sum().clamp(min=1e-12)
-    v = torch.randn((1, 3, *grid), generator=generator)
+    n = len(grid)
+    v = torch.randn((1, n, *grid), generator=generator)
     for _ in range(FIELD_PASSES):
         v = box_filter(v, FIELD_KERNEL)
 
@@ -991,12 +1072,12 @@ def random_field(frame, magnitude, weight, generator=None, affine_std=0.0):
     for _ in range(2):  # the exponential is nearly linear at these sizes: two corrections reach the target
         scale *= magnitude / max(mean_mm(exp_velocity(v * scale, FIELD_SQUARINGS)), 1e-12)
     u = exp_velocity(v * scale, FIELD_SQUARINGS)
-    theta = torch.eye(3, 4) + affine_std * torch.randn((3, 4), generator=generator)  # drawn always: one stream
+    theta = torch.eye(n, n + 1) + affine_std * torch.randn((n, n + 1), generator=generator)  # drawn always: one stream
     if affine_std > 0:  # x -> A x first, then the field: ddf = a + u(x + a)
-        axes = [(torch.arange(n, dtype=torch.float32) * 2 + 1) / n - 1 for n in grid]  # voxel centres
-        q = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (3, h, w, d), normalised
-        moved = torch.einsum("ij,jhwd->ihwd", theta[:, :3], q) + theta[:, 3, None, None, None]
-        a = scale_channels((moved - q)[None], [n / 2 for n in grid])
+        axes = [(torch.arange(k, dtype=torch.float32) * 2 + 1) / k - 1 for k in grid]  # voxel centres
+        q = torch.stack(torch.meshgrid(*axes, indexing="ij"))  # (n, h, w, d), normalised
+        moved = torch.einsum("ij,j...->i...", theta[:, :n], q) + theta[:, n].view(n, *[1] * n)
+        a = scale_channels((moved - q)[None], [k / 2 for k in grid])
         u = compose(u, a)
     return u
 
@@ -1013,16 +1094,17 @@ TRE_DIRECTIONS = ("reference", "fixed")
 
 def displace_points(ddf, pts, frame_shape, reference_sampling=False):
     """Map frame points (N, 3) through a ddf on any pooled grid of the frame: returns pts + u(pts)
-    in frame voxels. ddf: (1, 3, h, w, d). reference_sampling: sample u at the normalised
+    in frame voxels. ddf: (1, 3, h, w, d) (2D: points (N, 2), ddf (1, 2, h, w)). reference_sampling: sample u at the normalised
     coordinate p / (N/2) - 1, as the reference implementation does (half a frame voxel below the
     voxel centre (2p + 1) / N - 1 used otherwise)."""
-    size = torch.tensor(ddf.shape[-3:], dtype=torch.float64)
+    n = ddf.shape[1]
+    size = torch.tensor(ddf.shape[2:], dtype=torch.float64)
     frame = torch.tensor(frame_shape, dtype=torch.float64)
     p = torch.as_tensor(pts, dtype=torch.float64)
     norm = (2 * p + (0 if reference_sampling else 1)) / frame - 1  # align_corners=False
-    grid = norm.flip(-1).view(1, -1, 1, 1, 3).to(ddf)
+    grid = norm.flip(-1).view(1, -1, *[1] * (n - 1), n).to(ddf)
     u = F.grid_sample(ddf, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    u = u.view(3, -1).T.double().cpu() * frame / size
+    u = u.view(n, -1).T.double().cpu() * frame / size
     return (p + u).numpy()
 
 
@@ -1050,20 +1132,22 @@ def displacement_on_image(ddf, frame, shape):
     if frame_factor(shape, frame):  # an image on the pooled frame grid (synthetic pairs, phantoms)
         return resize_ddf(ddf.float().cpu(), tuple(shape))[0].movedim(0, -1).numpy().astype(np.float32)
     full = resize_ddf(ddf.float().cpu(), tuple(frame["shape"]))[0]  # (3, *frame), frame voxels
-    h1, h2, w1, w2, d1, d2 = frame_pads(shape, frame)
-    crop = [(max(b, 0), n - max(e, 0)) for b, e, n in zip((h1, w1, d1), (h2, w2, d2), frame["shape"])]
-    full = full[:, crop[0][0]:crop[0][1], crop[1][0]:crop[1][1], crop[2][0]:crop[2][1]]
-    grow = [max(-v, 0) for v in (d1, d2, w1, w2, h1, h2)]
+    pads = frame_pads(shape, frame)
+    full = full[(slice(None),) + tuple(slice(max(b, 0), n - max(e, 0))
+                                       for b, e, n in zip(pads[::2], pads[1::2], frame["shape"]))]
+    grow = [max(-v, 0) for i in reversed(range(0, len(pads), 2)) for v in pads[i:i + 2]]
     if any(grow):
         full = F.pad(full[None], grow, mode="replicate")[0]
     return full.movedim(0, -1).numpy().astype(np.float32)
 
 
 def jacobian_det(ddf):
-    """Jacobian determinant of x + ddf(x) (central differences): ddf (B, 3, H, W, D) -> (B, H, W, D)."""
-    g = torch.stack(torch.gradient(ddf, dim=(2, 3, 4)), dim=2)  # (B, 3 comp, 3 deriv, H, W, D)
-    J = g + torch.eye(3, dtype=ddf.dtype, device=ddf.device).view(1, 3, 3, 1, 1, 1)
-    return torch.linalg.det(J.permute(0, 3, 4, 5, 1, 2))
+    """Jacobian determinant of x + ddf(x) (central differences): ddf (B, 3, H, W, D) -> (B, H, W, D)
+    (2D: (B, 2, H, W) -> (B, H, W))."""
+    n = ddf.shape[1]
+    g = torch.stack(torch.gradient(ddf, dim=tuple(range(2, 2 + n))), dim=2)  # (B, 3 comp, 3 deriv, H, W, D)
+    J = g + torch.eye(n, dtype=ddf.dtype, device=ddf.device).view(1, n, n, *[1] * n)
+    return torch.linalg.det(J.permute(0, *range(3, 3 + n), 1, 2))
 
 
 def dice(a, b, thr=0.5):
@@ -1085,14 +1169,15 @@ REALISM_STATS = ["vf_fixed", "vf_moving", "dice_fm", "disp_mm", "dice_reg", "nn_
 
 def quick_field(fixed, moving, iters=40, spacing=4, reg=0.05, lr=0.2):
     """quick_registration's smooth ddf u (1, 3, H, W, D), in voxels of the input grid, with
-    moving(x + u) ~ fixed; fixed, moving (H, W, D) in [0, 1]."""
-    f, m = (pool(v.float(), 2)[None, None] for v in (fixed, moving))
+    moving(x + u) ~ fixed; fixed, moving (H, W, D) in [0, 1] (2D: u (1, 2, H, W), maps (H, W))."""
+    n = fixed.ndim
+    f, m = (pool(v.float(), 2, n)[None, None] for v in (fixed, moving))
     size = f.shape[2:]
-    ctrl = torch.zeros(1, 3, *[max(2, s // spacing) for s in size], requires_grad=True)
+    ctrl = torch.zeros(1, n, *[max(2, s // spacing) for s in size], requires_grad=True)
     opt = torch.optim.Adam([ctrl], lr=lr)
     for _ in range(iters):
         u = resize_ddf(ctrl, size)
-        loss = F.mse_loss(warp(m, u), f) + reg * sum((ctrl.diff(dim=d) ** 2).mean() for d in (2, 3, 4))
+        loss = F.mse_loss(warp(m, u), f) + reg * sum((ctrl.diff(dim=d) ** 2).mean() for d in range(2, 2 + n))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -1100,12 +1185,13 @@ def quick_field(fixed, moving, iters=40, spacing=4, reg=0.05, lr=0.2):
         return resize_ddf(ctrl, tuple(fixed.shape))  # back to the input grid
 
 
-def quick_registration(fixed, moving, factor, iters=40, spacing=4, reg=0.05, lr=0.2, voxel_mm=(1.0, 1.0, 1.0)):
+def quick_registration(fixed, moving, factor, iters=40, spacing=4, reg=0.05, lr=0.2, voxel_mm=None):
     """(mean |u| in mm over the fixed vessels, Dice after) of a smooth ddf u with moving(x + u) ~ fixed.
-    fixed, moving (H, W, D) in [0, 1] at frame/factor. Registered at half that resolution (8 mm at
+    fixed, moving (H, W, D) or (H, W) in [0, 1] at frame/factor. Registered at half that resolution (8 mm at
     factor 4: smoother images reach further) with u on a grid `spacing` times coarser still (32 mm).
-    Cheap and identical for real and synthetic pairs. voxel_mm: the frame's spacing."""
+    Cheap and identical for real and synthetic pairs. voxel_mm: the frame's spacing (None: 1 mm)."""
     u = quick_field(fixed, moving, iters, spacing, reg, lr)
+    voxel_mm = [1.0] * fixed.ndim if voxel_mm is None else voxel_mm
     with torch.no_grad():
         mag = scale_channels(u, [factor * v for v in voxel_mm])[0].norm(dim=0)
         inside = fixed > 0.5
@@ -1114,7 +1200,7 @@ def quick_registration(fixed, moving, factor, iters=40, spacing=4, reg=0.05, lr=
 
 
 def random_warp(x, u):
-    """Volumes x (B, C, H, W, D) on a frame grid warped by a random_field u (1, 3, h, w, d), zero outside."""
+    """Volumes x (B, C, *spatial) on a frame grid warped by a random_field u (1, dims, ...), zero outside."""
     return warp(x, resize_ddf(u.to(x.device), tuple(x.shape[2:])), padding="zeros")
 
 
@@ -1128,7 +1214,7 @@ def field_strengths(pairs, factor, frame, generator):
     the share r of a random field's displacement the quick registration recovers, measured on
     FIELD_CALIBRATION fields of the pairs' own strengths on their fixed maps. Returns (strengths, the
     pairs' displacements, r)."""
-    x = torch.stack([pool(p.float().cpu(), 4 // factor) for p in pairs])  # pair by pair: full-resolution pairs are large
+    x = torch.stack([pool(p.float().cpu(), 4 // factor, spatial_dims(frame)) for p in pairs])  # pair by pair: full-resolution pairs are large
     disp = [max(quick_registration(p[0], p[1], 4, voxel_mm=frame["spacing"])[0], 1e-3) for p in x]
     found = []
     for k in range(FIELD_CALIBRATION):
@@ -1149,11 +1235,12 @@ def nn_dice(vols, ref, exclude=None):
     return d.max(1).values.numpy()
 
 
-def pair_stats(ids, x, factor=4, reference=None, progress=False, voxel_mm=(1.0, 1.0, 1.0)):
+def pair_stats(ids, x, factor=4, reference=None, progress=False, voxel_mm=None):
     """Realism statistics (REALISM_STATS) per pair: case ids and x (N, 2, H, W, D) at frame/factor
     of a frame with spacing voxel_mm.
     reference: (ids, pairs (M, 2, ...)) of the training pairs, for the memorisation statistic."""
-    s = {"case": list(ids), "vf_fixed": x[:, 0].mean((1, 2, 3)).numpy(), "vf_moving": x[:, 1].mean((1, 2, 3)).numpy(),
+    axes = tuple(range(1, x.ndim - 1))
+    s = {"case": list(ids), "vf_fixed": x[:, 0].mean(axes).numpy(), "vf_moving": x[:, 1].mean(axes).numpy(),
          "dice_fm": np.array([dice(p[0], p[1]) for p in x])}
     reg = [quick_registration(p[0], p[1], factor, voxel_mm=voxel_mm) for p in tqdm(x, desc="quick registration", disable=not progress)]
     s["disp_mm"], s["dice_reg"] = np.array(reg).reshape(-1, 2).T
@@ -1288,33 +1375,40 @@ def write_csv(path, fields, rows):
 
 
 def write_nifti(path, vol, factor, frame, affine=None):
-    """A (H, W, D) volume on the frame grid pooled by `factor`, with its frame affine (or `affine`)."""
-    img = nib.Nifti1Image(np.asarray(vol, dtype=np.float32), frame_affine(factor, frame) if affine is None else affine)
+    """A (H, W, D) volume ((H, W) in 2D; uint8 label maps kept, anything else float32) on the frame
+    grid pooled by `factor`, with its frame affine (or `affine`)."""
+    vol = np.asarray(vol)
+    vol = vol if vol.dtype == np.uint8 else vol.astype(np.float32)  # label maps stay compact
+    img = nib.Nifti1Image(vol, frame_affine(factor, frame) if affine is None else affine)
     img.header.set_xyzt_units("mm")
     with atomic_path(path) as tmp:
         nib.save(img, tmp)
 
 
-def learn2reg_paths(name, number):
-    """Learn2Reg names of pair `number` of data set `name`: images (fixed _0000, moving _0001) and keypoints."""
+def learn2reg_paths(name, number, labels=False):
+    """Learn2Reg names of pair `number` of data set `name`: images (fixed _0000, moving _0001), keypoints
+    and, with labels, label maps beside the images (labelsTr/)."""
     stem = f"{name}_{int(number):04d}"
     return {"fixed": f"imagesTr/{stem}_0000.nii.gz", "moving": f"imagesTr/{stem}_0001.nii.gz",
-            "fixed_kp": f"keypointsTr/{stem}_0000.csv", "moving_kp": f"keypointsTr/{stem}_0001.csv"}
+            "fixed_kp": f"keypointsTr/{stem}_0000.csv", "moving_kp": f"keypointsTr/{stem}_0001.csv",
+            **({"fixed_label": f"labelsTr/{stem}_0000.nii.gz", "moving_label": f"labelsTr/{stem}_0001.nii.gz"} if labels else {})}
 
 
 def write_dataset_json(path, name, train, val=(), shape=None, frame=None, description=""):
     """A Learn2Reg dataset JSON. train / val: [learn2reg_paths(...)] (paths relative to the JSON's
-    folder; keypoints listed when their file exists). frame: recorded for pairs written on a pooled
-    frame grid (this project's synthetic pairs), so later stages place them as they were made."""
+    folder; keypoints and labels listed when their file exists). frame: recorded for pairs written on
+    a pooled frame grid (this project's synthetic pairs), so later stages place them as they were made."""
     root = os.path.dirname(os.path.abspath(path))
     images = []
     for p in [*train, *val]:
         for k in ("fixed", "moving"):
             e = {"image": "./" + p[k]}
-            if p.get(k + "_kp") and os.path.exists(os.path.join(root, p[k + "_kp"])):
-                e["keypoints"] = "./" + p[k + "_kp"]
+            for entry, key in (("keypoints", k + "_kp"), ("label", k + "_label")):
+                if p.get(key) and os.path.exists(os.path.join(root, p[key])):
+                    e[entry] = "./" + p[key]
             images.append(e)
-    d = {"name": name, "description": description, "tensorImageSize": {"0": "3D"},
+    dims = len(shape) if shape else len(frame["shape"]) if frame else 3
+    d = {"name": name, "description": description, "tensorImageSize": {"0": f"{dims}D"},
          "tensorImageShape": {"0": list(shape) if shape else []}, "modality": {"0": "mask"},
          "numTraining": len(images), "numTest": 0, "training": images, "test": [],
          "numPairedTraining": len(train), "training_paired_images": [{"fixed": "./" + p["fixed"], "moving": "./" + p["moving"]} for p in train],
@@ -1336,9 +1430,12 @@ def save_figure(fig, path):
 
 
 def mip_rgb(fixed, moving):
-    """Coronal maximum-intensity projection overlay: fixed blue, moving orange, overlap white-ish."""
-    f = np.asarray(fixed).max(axis=1).T[::-1]
-    m = np.asarray(moving).max(axis=1).T[::-1]
+    """Coronal maximum-intensity projection overlay: fixed blue, moving orange, overlap white-ish
+    (2D maps: the image itself, first axis across)."""
+    f, m = (np.asarray(v) for v in (fixed, moving))
+    if f.ndim == 3:
+        f, m = f.max(axis=1), m.max(axis=1)
+    f, m = f.T[::-1], m.T[::-1]
     rgb = np.ones(f.shape + (3,))
     rgb -= f[..., None] * np.array([0.85, 0.45, 0.0])  # blue
     rgb -= m[..., None] * np.array([0.0, 0.4, 0.85])   # orange

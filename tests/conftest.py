@@ -36,6 +36,29 @@ def run_script(*args, cwd=ROOT, timeout=600):
 
 
 @pytest.fixture
+def micro(monkeypatch):
+    """The demo preset with a handful of iterations per stage (seconds instead of minutes), one
+    thread (tiny models on a shared 2-core machine)."""
+    import pipeline
+    import torch
+    import train_diffusion
+    import train_registration
+    import train_vqae
+    import utils
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setitem(train_vqae.PRESETS, "demo", dict(train_vqae.PRESETS["demo"], samples=16, val_every=4))
+    monkeypatch.setitem(train_diffusion.PRESETS, "demo", dict(train_diffusion.PRESETS["demo"], samples=64))
+    monkeypatch.setitem(train_registration.PRESETS, "demo", dict(train_registration.PRESETS["demo"], iters=3))
+    monkeypatch.setattr(utils, "FIELD_CALIBRATION", 1)  # the free baselines' calibration: one quick registration
+    monkeypatch.setitem(pipeline.PRESETS, "demo", dict(pipeline.PRESETS["demo"], tta=2, augment=1, n_train=3,
+                                                        n_val=2))
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def run():
     return run_script
 

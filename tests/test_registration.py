@@ -105,7 +105,8 @@ def _pair(folder, case="case_000", fixed=None, moving=None):
     (lambda d: os.makedirs(d), "no ID_1.nii.gz"),
     (lambda d: _pair(d, moving=False), "case_000_2.nii.gz: missing"),
     (lambda d: _pair(d, fixed=np.full((64, 52, 64), np.nan, np.float32)), "NaN"),
-    (lambda d: _pair(d, fixed=np.ones((64, 52), np.float32)), "expected a 3D volume"),
+    (lambda d: _pair(d, fixed=np.ones((64, 52, 3, 2), np.float32)), "expected a 3D volume or a 2D image"),
+    (lambda d: _pair(d, fixed=np.ones((64, 52), np.float32)), "a 3D image paired with the 2D"),
     (lambda d: _pair(d, moving=np.zeros((64, 52, 64), np.float32)), "all zero"),
 ])
 def test_train_bad_data(tmp_path, capsys, make, needle):
