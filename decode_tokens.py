@@ -61,7 +61,7 @@ def config_of(preset, tokens):
     widths = p["model"]["up_channels"]
     kwargs = dict(p["model"], num_codes=tokens["num_codes"],
                   up_channels=[widths[min(i, len(widths) - 1)] for i in range(ups)])
-    return model_config(preset, factor, utils.dims_kwargs(kwargs, tokens["frame"]), grid_shape=list(tokens["grid_shape"]),
+    return model_config(preset, factor, utils.model_kwargs(kwargs, tokens["frame"]), grid_shape=list(tokens["grid_shape"]),
                         frame=tokens["frame"])
 
 

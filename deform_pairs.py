@@ -1,7 +1,7 @@
 """Free baselines: new pairs made from the real ones by random smooth deformations (not in the paper).
 
     python deform_pairs.py KIND DATA [NUM_PAIRS] [--preset paper|cpu|demo] [--out DIR] [--seed S]
-                           [--frame derived|lung250m4b] [--labels L] [--overwrite]
+                           [--frame derived|lung250m4b] [--labels L | --classes L] [--overwrite]
 
 What a generator has to beat without any training. KIND:
   warped    a real map (the fixed or the moving map of a random pair) and that map warped by a random
@@ -36,33 +36,44 @@ DRAWS = 10  # fields drawn for one pair before a folding one is an error
 PRESETS = train_vqae.PRESETS
 
 
-def load_maps(data, frame, labels=None):
-    """The training pairs of DATA as (ids, maps (N, 2, H, W, D) at their finest frame grid, factor): binary
-    masks (scans) kept in float16, exactly and in half the memory; soft maps in float32."""
+def load_maps(data, frame, labels=None, classes=None):
+    """The training pairs of DATA as (ids, maps (N, 2, H, W, D) at their finest frame grid (K classes:
+    (N, 2K, ...)), factor): binary masks (scans) kept in float16, exactly and in half the memory; soft maps
+    in float32."""
     pairs = utils.find_pairs(data)
     factors = {utils.native_factor(f, frame) for p in pairs for f in (p.fixed, p.moving)}
     if len(factors) > 1:
         raise utils.DataError(f"{data}: holds volumes on different grids (frame factors {sorted(factors)})")
     f0 = factors.pop()
-    ids, maps = utils.load_pairs(data, f0, frame, pairs, labels=labels)  # refuses empty / all-zero maps
+    ids, maps = utils.load_pairs(data, f0, frame, pairs, labels=labels, classes=classes)  # refuses empty / all-zero maps
     binary = bool(((maps == 0) | (maps == 1)).all())
     return ids, maps.half() if binary else maps, f0
 
 
 def make_pair(kind, source, motion, frame, generator):
-    """One new pair from a real pair `source` (2, H, W, D) at frame/f0 -> ((2, H, W, D) float32, ddf on the
-    field grid). warped: one of the two maps (drawn) and that map warped by a field of `motion` mm;
-    deformed: both maps warped by one affine + field of `motion` mm."""
+    """One new pair from a real pair `source` (2, H, W, D) at frame/f0 (K classes: (2K, ...)) -> (the same
+    shape, float32; ddf on the field grid). warped: one of the two maps (drawn) and that map warped by a
+    field of `motion` mm; deformed: both maps warped by one affine + field of `motion` mm."""
+    K = len(source) // 2
     if kind == "warped":
-        base = source[int(torch.randint(2, (1,), generator=generator))].float()
-        u = utils.random_field(frame, motion, utils.field_weight(base, frame), generator)
-        return torch.stack([base, utils.random_warp(base[None, None], u)[0, 0]]), u
-    u = utils.random_field(frame, motion, utils.field_weight(source[0], frame), generator, utils.AFFINE_STD)
+        i = int(torch.randint(2, (1,), generator=generator))
+        base = source[i * K:(i + 1) * K].float()
+        u = utils.random_field(frame, motion, utils.field_weight(base.sum(0), frame), generator)
+        return torch.cat([base, utils.random_warp(base[None], u)[0]]), u
+    u = utils.random_field(frame, motion, utils.field_weight(source[:K].sum(0), frame), generator, utils.AFFINE_STD)
     return utils.random_warp(source.float()[None], u)[0], u
 
 
-def run(kind, data, out, n, preset, seed=0, frame_name=None, labels=None, overwrite=False, progress=True):
-    """Write n pairs of `kind` into `out` with a manifest; the settings of an unfinished run must match."""
+def label_map(p, classes):
+    """(K, ...) class occupancies -> uint8 map of the most likely label value (0: background)."""
+    values = torch.tensor([0, *classes], dtype=torch.uint8)
+    return values[torch.cat([1 - p.sum(0, keepdim=True), p]).argmax(0)].numpy()
+
+
+def run(kind, data, out, n, preset, seed=0, frame_name=None, labels=None, overwrite=False, progress=True, classes=None):
+    """Write n pairs of `kind` into `out` with a manifest; the settings of an unfinished run must match.
+    classes (K > 1 label values): label maps in, label maps out."""
+    utils.check_label_options(labels, classes)
     if kind not in KINDS:
         raise utils.DataError(f"{kind}: not a kind of baseline ({', '.join(KINDS)})")
     frame = utils.data_frame(data, frame_name)
@@ -77,16 +88,18 @@ def run(kind, data, out, n, preset, seed=0, frame_name=None, labels=None, overwr
                 "frame": frame, "field": {"factor": utils.FIELD_FACTOR, "kernel": utils.FIELD_KERNEL,
                                           "passes": utils.FIELD_PASSES, "squarings": utils.FIELD_SQUARINGS,
                                           "affine_std": utils.AFFINE_STD if kind == "deformed" else 0.0}}
+    if classes:
+        settings["classes"] = classes
     old = utils.read_json(mpath) if os.path.exists(mpath) and not overwrite else {}
     diff = [k for k in settings if old and old.get(k) != settings[k]]
     if diff:
         raise utils.DataError(f"{out}: holds pairs made with other {', '.join(diff)} (use --overwrite or another --out)")
-    ids, maps, f0 = load_maps(data, frame, labels)
+    ids, maps, f0 = load_maps(data, frame, labels, classes)
     if factor % f0:
         raise utils.DataError(f"{data}: its maps are at frame/{f0}, coarser than the output's frame/{factor}")
     if 4 % f0:
         raise utils.DataError(f"{data}: its maps are at frame/{f0}; the field strength is measured at frame/4")
-    motion, disp, ratio = utils.field_strengths(maps, f0, frame, torch.Generator().manual_seed(seed))
+    motion, disp, ratio = utils.field_strengths(utils.foreground(maps, classes), f0, frame, torch.Generator().manual_seed(seed))
     os.makedirs(out, exist_ok=True)
     utils.write_json(mpath, {**settings, "num_pairs": n, "complete": False})
     t0 = time.time()
@@ -107,8 +120,10 @@ def run(kind, data, out, n, preset, seed=0, frame_name=None, labels=None, overwr
         paths = synthesise.pair_paths(out, i)
         if overwrite or not all(map(os.path.exists, paths)):
             # clamped: interpolation rounding above 1 would make later stages read a label map
-            for path, vol in zip(paths, utils.pool(pair, factor // f0, utils.spatial_dims(frame)).clamp(0, 1)):
-                utils.write_nifti(path, vol.numpy(), factor, frame)
+            pooled = utils.pool(pair, factor // f0, utils.spatial_dims(frame)).clamp(0, 1)
+            for path, vol in zip(paths, pooled.chunk(2) if classes and len(classes) > 1 else pooled):
+                utils.write_nifti(path, label_map(vol, classes) if vol.ndim > len(frame["shape"]) else vol.numpy(),
+                                  factor, frame)
             made += 1
     dataset = [{k: os.path.basename(p) for k, p in zip(("fixed", "moving"), synthesise.pair_paths(out, i))} for i in range(n)]
     utils.write_dataset_json(os.path.join(out, f"{kind}_dataset.json"), kind, dataset,
@@ -140,7 +155,8 @@ def main(argv=None):
     n = synthesise.PRESETS[args.preset]["num_pairs"] if args.num_pairs is None else args.num_pairs
     utils.check_positive({"NUM_PAIRS": n})
     utils.check_seed(args.seed)
-    run(args.kind, args.data, args.out or args.kind, n, args.preset, args.seed, args.frame, args.labels, args.overwrite)
+    run(args.kind, args.data, args.out or args.kind, n, args.preset, args.seed, args.frame, args.labels, args.overwrite,
+        classes=args.classes)
 
 
 if __name__ == "__main__":

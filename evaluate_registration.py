@@ -2,7 +2,7 @@
 
     python evaluate_registration.py [ITER_TTA] [CKPT] [--preset cpu] [--data DATA] [--landmarks FOLDER]
                                     [--out PREFIX] [--seed S] [--overwrite] [--tre-direction reference|fixed]
-                                    [--disp DIR] [--frame derived|lung250m4b] [--labels L] [--device D]
+                                    [--disp DIR] [--frame derived|lung250m4b] [--labels L | --classes L] [--device D]
 
 CKPT = none evaluates an untrained net of --preset, i.e. pure instance optimisation (the "no
 training data" baseline); a checkpoint names its own preset, frame and labels. DATA: a folder of
@@ -19,6 +19,7 @@ import copy
 import os
 import re
 import time
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -31,12 +32,12 @@ from train_registration import PRESETS, REG, TTA_LR, config_of, optimise
 KEYS = ("initial", "net", "tta")
 
 
-def load_model(ckpt, preset, seed=0, frame=None):
-    """A trained net from its checkpoint (which names its preset and frame), or an untrained net of
-    `preset` in `frame` for CKPT = none."""
+def load_model(ckpt, preset, seed=0, frame=None, classes=None):
+    """A trained net from its checkpoint (which names its preset, frame and classes), or an untrained
+    net of `preset` in `frame` for CKPT = none."""
     if ckpt == "none":
         utils.seed_all(seed)
-        config = config_of(preset, frame)
+        config = config_of(preset, frame, classes)
         net = RegistrationNet.build(config)
         net.config = config
         return net
@@ -82,15 +83,35 @@ def write_disp(folder, pair, ddf, frame):
 FIGURE_PAIRS = 3  # pairs shown in OUT.png
 
 
-def evaluate_pair(net, pair, lms, iter_tta, device, direction="reference", labels=None, disp=None):
+def framed(path, factor, frame, labels, classes):
+    """A map as the net reads it: (1, 1, ...) or, with K classes, (1, K, ...)."""
+    v = utils.framed_volume(path, factor, frame, labels=labels, classes=classes)
+    return v[None] if classes else v[None, None]
+
+
+def hd95(warped, fixed, spacing, factor):
+    """Per class, the 95th-percentile Hausdorff distance in mm between the warped moving map and the
+    fixed map (both (1, K, ...) occupancies, > 0.5; MONAI's compute_hausdorff_distance); nan where a
+    class is empty in either."""
+    from monai.metrics import compute_hausdorff_distance
+
+    with warnings.catch_warnings():  # an empty class is reported as nan, not warned about
+        warnings.simplefilter("ignore")
+        d = compute_hausdorff_distance((warped > 0.5).float(), (fixed > 0.5).float(), include_background=True,
+                                       percentile=95, spacing=[s * factor for s in spacing])
+    return [float(v) for v in d[0]]
+
+
+def evaluate_pair(net, pair, lms, iter_tta, device, direction="reference", labels=None, disp=None, classes=None):
     """Register one pair without and with test-time adaptation; returns metrics and fields.
     As the reference: the net alone under autocast; TTA adapts a copy of both UNets with the training
     loss and is measured on the fields of its last iteration's forward pass (before that update).
-    disp: a folder for the final field in the Learn2Reg convention (write_disp)."""
+    disp: a folder for the final field in the Learn2Reg convention (write_disp). classes: K label values
+    kept apart (the net's), Dice and HD95 per label."""
     frame = net.config["frame"]
     case = pair.id
     paths = [pair.fixed, pair.moving]
-    fixed, moving = (utils.framed_volume(p, net.config["factor"], frame, labels=labels)[None, None].to(device) for p in paths)
+    fixed, moving = (framed(p, net.config["factor"], frame, labels, classes).to(device) for p in paths)
     size = fixed.shape[2:]
     t = time.time()
     net.eval()
@@ -112,15 +133,19 @@ def evaluate_pair(net, pair, lms, iter_tta, device, direction="reference", label
         write_disp(disp, pair, fields_tta[0], frame)
     # Dice of the masks at the finest resolution the files offer (the frame's voxels for real scans)
     f0 = utils.native_factor(paths[0], frame)
-    fixed_mask, moving_mask = (utils.framed_volume(p, f0, frame, labels=labels)[None, None] for p in paths)
+    fixed_mask, moving_mask = (framed(p, f0, frame, labels, classes) for p in paths)
     for k, fields in zip(KEYS, (None, fields_net, fields_tta)):
         if fields is None:
             warped = moving_mask
         else:
             warped = utils.warp(moving_mask, utils.resize_ddf(fields[0].cpu(), fixed_mask.shape[2:]))
         res[f"dice_{k}"] = utils.dice(fixed_mask, warped)
+        if classes:  # per label, and the 95th-percentile Hausdorff distance in mm (MONAI's)
+            res[f"dice_labels_{k}"] = [utils.dice(fixed_mask[0, c], warped[0, c]) for c in range(len(classes))]
+            res[f"hd95_{k}"] = hd95(warped, fixed_mask, frame["spacing"], f0)
     res["folding_pct"], res["std_logjac"] = jacobian_stats(fields_tta[0].cpu())
-    res["mips"] = (fixed_mask[0, 0].numpy(), moving_mask[0, 0].numpy(), warped[0, 0].numpy())  # warped = after TTA
+    fg = [m[0].sum(0).numpy() for m in (fixed_mask, moving_mask, warped)]  # each map's foreground
+    res["mips"] = tuple(fg)  # warped = after TTA
     return res
 
 
@@ -142,9 +167,11 @@ def figure(results, path, n=FIGURE_PAIRS):
 
 
 def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, overwrite=False, seed=0, log=print,
-             direction="reference", device=None, disp=None, frame=None, labels=None):
+             direction="reference", device=None, disp=None, frame=None, labels=None, classes=None):
     """Evaluate DATA's pairs (a dataset JSON's registration_val) against their keypoints or the
-    landmark CSVs in `landmarks`; writes out.csv/json/png (and disp/ fields), returns summary."""
+    landmark CSVs in `landmarks`; writes out.csv/json/png (and disp/ fields), returns summary.
+    classes: CKPT = none only (a checkpoint brings its own)."""
+    utils.check_label_options(labels, classes)
     js = utils.dataset_json(data)
     if landmarks is None and not js:
         landmarks = os.path.join(data, "landmarks")
@@ -154,9 +181,13 @@ def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, over
     utils.check_output([out + ext for ext in (".csv", ".json", ".png")], overwrite)
     if disp and os.path.exists(disp) and not os.path.isdir(disp):
         raise utils.DataError(f"{disp}: is a file, --disp must be a folder")
-    net = load_model(ckpt, preset or "cpu", seed, None if ckpt != "none" else utils.data_frame(data, frame))
+    net = load_model(ckpt, preset or "cpu", seed, None if ckpt != "none" else utils.data_frame(data, frame), classes)
     frame = utils.check_frame(net.config.get("frame"), ckpt)
-    labels = labels or net.saved.get("labels") if ckpt != "none" else labels
+    if ckpt != "none":
+        if classes and classes != net.saved.get("classes"):
+            raise utils.DataError(f"{ckpt}: trained on classes {net.saved.get('classes')}, not --classes "
+                                  f"{','.join(map(str, classes))}")
+        labels, classes = labels or net.saved.get("labels"), net.saved.get("classes")
     pairs = utils.find_pairs(data, "val" if js else "train")
     cases = [p.id for p in pairs]
     lms = {p.id: utils.pair_landmarks(p, frame, landmarks) for p in pairs}  # check all first
@@ -167,7 +198,7 @@ def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, over
         utils.check_output(names, overwrite)
     for p in pairs:  # and every volume, so a broken file never ends a run after hours of work
         for f in (p.fixed, p.moving):
-            utils.load_volume(f, labels)
+            utils.load_volume(f, labels, classes)
     if preset is not None and net.config["preset"] != preset:
         log(f"note: {ckpt} is a '{net.config['preset']}' checkpoint; its preset is used, not --preset {preset}")
     rank, procs, device = utils.distributed(device)
@@ -175,7 +206,7 @@ def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, over
     results = []
     for i in range(rank, len(cases), procs):  # under torchrun each pair on exactly one process
         c = cases[i]
-        results.append(evaluate_pair(net, pairs[i], lms[c], iter_tta, device, direction, labels, disp))
+        results.append(evaluate_pair(net, pairs[i], lms[c], iter_tta, device, direction, labels, disp, classes))
         r = results[-1]
         if i >= FIGURE_PAIRS:
             del r["mips"]  # only the figure's pairs travel with their volumes
@@ -194,9 +225,15 @@ def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, over
         summ[f"dice_{k}"] = float(np.mean([r[f"dice_{k}"] for r in results]))
         other = [d for d in utils.TRE_DIRECTIONS if d != direction][0]
         summ[f"tre_{k}_mean_{other}_direction"] = float(np.concatenate([r[f"{k}_{other}"] for r in results]).mean())
+        for j, v in enumerate(classes or []):  # per label: Dice and HD95 (mm) over the pairs (HD95: pairs where defined)
+            summ[f"dice_label{v}_{k}"] = float(np.mean([r[f"dice_labels_{k}"][j] for r in results]))
+            summ[f"hd95_label{v}_{k}"] = float(np.nanmean([r[f"hd95_{k}"][j] for r in results]))
+        if classes:
+            summ[f"hd95_{k}"] = float(np.nanmean([summ[f"hd95_label{v}_{k}"] for v in classes]))
+            summ[f"dice_mean_labels_{k}"] = float(np.mean([summ[f"dice_label{v}_{k}"] for v in classes]))
     for k in ("folding_pct", "std_logjac", "seconds"):
         summ[k if k != "seconds" else "seconds_per_pair"] = float(np.mean([r[k] for r in results]))
-    summ.update(num_pairs=len(results), num_landmarks=len(rows))
+    summ.update(num_pairs=len(results), num_landmarks=len(rows), **({"classes": classes} if classes else {}))
     utils.write_csv(out + ".csv", ["case", "landmark", *KEYS], rows)
     utils.write_json(out + ".json", summ)
     figure(results, out + ".png")
@@ -211,6 +248,10 @@ def table(s):
                       for k in KEYS]
     lines.append(f"{s['num_pairs']} pairs, {s['num_landmarks']} landmarks; folding {s['folding_pct']:.3f} %, "
                  f"std log|J| {s['std_logjac']:.3f}, {s['seconds_per_pair']:.1f} s per pair")
+    if s.get("classes"):
+        lines.append("per label Dice / HD95 mm (initial -> net -> tta): " + "; ".join(
+            f"{v}: " + " -> ".join(f"{s[f'dice_label{v}_{k}']:.3f} / {s[f'hd95_label{v}_{k}']:.2f}" for k in KEYS)
+            for v in s["classes"]))
     other = [d for d in utils.TRE_DIRECTIONS if d != s["tre_direction"]][0]
     lines.append(f"TRE direction {s['tre_direction']}; in the {other} direction: net "
                  f"{s[f'tre_net_mean_{other}_direction']:.2f}, tta {s[f'tre_tta_mean_{other}_direction']:.2f} mm")
@@ -237,7 +278,7 @@ def main(argv=None):
     ap.add_argument("--device", help="e.g. cuda:1 (default: cuda if available, else cpu)")
     a = ap.parse_args(argv)
     evaluate(a.iter_tta, a.ckpt, a.data, a.landmarks, a.out, a.preset, a.overwrite, a.seed, direction=a.tre_direction,
-             device=a.device, disp=a.disp, frame=a.frame, labels=a.labels)
+             device=a.device, disp=a.disp, frame=a.frame, labels=a.labels, classes=a.classes)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ a 64x52x64 pair (padded to 64x56x64) 8x7x8 = 448 at cpu/demo. Writes TOKENS (.pt
   config     the VQ-AE checkpoint's config (preset, factor, model kwargs, frame); frame
 and TOKENS.csv (per-case reconstruction Dice, fixed and moving) and TOKENS.png (MIP, input vs
 reconstruction, fixed blue / moving orange). DATA (a folder or a Learn2Reg dataset JSON) is
-placed in the VQ-AE's frame with its labels (both recorded in CKPT); --split val encodes a dataset
+placed in the VQ-AE's frame with its labels or classes (recorded in CKPT); --split val encodes a dataset
 JSON's registration_val pairs (validation tokens). --augment K adds K randomly affine-augmented copies of
 every pair (same augmentation as training) to enlarge the token set for the diffusion model.
 """
@@ -78,7 +78,8 @@ def infer(ckpt, data, out, augment_k=0, seed=0, preset=None, overwrite=False, sp
     model = VQAE.from_checkpoint(ckpt, utils.distributed()[2], preset)
     cfg = model.config
     frame = utils.check_frame(cfg.get("frame"), ckpt)
-    ids, pairs = utils.load_pairs(data, cfg["factor"], frame, utils.find_pairs(data, split), labels=model.saved.get("labels"))
+    ids, pairs = utils.load_pairs(data, cfg["factor"], frame, utils.find_pairs(data, split), labels=model.saved.get("labels"),
+                                  classes=model.saved.get("classes"))
     pairs = pairs.half()  # as training sees them
     tokens, dice, probs = reconstruct(model, pairs, keep_probs=FIGURE_PAIRS)
     for c, d in zip(ids, dice):
@@ -103,7 +104,7 @@ def infer(ckpt, data, out, augment_k=0, seed=0, preset=None, overwrite=False, sp
     base = os.path.splitext(out)[0]
     rows = [{"case": c, "dice_fixed": f"{d[0]:.4f}", "dice_moving": f"{d[1]:.4f}"} for c, d in zip(all_ids, dice)]
     utils.write_csv(base + ".csv", ["case", "dice_fixed", "dice_moving"], rows)
-    figure(pairs, probs, ids, dice, base + ".png")
+    figure(utils.foreground(pairs, model.saved.get("classes")), probs, ids, dice, base + ".png")
     res = utils.write_tokens(out, tokens, all_ids, model.num_codes, cfg, dice=torch.tensor(dice))
     print(f"wrote {out} ({len(all_ids)} token grids)")
     return res

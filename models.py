@@ -83,6 +83,8 @@ class VQAE(Checkpointed):
     Shapes: x (B, 2, H, W, D), H/W/D multiples of `stride` (pad with utils.pad_to_multiple)
     -> z, z_q (B, C, H/s, W/s, D/s), ids (B, H/s, W/s, D/s) in [0, num_codes) -> logits (B, 4, H, W, D).
     Paper: C = 384, s = 16, 1024 codes; a 256x208x256 frame pair -> 16x13x16 = 3328 tokens.
+    classes K > 1 (not in the paper: label maps of K structures): x (B, 2K, ...) [fixed classes, moving
+    classes] -> logits (B, 2(K+1), ...), a softmax over background and the K classes per map.
 
     The quantiser is written here (not MONAI's VectorQuantizer/EMAQuantizer) because MONAI's
     updates the codebook by exponential moving averages, while the paper learns it by gradient
@@ -93,10 +95,11 @@ class VQAE(Checkpointed):
     kind = "vqae"
 
     def __init__(self, channels=(48, 48, 64, 64, 128, 192, 256, 384), strides=(1, 2, 1, 2, 1, 2, 1, 2),
-                 num_codes=1024, beta=0.25, spatial_dims=3):
+                 num_codes=1024, beta=0.25, spatial_dims=3, classes=1):
         super().__init__()
-        self.ae = AutoEncoder(spatial_dims=spatial_dims, in_channels=2, out_channels=4, channels=channels, strides=strides)
-        self.spatial_dims = spatial_dims
+        self.ae = AutoEncoder(spatial_dims=spatial_dims, in_channels=2 * classes, out_channels=2 * (classes + 1),
+                              channels=channels, strides=strides)
+        self.spatial_dims, self.classes = spatial_dims, classes
         self.stride = math.prod(strides)
         self.num_codes, self.code_dim, self.beta = num_codes, channels[-1], beta
         self.codebook = nn.Embedding(num_codes, self.code_dim)
@@ -153,9 +156,11 @@ class VQAE(Checkpointed):
         zq, loss, ids = self.encode(x)
         return self.decode(zq), loss, ids
 
-    def decode_pair(self, ids, size, calibrate=False):
-        """Token ids (B, h, w, d) -> (fixed, moving) vessel maps, each (B, *size) (VQAE.pair_probs)."""
-        return VQAE.pair_probs(self.decode_tokens(ids, ids.shape[1:]), size, calibrate)
+    def decode_pair(self, ids, size, calibrate=False, foreground=False):
+        """Token ids (B, h, w, d) -> (fixed, moving) vessel maps, each (B, *size) (VQAE.pair_probs; K
+        classes: (B, K, *size), or with foreground=True their sum (B, *size), e.g. for a figure)."""
+        maps = VQAE.pair_probs(self.decode_tokens(ids, ids.shape[1:]), size, calibrate)
+        return tuple(m.sum(1) for m in maps) if foreground and self.classes > 1 else maps
 
     def fingerprint(self):
         """A number that identifies the codebook (tokens only mean something with their decoder)."""
@@ -164,8 +169,9 @@ class VQAE(Checkpointed):
     @torch.no_grad()
     def reconstruct(self, pairs, keep_probs=False, pool=1):
         """Whole pairs (N, 2, H, W, D), one at a time -> token ids (N, h, w, d), Dice (N, 2) [fixed,
-        moving] of the reconstruction (calibrated, threshold 0.5) and, if asked, the probabilities
-        (N, 2, H/pool, W/pool, D/pool) on the CPU (average-pooled pair by pair)."""
+        moving] of the reconstruction (calibrated, threshold 0.5; K classes: over all of them) and, if
+        asked, the probabilities (N, 2, H/pool, W/pool, D/pool) on the CPU (average-pooled pair by
+        pair; K classes: each map's foreground)."""
         was_training = self.training
         self.eval()
         dev = self.codebook.weight.device
@@ -177,17 +183,20 @@ class VQAE(Checkpointed):
                 zq, _, t = self.encode(xp)
                 fixed, moving = VQAE.pair_probs(self.decode(zq), size, calibrate=True)
             ids.append(t[0].cpu())
-            dices.append([utils.dice(fixed[0], x[0, 0]), utils.dice(moving[0], x[0, 1])])
-            if keep_probs:
-                probs.append(utils.pool(torch.stack([fixed[0], moving[0]]), pool, self.spatial_dims).cpu())
+            K = self.classes
+            dices.append([utils.dice(fixed[0], x[0, :K].squeeze(0)), utils.dice(moving[0], x[0, K:].squeeze(0))])
+            if keep_probs:  # K > 1: each map's foreground
+                maps = torch.stack([fixed[0], moving[0]]) if K == 1 else torch.stack([fixed[0].sum(0), moving[0].sum(0)])
+                probs.append(utils.pool(maps, pool, self.spatial_dims).cpu())
         self.train(was_training)
         return torch.stack(ids), np.array(dices), (torch.stack(probs) if keep_probs else None)
 
-    CLASS_WEIGHTS = (1.0, 2.5)  # the paper's cross-entropy weights (background, vessel)
+    CLASS_WEIGHTS = (1.0, 2.5)  # the paper's cross-entropy weights (background, vessel; K classes: 2.5 each)
 
     @staticmethod
     def pair_probs(logits, size=None, calibrate=False):
-        """Logits (B, 4, ...) -> vessel probabilities (fixed, moving), each (B, H, W, D), cropped to
+        """Logits (B, 4, ...) -> vessel probabilities (fixed, moving), each (B, H, W, D) (K classes:
+        logits (B, 2(K+1), ...) -> (B, K, H, W, D) each), cropped to
         `size` (e.g. utils.grid_shape(factor), undoing utils.pad_to_multiple) when given.
 
         The class-weighted CE is minimised by the softmax s = w1 q / (w1 q + w0 (1 - q)) where q is
@@ -199,6 +208,13 @@ class VQAE(Checkpointed):
         if size is not None:
             logits = utils.crop_to(logits, size)
         logits = logits.float()
+        if logits.shape[1] > 4:  # K classes: (B, K, ...) per map; calibrated q_c = (s_c / w_c) / sum_j s_j / w_j
+            w0, w1 = VQAE.CLASS_WEIGHTS
+            s = tuple(p.softmax(1) for p in logits.chunk(2, 1))
+            if calibrate:
+                s = tuple(torch.cat([p[:, :1] / w0, p[:, 1:] / w1], 1) for p in s)
+                s = tuple(p / p.sum(1, keepdim=True) for p in s)
+            return tuple(p[:, 1:] for p in s)
         s = logits[:, :2].softmax(1)[:, 1], logits[:, 2:].softmax(1)[:, 1]
         if calibrate:
             w0, w1 = VQAE.CLASS_WEIGHTS
@@ -399,7 +415,8 @@ class TokenTransformer(Checkpointed):
 # ======================================================================== registration (stage 5)
 class RegistrationNet(Checkpointed):
     """Two-step inverse-consistent registration ("Inverse Consistency by Construction", Greer et
-    al. 2023), as in the reference implementation. forward(fixed, moving), each (B, 1, H, W, D) in [0, 1], returns
+    al. 2023), as in the reference implementation. forward(fixed, moving), each (B, 1, H, W, D) in [0, 1] (K
+    classes: (B, K, H, W, D), one channel per class; not in the paper), returns
     (ddf, ddf_inv), each (B, 3, H, W, D) in voxels of the input grid: warp(moving, ddf) ~ fixed and
     ddf_inv is its exact inverse, because swapping the inputs negates every velocity.
 
@@ -413,12 +430,14 @@ class RegistrationNet(Checkpointed):
     kind = "regnet"
 
     def __init__(self, channels=(8, 16, 32, 64, 64, 64), strides=(2, 2, 1, 2, 1), max_velocity=0.35,
-                 pool_strides=(2, 2, 1, 1), pool_kernel=7, squarings=12, exp_at="input", exp_coarsen=1, spatial_dims=3):
+                 pool_strides=(2, 2, 1, 1), pool_kernel=7, squarings=12, exp_at="input", exp_coarsen=1, spatial_dims=3,
+                 classes=1):
         super().__init__()
         if exp_at not in ("input", "velocity") or (exp_at == "input" and exp_coarsen != 1):
             raise ValueError(f"exp_at={exp_at!r} with exp_coarsen={exp_coarsen}: coarsening needs exp_at='velocity'")
-        self.unets = nn.ModuleList(UNet(spatial_dims=spatial_dims, in_channels=2, out_channels=spatial_dims,
+        self.unets = nn.ModuleList(UNet(spatial_dims=spatial_dims, in_channels=2 * classes, out_channels=spatial_dims,
                                         channels=channels, strides=strides) for _ in range(2))
+        self.classes = classes
         self.spatial_dims = spatial_dims
         self.multiple = math.prod(strides)
         self.max_velocity, self.pool_strides, self.pool_kernel = max_velocity, pool_strides, pool_kernel
@@ -563,9 +582,9 @@ class TokenDecoder(Checkpointed):
         """ids (B, h, w, d) -> fixed and moving occupancy (B, 2, *size) in [0, 1], float32."""
         return utils.crop_to(utils.fp32(self(ids)), size).sigmoid()
 
-    def decode_pair(self, ids, size, calibrate=True):
+    def decode_pair(self, ids, size, calibrate=True, foreground=False):
         """VQAE.decode_pair's counterpart: token ids (B, h, w, d) -> (fixed, moving) occupancies, each
-        (B, *size). Its sigmoid is an occupancy already (calibrated)."""
+        (B, *size). Its sigmoid is an occupancy already (calibrated); one class, so `foreground` changes nothing."""
         if not calibrate:
             raise ValueError("a TokenDecoder writes occupancies: calibrate=True")
         occ = self.occupancy(ids, size)

@@ -3,7 +3,7 @@ registration nets trained on real / synthetic / real+synthetic pairs -> Dice/TRE
 
     python pipeline.py --preset demo|cpu|paper [--data DATA] [--val DATA] [--landmarks FOLDER]
                        [--generator-tokens TOKENS] [--out results/PRESET] [--seeds N] [--num-synth N]
-                       [--reg-iters N] [--frame derived|lung250m4b] [--force STAGE ...] [--jobs 1]
+                       [--reg-iters N] [--frame derived|lung250m4b] [--classes L] [--force STAGE ...] [--jobs 1]
 
 DATA: a folder of ID_1 / ID_2 pairs (then --val is required, with landmark CSVs in --landmarks,
 default VAL/landmarks) or a Learn2Reg dataset JSON (--val defaults to its registration_val pairs and
@@ -367,8 +367,12 @@ def tre_table(out, names, seeds, prefix):
                   for r in ROWS if r in names})
     evals = {k: [f for f in v if os.path.exists(f)] for k, v in evals.items()}  # a partial run: rows so far
     cols = [f"tre_{k}_{q}" for k in ("net", "tta") for q in ("mean", "p25", "p50", "p75")] + ["dice_tta", "folding_pct"]
-    lines = ["| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     first = json.load(open(evals["initial / TTA only"][0]))
+    for v in first.get("classes") or []:  # label maps: Dice and HD95 (mm) of each label after TTA
+        cols += [f"dice_label{v}_tta", f"hd95_label{v}_tta"]
+    if first.get("classes"):
+        cols += ["dice_mean_labels_tta", "hd95_tta", "std_logjac"]
+    lines = ["| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines.append("| initial | " + f"{first['tre_initial_mean']:.2f} (Dice {first['dice_initial']:.3f})" + " |" * len(cols))
     for name, files in evals.items():
         if not files:
@@ -419,7 +423,7 @@ def report(out, seeds, times, preset, real=None, synth=None, labels=None, frame=
     print(md)
 
 
-def generator(run, path, preset, data, val, n, tag="", tokens=None, frame_args=()):
+def generator(run, path, preset, data, val, n, tag="", tokens=None, frame_args=(), class_args=()):
     """A generator and its n synthetic pairs (stages and files named with `tag`). Without `tokens`
     the paper's: VQ-AE on the pairs in `data` (`val`: held-out pairs for its and the diffusion
     model's validation), tokens, diffusion. With a token file `tokens`: decode_tokens.py fits a
@@ -431,7 +435,7 @@ def generator(run, path, preset, data, val, n, tag="", tokens=None, frame_args=(
         vqae = path(f"vqae{tag}.pth")
         run(f"vqae{tag}", utils.log_paths(vqae), train_vqae.main,
             [train_vqae.PRESETS[preset]["batch"], "--preset", preset, "--data", data, "--val", val, "--out", vqae,
-             *frame_args],
+             *frame_args, *class_args],
             preset, [data, val], resume=["--resume"])
         tokens, val_tokens = path(f"tokens{tag}.pth"), path(f"tokens_val{tag}.pth")
         run(f"tokens{tag}", utils.log_paths(tokens), infer_vqae.main,
@@ -500,16 +504,18 @@ def shared_pairs(train, val, split=None):
 
 
 def experiment(out, preset, data, val, lms, seeds, n, reg_iters=None, frame_name=None, force=(), jobs=1,
-               generator_tokens=None, rows=ROWS, extra=None):
+               generator_tokens=None, rows=ROWS, extra=None, classes=None):
     """One run in `out` on the training pairs of `data`: the generator, the free baselines, every
     registration row of `rows` x seed trained and evaluated on `val` (landmarks `lms`; extra: (pairs,
-    landmarks) evaluated too, reported apart), results.md. Every input is checked before the first stage."""
+    landmarks) evaluated too, reported apart), results.md. classes: label values kept apart by every stage
+    (label maps). Every input is checked before the first stage."""
     p = PRESETS[preset]
     run = Stages(out, force)
     if extra:  # (data, pair ids, landmark folder) -> (a folder of links to those pairs, landmark folder)
         extra = (link_folder([("", extra[0], extra[1])], os.path.join(out, "extra_val"), split=utils.val_split(extra[0])),
                  extra[2])
     frame_args = ["--frame", frame_name] if frame_name else []
+    class_args = ["--classes", ",".join(map(str, classes))] if classes else []
     frame = utils.data_frame(data, frame_name)
     train_ids = [p.id for p in utils.find_pairs(data)]  # every input checked before the first stage runs
     for pair in utils.find_pairs(val, utils.val_split(val)):
@@ -533,14 +539,15 @@ def experiment(out, preset, data, val, lms, seeds, n, reg_iters=None, frame_name
                   "mix_tok": f"{real} + synth-{n} ({k}-grid generator)"}
     else:  # the paper's: the generator trains on the real pairs
         k = len(train_ids)
-        synth = generator(run, path, preset, data, val, n, frame_args=frame_args)[0]
+        synth = generator(run, path, preset, data, val, n, frame_args=frame_args, class_args=class_args)[0]
         mixes = {"mix": synth}
         folders = {"synth": synth}
         labels = {"synth": f"synth-{n}, generator on {k} pairs", "mix": f"{real} + synth-{n} ({k}-pair generator)"}
     # the free baselines: pairs made from the real ones by random fields, and on-the-fly augmentation
     free = {kind: path(kind) for kind in ("warped", "deformed") if kind in rows}
     for kind, folder in free.items():
-        run(kind, [folder], deform_pairs.main, [kind, data, n, "--preset", preset, "--out", folder, *frame_args], preset,
+        run(kind, [folder], deform_pairs.main, [kind, data, n, "--preset", preset, "--out", folder, *frame_args, *class_args],
+            preset,
             [data], resume=[])  # deform_pairs.py keeps complete pairs
     if free:  # beside the synthetic pairs of this generator
         tag = "_tok" if generator_tokens else ""
@@ -561,11 +568,12 @@ def experiment(out, preset, data, val, lms, seeds, n, reg_iters=None, frame_name
     iters = ["--iters", reg_iters] if reg_iters else []
     # seed-major: a run stopped part-way has the same seeds of every row, which the per-case tests pair
     chains = [reg_chain(out, f"{r}_s{s}", folders[r], reads[r], preset, s, p["tta"], val, lms, iters,
-                        frame_args if r in ("real", "augmented") else [], ["--augment"] if r == "augmented" else [], extra)
+                        frame_args if r in ("real", "augmented") else [],
+                        [*(["--augment"] if r == "augmented" else []), *class_args], extra)
               for s in range(seeds) for r in ROWS if r in folders and r in rows]
     # the short TTA-only baselines last: with --jobs the long chains start first
     for name, pairs, marks in (("eval_none", val, lms), *([("eval_extra_none", *extra)] if extra else [])):
-        ev = ["--data", pairs, *(["--landmarks", marks] if marks else []), "--overwrite", *frame_args]
+        ev = ["--data", pairs, *(["--landmarks", marks] if marks else []), "--overwrite", *frame_args, *class_args]
         chains.append([dict(name=name, outputs=[path(name + ".json")], fn=evaluate_registration.main,
                             argv=[p["tta"], "none", "--preset", preset, "--out", path(name), *ev], preset=preset,
                             inputs=[pairs, *([marks] if marks else [])])])
@@ -671,6 +679,8 @@ def main(argv=None):
                     help="token grids the generator trains on, decoded by a decoder fitted on --data (not in the paper)")
     ap.add_argument("--reg-iters", type=int, help="override the registration preset's iterations")
     ap.add_argument("--frame", choices=utils.FRAME_NAMES, help="the frame of the real pairs (utils.data_frame)")
+    ap.add_argument("--classes", type=utils.label_list, metavar="L",
+                    help="label values kept apart by every stage, e.g. 1,2,3,4 (label maps; default: one mask)")
     ap.add_argument("--curve", metavar="N,N,...",
                     help="the low-data curve: the whole experiment (without the synthetic-only row) on nested subsets "
                          "of N training pairs, each in OUT/nN, then OUT/curve.md and curve.png")
@@ -686,6 +696,8 @@ def main(argv=None):
                           "--jobs": args.jobs})
     if bool(args.extra_val) != bool(args.extra_landmarks):
         raise utils.DataError("--extra-val and --extra-landmarks go together")
+    if args.classes and args.generator_tokens:
+        raise utils.DataError("--generator-tokens decodes one mask per map (decode_tokens.py); --classes is not for it")
     if args.curve and args.generator_tokens:
         raise utils.DataError("--curve trains the paper's generator on each subset; --generator-tokens is not for it")
     if args.curve:
@@ -732,7 +744,7 @@ def main(argv=None):
                                       "subset: it is not held out")
     if args.extra_val:  # each run links the pairs into its own folder (extra_val/), ids kept for the landmark files
         extra = (args.extra_val, [p.id for p in listed], args.extra_landmarks)
-    common = dict(reg_iters=args.reg_iters, force=args.force, jobs=args.jobs)
+    common = dict(reg_iters=args.reg_iters, force=args.force, jobs=args.jobs, classes=args.classes)
     if not args.curve:
         experiment(out, preset, data, val, lms, seeds, n, frame_name=args.frame, generator_tokens=args.generator_tokens,
                    extra=extra, **common)

@@ -65,7 +65,10 @@ def report(folders, reference, out, overwrite=False, val=None, vqae=None, frame=
         raise utils.DataError(f"{vqae}: works at frame/{load_factor}, cannot compare at /{FACTOR}")
     groups, kept, ref = {}, [], None  # kept: (real group, its reconstruction group)
     for real, split in [(reference, "train")] + ([(val, utils.val_split(val))] if val else []):
-        ids, x = utils.load_pairs(real, load_factor, frame, utils.find_pairs(real, split))
+        classes = None if model is None else model.saved.get("classes")  # the VQ-AE reads its classes apart
+        ids, x = utils.load_pairs(real, load_factor, frame, utils.find_pairs(real, split), classes=classes)
+        recon = None if model is None else model.reconstruct(x, keep_probs=True, pool=FACTOR // load_factor)[2]
+        x = utils.foreground(x, classes)  # the statistics compare each map's foreground
         if ref is None:
             rids, ref = ids, utils.pool(x, FACTOR // load_factor, dims)  # the memorisation reference
         real_name = "real " + os.path.basename(os.path.normpath(real)).removesuffix(".json") + ("" if split == "train" else " val")
@@ -73,7 +76,6 @@ def report(folders, reference, out, overwrite=False, val=None, vqae=None, frame=
             real_name += " (val)"  # same folder name in another place
         groups[real_name] = utils.pair_stats(ids, utils.pool(x, FACTOR // load_factor, dims), FACTOR, (rids, ref), True, sp)
         if model is not None:
-            recon = model.reconstruct(x, keep_probs=True, pool=FACTOR // load_factor)[2]
             groups["recon " + real_name[5:]] = utils.pair_stats(ids, recon, FACTOR, (rids, ref), True, sp)
             kept.append((real_name, "recon " + real_name[5:]))
     for folder in folders:

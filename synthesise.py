@@ -117,6 +117,14 @@ def synthesise(model, decoder, out, n, sampler, seed=0, overwrite=False, progres
     def probs(ids):
         return decoder.decode_pair(ids.reshape(-1, *grid), size, calibrate)
 
+    classes = label_classes(decoder)
+    values = torch.tensor([0, *(classes or [])], dtype=torch.uint8)
+
+    def volume(p):  # K classes: (K, ...) probabilities -> a uint8 map of the most probable label value
+        if not classes:
+            return p.cpu().numpy()
+        return values[torch.cat([1 - p.sum(0, keepdim=True), p]).argmax(0).cpu()].numpy()
+
     rank, procs = utils.world()
     mine = range(rank, -(-n // batch), procs)  # under torchrun each batch on exactly one process
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # gzip writes overlap sampling
@@ -135,7 +143,7 @@ def synthesise(model, decoder, out, n, sampler, seed=0, overwrite=False, progres
                 for j, i in enumerate(idx[c:c + chunk]):
                     if i in todo:
                         for path, vol in zip(pair_paths(out, i), (fixed[j], moving[j])):
-                            pending.append(pool.submit(utils.write_nifti, path, vol.cpu().numpy(), factor, frame))
+                            pending.append(pool.submit(utils.write_nifti, path, volume(vol), factor, frame))
             made += len(todo)
             while len(pending) > 4 * batch:  # bound the volumes waiting in memory
                 pending.pop(0).result()
@@ -143,6 +151,11 @@ def synthesise(model, decoder, out, n, sampler, seed=0, overwrite=False, progres
             f.result()  # re-raise write errors
     made = sum(utils.gather_objects(made))
     return time.time() - t0, made
+
+
+def label_classes(decoder):
+    """The label values of a decoder's K > 1 classes (its pairs are written as label maps), else None."""
+    return decoder.saved.get("classes") if getattr(decoder, "classes", 1) > 1 else None
 
 
 def preview(out, n=4):
@@ -176,6 +189,8 @@ def run(models, out, n, sampler, seed=0, calibrate=False, overwrite=False, progr
     decoder_key = "token_decoder" if token_decoder else "vqae"
     settings = {"diffusion": os.path.abspath(model.path), decoder_key: os.path.abspath(decoder.path), "seed": seed,
                 **sampler, "factor": factor, "calibrate": calibrate}
+    if label_classes(decoder):
+        settings["classes"] = label_classes(decoder)
     if os.path.exists(mpath) and not overwrite:
         old = utils.read_json(mpath)
         diff = [k for k in settings if old.get(k) != settings[k]]
@@ -191,7 +206,7 @@ def run(models, out, n, sampler, seed=0, calibrate=False, overwrite=False, progr
     secs_all = secs + old.get("seconds", 0)  # over resumed runs
     made_all = made + old.get("pairs_made", 0)
     dev = next(model.parameters()).device
-    write_dataset(out, n, factor, model.config["frame"])
+    write_dataset(out, n, factor, model.config["frame"], label_classes(decoder))
     utils.write_json(mpath, {**settings, "num_pairs": n, "complete": True, "pairs_made": made_all,
                              "seconds": round(secs_all, 2), "seconds_per_pair": round(secs_all / max(made_all, 1), 4),
                              "shape": list(utils.grid_shape(factor, model.config["frame"])), "device": str(dev),
@@ -201,12 +216,13 @@ def run(models, out, n, sampler, seed=0, calibrate=False, overwrite=False, progr
     return per_pair, made
 
 
-def write_dataset(out, n, factor, frame):
+def write_dataset(out, n, factor, frame, classes=None):
     """OUT/synth_dataset.json: the n pairs as Learn2Reg training pairs, with the frame they were made in."""
     pairs = [{k: os.path.basename(p) for k, p in zip(("fixed", "moving"), pair_paths(out, i))} for i in range(n)]
+    what = f"label maps of labels {','.join(map(str, classes))}" if classes else "occupancies in [0, 1]"
     utils.write_dataset_json(os.path.join(out, "synth_dataset.json"), "synth", pairs,
                              shape=utils.grid_shape(factor, frame), frame=frame,
-                             description=f"synthetic pairs of synthesise.py: fixed *_1, moving *_2, occupancies in [0, 1] "
+                             description=f"synthetic pairs of synthesise.py: fixed *_1, moving *_2, {what} "
                                          f"on the frame pooled by {factor}")
 
 

@@ -103,7 +103,8 @@ def figure(model, vqae, grid, rows, path, seed=0):
         dev = next(model.parameters()).device
         ids = model.sample(n, steps=32, schedule="cosine", generator=torch.Generator(dev).manual_seed(seed))
         with torch.no_grad(), utils.autocast(dev):
-            fixed, moving = vqae.decode_pair(ids.reshape(-1, *grid), utils.grid_shape(vqae.config["factor"], vqae.config["frame"]))
+            fixed, moving = vqae.decode_pair(ids.reshape(-1, *grid), utils.grid_shape(vqae.config["factor"], vqae.config["frame"]),
+                                             foreground=True)
         for i in range(n):
             ax[0, 1 + i].imshow(utils.mip_rgb(fixed[i].cpu(), moving[i].cpu()))
             ax[0, 1 + i].set_title(f"sample {i} (fixed blue, moving orange)", fontsize=8)

@@ -1,7 +1,7 @@
 """Stage 5: train the two-step inverse-consistent registration net on real or synthetic pairs.
 
     python train_registration.py [BATCH_SIZE] DATA [--preset paper|cpu|demo] [--iters N] [--out CKPT]
-                                 [--seed S] [--frame derived|lung250m4b] [--labels L]
+                                 [--seed S] [--frame derived|lung250m4b] [--labels L | --classes L]
                                  [--resume | --overwrite] [--device D] [--compile]
 
 DATA: a folder of ID_1 / ID_2 .nii.gz pairs or a Learn2Reg dataset JSON (its training pairs):
@@ -39,10 +39,10 @@ PRESETS = {
 }
 
 
-def config_of(preset, frame):
+def config_of(preset, frame, classes=None):
     """What the checkpoint stores next to the weights: enough to rebuild net and input grid."""
     p = PRESETS[preset]
-    return model_config(preset, utils.preset_factor(p, frame), utils.dims_kwargs(p["model"], frame), frame=frame)
+    return model_config(preset, utils.preset_factor(p, frame), utils.model_kwargs(p["model"], frame, classes), frame=frame)
 
 
 def smoothness(ddf):
@@ -112,29 +112,33 @@ def optimise(net, batches, iters, lr, reg, device, desc="train", on_step=None, s
 
 
 def augment_pairs(x, motion, frame, generator):
-    """x (B, 2, H, W, D) on a pooled frame grid: each pair warped by its own random affine + smooth
-    field (utils.random_field, magnitude motion[b] mm over its fixed map), both maps by the same one."""
+    """x (B, 2, H, W, D) (K classes: (B, 2K, ...)) on a pooled frame grid: each pair warped by its own
+    random affine + smooth field (utils.random_field, magnitude motion[b] mm over its fixed map), both
+    maps by the same one."""
     out = []
+    K = x.shape[1] // 2
     for pair, mm in zip(x, motion):
-        u = utils.random_field(frame, float(mm), utils.field_weight(pair[0].cpu(), frame), generator, utils.AFFINE_STD)
+        u = utils.random_field(frame, float(mm), utils.field_weight(pair[:K].sum(0).cpu(), frame), generator, utils.AFFINE_STD)
         out.append(utils.random_warp(pair[None], u))
     return torch.cat(out)
 
 
 def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, overwrite=False, device=None,
-          compile=False, log=utils.main_print, frame=None, labels=None, augment=False):
+          compile=False, log=utils.main_print, frame=None, labels=None, augment=False, classes=None):
     """Train on the training pairs of DATA placed in `frame` (utils.data_frame); returns the net.
-    augment: every batch through augment_pairs."""
-    p, cfg = PRESETS[preset], config_of(preset, utils.data_frame(data, frame))
+    augment: every batch through augment_pairs. classes: label values kept apart (utils.load_pairs)."""
+    utils.check_label_options(labels, classes)
+    p, cfg = PRESETS[preset], config_of(preset, utils.data_frame(data, frame), classes)
     # a constant learning rate: a larger --iters simply trains on to the new target
     ck, batch_size, seed = utils.start_training(out, "regnet", resume=resume, overwrite=overwrite, batch_size=batch_size,
                                                 seed=seed, iters=iters, default_batch=p["batch"], config=cfg,
-                                                data=os.path.abspath(data), labels=labels)
+                                                data=os.path.abspath(data), labels=labels, classes=classes)
     if ck is not None and ck.get("augment", False) != augment:
         raise utils.DataError(f"{out}: trained {'with' if ck.get('augment') else 'without'} --augment; resume the same way "
                               "or write a new --out")
     iters = iters or p["iters"] or 2500 // batch_size * 4
-    ids, pairs = utils.load_pairs(data, cfg["factor"], cfg["frame"], labels=labels)  # (N, 2, H, W, D)
+    ids, pairs = utils.load_pairs(data, cfg["factor"], cfg["frame"], labels=labels, classes=classes)  # (N, 2, H, W, D)
+    K = len(classes or [1])
     rank, _, device = utils.distributed(device)
     local = utils.local_batch(batch_size)
     pairs = utils.to_device_if_fits(pairs.half(), device)  # exact for masks pooled by 2 or 4; fp16 maps as the reference
@@ -149,7 +153,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     if augment and ck is not None:
         motion = torch.tensor(ck["motion"])  # as measured at the start: a resumed run draws the same fields
     elif augment:
-        strengths, disp, r = utils.field_strengths(pairs, cfg["factor"], cfg["frame"], gens[1])
+        strengths, disp, r = utils.field_strengths(utils.foreground(pairs, classes), cfg["factor"], cfg["frame"], gens[1])
         motion = torch.tensor(strengths)
         log(f"augmentation: random affine (std {utils.AFFINE_STD}) + smooth field per pair of {motion.mean():.2f} mm on "
             f"average (the pairs' quick-registration displacement {sum(disp) / len(disp):.2f} mm / {r:.2f}, the share "
@@ -171,10 +175,10 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         if augment:  # every process draws the whole global batch's fields, then keeps its share
             x = pairs[idx.to(pairs.device)].to(device, non_blocking=True).float()
             x = augment_pairs(x, motion[idx], cfg["frame"], gens[1])[rank * local:(rank + 1) * local]
-            return x[:, :1], x[:, 1:]
+            return x[:, :K], x[:, K:]
         idx = idx[rank * local:(rank + 1) * local]  # the global batch's draws, this process's share
         x = pairs[idx.to(pairs.device)].to(device, non_blocking=True).float()
-        return x[:, :1], x[:, 1:]
+        return x[:, :K], x[:, K:]
 
     def on_step(i, opts, total):
         if i % p["ckpt_every"] and i != iters:
@@ -184,6 +188,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
             utils.save_checkpoint(out, "regnet", cfg, net.state_dict(), iteration=i, loss=loss_value,
                                   optimisers=[o.state_dict() for o in opts], rng=utils.rng_state(gens), iters=iters,
                                   data=os.path.abspath(data), cases=ids, seed=seed, batch=batch_size, labels=labels,
+                                  classes=classes,
                                   augment=augment, motion=None if motion is None else motion.tolist(),
                                   precision=utils.precision(device))
         utils.barrier()  # nobody reads the checkpoint before it is written
@@ -211,7 +216,7 @@ def main(argv=None):
     out = args.out or f"regnets_state_{name}.pth"
     train(data=args.data, out=out, preset=args.preset, batch_size=args.batch_size, iters=args.iters, seed=args.seed,
           resume=args.resume, overwrite=args.overwrite, device=args.device, compile=args.compile, frame=args.frame,
-          labels=args.labels, augment=args.augment)
+          labels=args.labels, augment=args.augment, classes=args.classes)
 
 
 if __name__ == "__main__":

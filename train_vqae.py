@@ -2,7 +2,7 @@
 
     python train_vqae.py [BATCH_SIZE] [--preset paper|cpu|demo] [--data DATA] [--val DATA] [--iters N]
                          [--out CKPT] [--seed S] [--diff-weight W] [--frame derived|lung250m4b]
-                         [--labels L] [--resume | --overwrite]
+                         [--labels L | --classes L] [--resume | --overwrite]
 
 Both masks of a pair enter as two channels, so one token grid describes the pair. Each step:
 a batch of pairs (paper: random 128^3 patches, same location in fixed and moving; cpu/demo: whole
@@ -58,18 +58,18 @@ LOG_FIELDS = ["iter", "loss", "codebook_loss", "dice_fixed", "dice_moving", "cod
               "train_dice_fm", "val_disp_kept", "val_dice_fm", "seconds"]
 
 
-def config_of(preset, frame):
+def config_of(preset, frame, classes=None):
     """The checkpoint config: everything needed to rebuild the model and its input."""
     p = PRESETS[preset]
-    return model_config(preset, utils.preset_factor(p, frame), utils.dims_kwargs(p["model"], frame), frame=frame)
+    return model_config(preset, utils.preset_factor(p, frame), utils.model_kwargs(p["model"], frame, classes), frame=frame)
 
 
-def load_data(data, factor, frame, split="train", labels=None):
-    """DATA's pairs of `split` (or pairs already loaded) -> (N, 2, H, W, D) ((N, 2, H, W) in 2D) float16 (exact for
-    masks and for 1/64 steps of quarter-res occupancy)."""
+def load_data(data, factor, frame, split="train", labels=None, classes=None):
+    """DATA's pairs of `split` (or pairs already loaded) -> (N, 2, H, W, D) ((N, 2, H, W) in 2D; K classes:
+    (N, 2K, ...)) float16 (exact for masks and for 1/64 steps of quarter-res occupancy)."""
     if torch.is_tensor(data):
         return data.half()
-    return utils.load_pairs(data, factor, frame, utils.find_pairs(data, split), labels=labels)[1].half()
+    return utils.load_pairs(data, factor, frame, utils.find_pairs(data, split), labels=labels, classes=classes)[1].half()
 
 
 def sample_batch(data, batch, patch, generator, part=slice(None)):
@@ -87,8 +87,9 @@ def sample_batch(data, batch, patch, generator, part=slice(None)):
 
 
 @functools.lru_cache(maxsize=8)
-def class_weights(device):
-    return torch.tensor(VQAE.CLASS_WEIGHTS, device=device)
+def class_weights(device, classes=1):
+    """(background, class 1, ..., class K) cross-entropy weights: the paper's vessel weight for every class."""
+    return torch.tensor(VQAE.CLASS_WEIGHTS[:1] + VQAE.CLASS_WEIGHTS[1:] * classes, device=device)
 
 
 def recon_loss(logits, x, soft, diff_weight=0.0):
@@ -98,13 +99,18 @@ def recon_loss(logits, x, soft, diff_weight=0.0):
     2.5t / (1 + 1.5t), not t, which VQAE.pair_probs(calibrate=True) inverts.
     diff_weight W > 0: voxel weights v = 1 + W |t_fixed - t_moving| (normalised like the mean, so
     W = 0 is the plain loss); a voxel's weight scales both of its classes, so the optimum and the
-    calibration stay the same."""
-    w = class_weights(logits.device)
-    v = 1 + diff_weight * (utils.fp32(x[:, 0]) - utils.fp32(x[:, 1])).abs() if diff_weight else None
+    calibration stay the same. K classes: x (B, 2K, ...), a (K+1)-class CE per map, |fixed - moving|
+    summed over the classes."""
+    K = x.shape[1] // 2
+    w = class_weights(logits.device, K)
+    v = 1 + diff_weight * (utils.fp32(x[:, :K]) - utils.fp32(x[:, K:])).abs().sum(1) if diff_weight else None
     loss = 0
     for c in (0, 1):
-        lg, t = utils.fp32(logits[:, 2 * c:2 * c + 2]), x[:, c]
-        tgt = torch.stack([1 - t, t], 1) if soft else (t > 0.5).long()
+        lg, t = utils.fp32(logits[:, c * (K + 1):(c + 1) * (K + 1)]), x[:, c * K:(c + 1) * K]
+        if soft:
+            tgt = torch.cat([1 - t.sum(1, keepdim=True), t], 1)
+        else:  # class indices of binary maps; 0.5 ties to background, as (t > 0.5)
+            tgt = torch.cat([torch.full_like(t[:, :1], 0.5), t], 1).argmax(1)
         if v is None:
             loss = loss + 0.5 * F.cross_entropy(lg, tgt, weight=w)
             continue
@@ -187,31 +193,33 @@ def plot_log(rows, path):
 
 
 def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, overwrite=False, val=None, device=None,
-          compile=False, diff_weight=None, frame=None, labels=None):
+          compile=False, diff_weight=None, frame=None, labels=None, classes=None):
     """Train on the pairs of DATA at the preset's factor (`val`: DATA for validation Dice at
     intervals, default a dataset JSON's registration_val pairs; either may also be pairs already
     loaded, see load_data, in the frame given as a dict, default lung250m4b). frame: see
-    utils.data_frame. diff_weight: see recon_loss (None: the preset's, 0 = the reference). Returns the model."""
+    utils.data_frame. diff_weight: see recon_loss (None: the preset's, 0 = the reference). classes: label
+    values kept apart (utils.load_pairs), recorded in the checkpoint. Returns the model."""
     p = PRESETS[preset]
+    utils.check_label_options(labels, classes)
     data_path = os.path.abspath(data) if isinstance(data, str) else None  # None: pairs already loaded
     frame = utils.data_frame(data, frame) if data_path else utils.check_frame(frame or utils.LUNG250M4B, "frame")
-    config = config_of(preset, frame)
+    config = config_of(preset, frame, classes)
     if val is None and data_path and utils.dataset_json(data) and utils.read_dataset(utils.dataset_json(data))["val"]:
         val = data
     # another preset -> one-line error; the learning-rate schedule was planned for the checkpoint's iterations
     ck, batch_size, seed = utils.start_training(out, "vqae", resume=resume, overwrite=overwrite, batch_size=batch_size,
                                                 seed=seed, iters=iters, default_batch=p["batch"], config=config,
                                                 outputs=utils.log_paths(out), fixed_iters=True, diff_weight=diff_weight,
-                                                data=data_path, labels=labels)
+                                                data=data_path, labels=labels, classes=classes)
     if ck is not None:
         diff_weight = ck["diff_weight"]
     diff_weight = p.get("diff_weight", 0.0) if diff_weight is None else float(diff_weight)
     if not math.isfinite(diff_weight) or diff_weight < 0:
         raise utils.DataError(f"--diff-weight must be a finite number >= 0, got {diff_weight}")
     factor, dims = config["factor"], utils.spatial_dims(frame)
-    train_data = load_data(data, factor, frame, labels=labels)
+    train_data = load_data(data, factor, frame, labels=labels, classes=classes)
     val = None if val is None else load_data(val, factor, frame, utils.val_split(val) if isinstance(val, str) else None,
-                                             labels)
+                                             labels, classes)
     if p["patch"] and any(s < p["patch"] for s in train_data.shape[2:]):
         raise utils.DataError(f"{data}: volumes {tuple(train_data.shape[2:])} smaller than the {p['patch']}^{dims} patch")
     rank, _, device = utils.distributed(device)
@@ -239,7 +247,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     to_realism = REALISM_FACTOR // factor
     real_def = {}  # the real pairs' deformation (quick-registration displacement, Dice(f, m)), measured once
     if val is not None:
-        real_def = {k: utils.pair_stats(range(len(x)), utils.pool(x, to_realism, dims), REALISM_FACTOR)
+        real_def = {k: utils.pair_stats(range(len(x)), utils.pool(utils.foreground(x, classes), to_realism, dims), REALISM_FACTOR)
                     for k, x in (("train", train_data), ("val", val))}
     train_data = utils.to_device_if_fits(train_data, device)
     base = os.path.splitext(out)[0]
@@ -252,7 +260,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         utils.save_checkpoint(out, "vqae", config, model.state_dict(), optimizer=opt.state_dict(),
                               scheduler=sched.state_dict(), scaler=scaler.state_dict(), iteration=it,
                               iters=iters, batch=batch_size, seed=seed, log=rows, rng=utils.rng_state([gen, aug_gen]),
-                              seen=seen.cpu(), diff_weight=diff_weight, data=data_path, labels=labels,
+                              seen=seen.cpu(), diff_weight=diff_weight, data=data_path, labels=labels, classes=classes,
                               precision=utils.precision(device))
         utils.write_csv(base + ".csv", LOG_FIELDS, rows)
         plot_log(rows, base + ".png")
@@ -273,8 +281,9 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         if (it + 1) % log_every and not checkpoint and not restarted:
             continue  # the logging below synchronises with the device
         fixed, moving = VQAE.pair_probs(logits, calibrate=True)
-        loss_v, cb_v, dice_f, dice_m = utils.all_mean([loss, cb, utils.dice(fixed, x[:, 0]), utils.dice(moving, x[:, 1])],
-                                                      device)
+        K = model.classes
+        loss_v, cb_v, dice_f, dice_m = utils.all_mean([loss, cb, utils.dice(fixed, x[:, :K].squeeze(1)),
+                                                       utils.dice(moving, x[:, K:].squeeze(1))], device)
         if not math.isfinite(loss_v):
             bad += 1
             if device.type != "cuda" or bad >= 10:  # without a GradScaler nothing skips the step
@@ -318,7 +327,8 @@ def main(argv=None):
     out = args.out or f"vqae_{args.preset}.pth"
     model = train(data=args.data, out=out, preset=args.preset, batch_size=args.batch_size, iters=args.iters,
                   seed=args.seed, resume=args.resume, overwrite=args.overwrite, val=args.val, device=args.device,
-                  compile=args.compile, diff_weight=args.diff_weight, frame=args.frame, labels=args.labels)
+                  compile=args.compile, diff_weight=args.diff_weight, frame=args.frame, labels=args.labels,
+                  classes=args.classes)
     utils.main_print(f"wrote {out}{utils.peak_memory(model.codebook.weight.device)}")
 
 

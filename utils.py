@@ -405,10 +405,14 @@ def preset_factor(preset, frame):
     return preset["factor"] if spatial_dims(frame) == 3 else preset.get("factor_2d", 1)
 
 
-def dims_kwargs(kwargs, frame):
-    """Model constructor kwargs for this frame: spatial_dims=2 added for a 2D frame; 3D kwargs stay
-    as they are (the default, so 3D checkpoint configs do not change)."""
-    return kwargs if spatial_dims(frame) == 3 else {**kwargs, "spatial_dims": spatial_dims(frame)}
+def model_kwargs(kwargs, frame, classes=None):
+    """Model constructor kwargs for this frame and these classes: spatial_dims=2 added for a 2D frame,
+    classes=K for K > 1 label classes; 3D binary kwargs stay as they are (the defaults, so their
+    checkpoint configs do not change)."""
+    more = {"spatial_dims": spatial_dims(frame)} if spatial_dims(frame) != 3 else {}
+    if classes and len(classes) > 1:
+        more["classes"] = len(classes)
+    return {**kwargs, **more}
 
 
 def frame_pads(shape, frame):
@@ -646,11 +650,18 @@ def data_frame(data, name=None):
 
 
 def data_options(ap):
-    """--frame and --labels, for the scripts that read pairs."""
+    """--frame, --labels and --classes, for the scripts that read pairs."""
     ap.add_argument("--frame", choices=FRAME_NAMES, help="the grid pairs are placed on: derived from the "
                     "training pairs (default for a dataset JSON or 2D images) or lung250m4b (the reference's; default "
                     "for a folder of 3D pairs)")
     ap.add_argument("--labels", type=label_list, help="label values that form the mask, e.g. 1,3 (default: all > 0)")
+    ap.add_argument("--classes", type=label_list, help="label values kept apart, one class each, e.g. 1,2,3,4 "
+                    "(default: one mask); trained checkpoints record them")
+
+
+def check_label_options(labels, classes):
+    if labels and classes:
+        raise DataError("--labels merges labels into one mask, --classes keeps them apart: give one")
 
 
 def label_list(text):
@@ -697,9 +708,10 @@ INTENSITY_HINT = ('the nets register segmentations: give each dataset JSON train
                   '(or "mask") beside its "image"')
 
 
-def load_volume(path, labels=None):
+def load_volume(path, labels=None, classes=None):
     """Read one NIfTI as float32 numpy, checking the problems that silently ruin a run. labels: keep
-    only these label values as the mask (1, else 0); a label map read without it is reported once."""
+    only these label values as the mask (1, else 0); a label map read without it is reported once.
+    classes: a label map's values -> class indices (0 background, k for classes[k - 1])."""
     try:
         img = nib.load(path)
         a = np.asarray(img.dataobj, dtype=np.float32)
@@ -711,14 +723,25 @@ def load_volume(path, labels=None):
     a = a.reshape(a.shape[:n])  # 2D: (H, W, 1) -> (H, W)
     if not np.isfinite(a).all():
         raise DataError(f"{path}: contains NaN or inf voxels")
-    if labels:
+    sample = a[(slice(None, None, 4),) * a.ndim]  # cheap on every volume
+    if classes:
+        if not np.array_equal(a, np.round(a)) or len(np.unique(sample)) > MAX_LABELS:
+            raise DataError(f"{path}: holds non-integer or more than {MAX_LABELS} distinct values, not a label map "
+                            "(--classes needs label maps)")
+        index = np.zeros(a.shape, np.float32)
+        for k, v in enumerate(classes):
+            index[a == v] = k + 1
+        a = index
+        if not a.any():
+            raise DataError(f"{path}: holds none of the labels {', '.join(map(str, classes))} of --classes")
+    elif labels:
         a = np.isin(a, labels).astype(np.float32)
         if not a.any():
             raise DataError(f"{path}: holds none of the labels {', '.join(map(str, labels))}")
     elif a.max() > 1 + SOFT_TOL and not np.array_equal(a, np.round(a)):
         raise DataError(f"{path}: holds intensities (values above 1 that are not labels), not a mask or label map; "
                         f"{INTENSITY_HINT}")
-    elif a.max() > 1 and len(np.unique(a[(slice(None, None, 4),) * a.ndim])) > MAX_LABELS:  # a sample: cheap on every volume
+    elif a.max() > 1 and len(np.unique(sample)) > MAX_LABELS:
         raise DataError(f"{path}: holds more than {MAX_LABELS} distinct values, an intensity image rather than a label "
                         f"map; {INTENSITY_HINT}")
     elif a.max() > 1 and not _SEVERAL_LABELS:
@@ -767,13 +790,14 @@ def native_factor(path, frame):
     return frame_factor(nib.load(path).shape[:spatial_dims(frame)], frame) or 1
 
 
-def framed_volume(path, factor, frame, cut_deep=False, labels=None):
+def framed_volume(path, factor, frame, cut_deep=False, labels=None, classes=None):
     """A volume at frame/`factor` resolution, values in [0, 1] (float32 tensor).
     Original-size scans are binarised (> 0, or the chosen labels) and framed first; volumes that
     already have a pooled-frame shape (synthetic pairs, phantoms) are taken as soft maps in [0, 1].
     cut_deep: in the lung250m4b frame, a scan deeper than DEEP_SCAN slices is cut to its first
-    DEPTH_CUT first (training data only: landmarks are given in the uncut frame)."""
-    a = load_volume(path, labels)
+    DEPTH_CUT first (training data only: landmarks are given in the uncut frame).
+    classes: K label values -> (K, *spatial), each class's occupancy (label maps, framed or not)."""
+    a = load_volume(path, labels, classes)
     if a.min() < 0:
         raise DataError(f"{path}: negative voxel values (expected a mask or probabilities); {INTENSITY_HINT}")
     f0 = frame_factor(a.shape, frame)
@@ -783,13 +807,15 @@ def framed_volume(path, factor, frame, cut_deep=False, labels=None):
         vessels = int((a > 0).sum())
         if cut_deep and frame["name"] == "lung250m4b" and a.shape[2] > DEEP_SCAN:
             a = a[:, :, :DEPTH_CUT]
-        v, f0 = to_frame(torch.from_numpy((a > 0).astype(np.float32)), frame), 1
-        kept = float(v.sum()) / vessels
+        v, f0 = to_frame(torch.from_numpy(a if classes else (a > 0).astype(np.float32)), frame), 1
+        kept = float((v > 0).sum() if classes else v.sum()) / vessels
         if kept < 1 - FRAME_LOSS_WARN:
             warnings.warn(f"{path}: {fmt_shape(a.shape)} exceeds the {fmt_shape(frame['shape'])} frame, which keeps "
                           f"{100 * kept:.0f} % of its mask voxels (crops {100 - 100 * kept:.0f} %)")
     else:  # already framed: probabilities stay soft, label maps are binarised
-        v = torch.from_numpy(a if a.max() <= 1 else (a > 0).astype(np.float32))
+        v = torch.from_numpy(a if a.max() <= 1 or classes else (a > 0).astype(np.float32))
+    if classes:  # class indices -> one channel per class
+        v = F.one_hot(v.long(), len(classes) + 1).movedim(-1, 0)[1:].float()
     if factor % f0:
         raise DataError(f"{path}: volume is at frame/{f0} but frame/{factor} is needed")
     if not (v > 0).any():
@@ -797,15 +823,32 @@ def framed_volume(path, factor, frame, cut_deep=False, labels=None):
     return pool(v, factor // f0, spatial_dims(frame))
 
 
-def load_pairs(data, factor, frame, pairs=None, progress=True, labels=None):
+def load_pairs(data, factor, frame, pairs=None, progress=True, labels=None, classes=None):
     """All pairs of DATA's training split (or the given [Pair]) as one (N, 2, H, W, D) tensor at
-    frame/`factor`; channel 0 fixed. Oversize scans are cut as the reference does (framed_volume)."""
+    frame/`factor`; channel 0 fixed. Oversize scans are cut as the reference does (framed_volume).
+    classes (K label values): (N, 2K, ...), channels 0..K-1 the fixed map's classes, K..2K-1 the moving's."""
     pairs = pairs or find_pairs(data)
     vols = []
     name = os.path.basename(data.rstrip("/"))
     for p in tqdm(pairs, desc=f"load {name}", disable=not progress, leave=False):
-        vols.append(torch.stack([framed_volume(f, factor, frame, cut_deep=True, labels=labels) for f in (p.fixed, p.moving)]))
-    return [p.id for p in pairs], torch.stack(vols)
+        maps = [framed_volume(f, factor, frame, cut_deep=True, labels=labels, classes=classes) for f in (p.fixed, p.moving)]
+        vols.append(torch.cat(maps) if classes else torch.stack(maps))
+    x = torch.stack(vols)
+    for k, v in enumerate(classes or []):
+        if not (x[:, k].any() or x[:, len(classes) + k].any()):
+            msg = f"{data}: no map holds label {v} of --classes {','.join(map(str, classes))}"
+            if not recorded_frame(data):  # the user's data: a label it lacks is a typo
+                raise DataError(msg)
+            warnings.warn(msg + " (pairs this project wrote: a generator may miss a class)")
+    return [p.id for p in pairs], x
+
+
+def foreground(x, classes=None):
+    """Pairs (N, 2K, ...) of K classes -> (N, 2, ...), each map's foreground (its classes summed), what the
+    realism statistics and the random fields' weights measure; K = 1 (classes None or one): x itself."""
+    if not classes or len(classes) == 1:
+        return x
+    return x.unflatten(1, (2, len(classes))).sum(2)
 
 
 def read_points(path, n_cols):

@@ -170,21 +170,6 @@ def test_every_stage_in_2d(brains, tmp_path):
     assert RegistrationNet.from_checkpoint(str(t / "aug.pth")).saved["augment"]
 
 
-def test_pipeline_in_2d(brains, micro, tmp_path, capsys):
-    """pipeline.py on the 2D JSON at micro size: every row, the table, the realism reports, figures."""
-    import pipeline
-
-    js, _ = brains
-    out = str(tmp_path / "res")
-    pipeline.main(["--preset", "demo", "--data", js, "--out", out, "--seeds", "1", "--num-synth", "4"])
-    md = open(os.path.join(out, "results.md")).read()
-    for row in ("| real-4 |", "| real-4 + synth-4 (4-pair generator) |", "| real-4 + deformed-4 (real pairs, random anatomy) |"):
-        assert row in md, row
-    for name in ("realism.md", "realism_free.md", "results_tre.png", "results_pairs.png"):
-        assert os.path.exists(os.path.join(out, name)), name
-    assert utils.spatial_dims(utils.recorded_frame(os.path.join(out, "synth"))) == 2
-
-
 def test_a_volume_in_a_2d_json_is_refused(brains, tmp_path, run):
     js, _ = brains
     label = os.path.join(os.path.dirname(js), json.load(open(js))["training"][1]["label"])
