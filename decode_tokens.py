@@ -176,6 +176,8 @@ def run(tokens_path, data, out, preset, iters=None, folds=5, seed=0, device=None
         raise utils.DataError(f"{out}: holds files that decode_tokens.py did not write (no manifest.json); "
                               "use another --out (or --overwrite)")
     tokens = utils.read_tokens(tokens_path)
+    if ((tokens["config"] or {}).get("model") or {}).get("classes", 1) > 1:
+        raise utils.DataError(f"{tokens_path}: tokens of a VQ-AE of label classes; a token decoder decodes one mask per map")
     frame = tokens["frame"]
     p = PRESETS[preset]
     iters = iters or p["iters"]

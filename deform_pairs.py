@@ -91,7 +91,7 @@ def run(kind, data, out, n, preset, seed=0, frame_name=None, labels=None, overwr
     if classes:
         settings["classes"] = classes
     old = utils.read_json(mpath) if os.path.exists(mpath) and not overwrite else {}
-    diff = [k for k in settings if old and old.get(k) != settings[k]]
+    diff = [k for k in [*settings, "classes"] if old and old.get(k) != settings.get(k)]
     if diff:
         raise utils.DataError(f"{out}: holds pairs made with other {', '.join(diff)} (use --overwrite or another --out)")
     ids, maps, f0 = load_maps(data, frame, labels, classes)
@@ -129,7 +129,8 @@ def run(kind, data, out, n, preset, seed=0, frame_name=None, labels=None, overwr
     utils.write_dataset_json(os.path.join(out, f"{kind}_dataset.json"), kind, dataset,
                              shape=utils.grid_shape(factor, frame), frame=frame,
                              description=f"{kind} pairs of deform_pairs.py from {len(ids)} real pairs: fixed *_1, "
-                                         f"moving *_2, occupancies in [0, 1] on the frame pooled by {factor}")
+                                         f"moving *_2, {'label maps' if classes and len(classes) > 1 else 'occupancies in [0, 1]'}"
+                                         f" on the frame pooled by {factor}")
     utils.write_json(mpath, {**settings, "num_pairs": n, "complete": True, "source_pairs": ids,
                              "source_disp_mm": [round(m, 3) for m in disp], "quick_registration_share": round(ratio, 4),
                              "fields_drawn": len(folding), "fields_folding": sum(f > 0 for f in folding),

@@ -91,15 +91,18 @@ def framed(path, factor, frame, labels, classes):
 
 def hd95(warped, fixed, spacing, factor):
     """Per class, the 95th-percentile Hausdorff distance in mm between the warped moving map and the
-    fixed map (both (1, K, ...) occupancies, > 0.5; MONAI's compute_hausdorff_distance); nan where a
-    class is empty in either."""
+    fixed map (both (1, K, ...) occupancies, > 0.5; MONAI's compute_hausdorff_distance): nan where the
+    fixed map lacks the class, the grid's diagonal where only the warped one does (a lost structure
+    counts as the worst, not as missing)."""
     from monai.metrics import compute_hausdorff_distance
 
-    with warnings.catch_warnings():  # an empty class is reported as nan, not warned about
+    mm = [s * factor for s in spacing]
+    w, f = (warped > 0.5).float(), (fixed > 0.5).float()
+    with warnings.catch_warnings():  # an empty class is handled below, not warned about
         warnings.simplefilter("ignore")
-        d = compute_hausdorff_distance((warped > 0.5).float(), (fixed > 0.5).float(), include_background=True,
-                                       percentile=95, spacing=[s * factor for s in spacing])
-    return [float(v) for v in d[0]]
+        d = compute_hausdorff_distance(w, f, include_background=True, percentile=95, spacing=mm)[0]
+    diagonal = float(np.linalg.norm([n * m for n, m in zip(fixed.shape[2:], mm)]))
+    return [float("nan") if not f[0, c].any() else diagonal if not w[0, c].any() else float(v) for c, v in enumerate(d)]
 
 
 def evaluate_pair(net, pair, lms, iter_tta, device, direction="reference", labels=None, disp=None, classes=None):
@@ -184,6 +187,8 @@ def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, over
     net = load_model(ckpt, preset or "cpu", seed, None if ckpt != "none" else utils.data_frame(data, frame), classes)
     frame = utils.check_frame(net.config.get("frame"), ckpt)
     if ckpt != "none":
+        if labels and net.saved.get("classes"):
+            raise utils.DataError(f"{ckpt}: trained on classes {net.saved['classes']}; --labels does not apply")
         if classes and classes != net.saved.get("classes"):
             raise utils.DataError(f"{ckpt}: trained on classes {net.saved.get('classes')}, not --classes "
                                   f"{','.join(map(str, classes))}")

@@ -502,9 +502,10 @@ class RegistrationNet(Checkpointed):
 
 # ======================================================================== token decoder (decode_tokens.py)
 
-def load_decoder(grid, num_codes, vqae=None, decoder=None, device=None):
-    """The decoder of token grids `grid` (h, w, d) with `num_codes` codes: the VQAE checkpoint `vqae`
-    or the TokenDecoder checkpoint `decoder` (one of them); refuses one made for other grids."""
+def load_decoder(grid, num_codes, vqae=None, decoder=None, device=None, classes=1):
+    """The decoder of token grids `grid` (h, w, d) with `num_codes` codes and `classes` label classes: the
+    VQAE checkpoint `vqae` or the TokenDecoder checkpoint `decoder` (one of them); refuses one made for
+    other grids or classes."""
     if vqae and decoder:
         raise utils.DataError("--vqae and --decoder: give one decoder")
     if decoder:
@@ -516,6 +517,9 @@ def load_decoder(grid, num_codes, vqae=None, decoder=None, device=None):
     if tuple(has) != tuple(grid) or model.num_codes != num_codes:
         raise utils.DataError(f"{decoder or vqae}: {what} of {'x'.join(map(str, has))} token grids with {model.num_codes} "
                               f"codes, not {'x'.join(map(str, grid))} with {num_codes}")
+    if getattr(model, "classes", 1) != classes:
+        raise utils.DataError(f"{decoder or vqae}: decodes {getattr(model, 'classes', 1)} label classes per map, the "
+                              f"tokens' VQ-AE {classes}")
     return model
 
 

@@ -423,7 +423,7 @@ def report(out, seeds, times, preset, real=None, synth=None, labels=None, frame=
     print(md)
 
 
-def generator(run, path, preset, data, val, n, tag="", tokens=None, frame_args=(), class_args=()):
+def generator(run, path, preset, data, val, n, tag="", tokens=None, frame_args=(), class_args=(), merge_args=()):
     """A generator and its n synthetic pairs (stages and files named with `tag`). Without `tokens`
     the paper's: VQ-AE on the pairs in `data` (`val`: held-out pairs for its and the diffusion
     model's validation), tokens, diffusion. With a token file `tokens`: decode_tokens.py fits a
@@ -464,7 +464,8 @@ def generator(run, path, preset, data, val, n, tag="", tokens=None, frame_args=(
         resume=[])  # synthesise.py keeps complete pairs
     report = path(f"realism{tag}")
     run(f"realism{tag}", log_prefix_paths(report), realism_report.main,
-        [*groups, "--reference", data, "--val", val, *realism, "--out", report, "--overwrite", *frame_args], preset,
+        [*groups, "--reference", data, "--val", val, *realism, "--out", report, "--overwrite", *frame_args, *merge_args],
+        preset,
         [data, val, *groups, *realism[1:]])
     return synth, decoded
 
@@ -516,6 +517,7 @@ def experiment(out, preset, data, val, lms, seeds, n, reg_iters=None, frame_name
                  extra[2])
     frame_args = ["--frame", frame_name] if frame_name else []
     class_args = ["--classes", ",".join(map(str, classes))] if classes else []
+    merge_args = ["--labels", ",".join(map(str, classes))] if classes else []  # the realism reports: the classes' union
     frame = utils.data_frame(data, frame_name)
     train_ids = [p.id for p in utils.find_pairs(data)]  # every input checked before the first stage runs
     for pair in utils.find_pairs(val, utils.val_split(val)):
@@ -539,7 +541,8 @@ def experiment(out, preset, data, val, lms, seeds, n, reg_iters=None, frame_name
                   "mix_tok": f"{real} + synth-{n} ({k}-grid generator)"}
     else:  # the paper's: the generator trains on the real pairs
         k = len(train_ids)
-        synth = generator(run, path, preset, data, val, n, frame_args=frame_args, class_args=class_args)[0]
+        synth = generator(run, path, preset, data, val, n, frame_args=frame_args, class_args=class_args,
+                          merge_args=merge_args)[0]
         mixes = {"mix": synth}
         folders = {"synth": synth}
         labels = {"synth": f"synth-{n}, generator on {k} pairs", "mix": f"{real} + synth-{n} ({k}-pair generator)"}
@@ -554,7 +557,7 @@ def experiment(out, preset, data, val, lms, seeds, n, reg_iters=None, frame_name
         report_path = path(f"realism_free{tag}")
         groups = [synth, *free.values()]
         run(f"realism_free{tag}", log_prefix_paths(report_path), realism_report.main,
-            [*groups, "--reference", data, "--val", val, "--out", report_path, "--overwrite", *frame_args], preset,
+            [*groups, "--reference", data, "--val", val, "--out", report_path, "--overwrite", *frame_args, *merge_args], preset,
             [data, val, *groups])
     mixes.update(free)
     labels.update(augmented=f"{real} augmented (random affine + field per batch)",
@@ -696,6 +699,7 @@ def main(argv=None):
                           "--jobs": args.jobs})
     if bool(args.extra_val) != bool(args.extra_landmarks):
         raise utils.DataError("--extra-val and --extra-landmarks go together")
+    utils.check_label_options(None, args.classes)
     if args.classes and args.generator_tokens:
         raise utils.DataError("--generator-tokens decodes one mask per map (decode_tokens.py); --classes is not for it")
     if args.curve and args.generator_tokens:

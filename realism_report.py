@@ -47,14 +47,16 @@ def figure(groups, path):
     utils.save_figure(fig, path)
 
 
-def folder_stats(folder, frame, reference=None, progress=False):
+def folder_stats(folder, frame, reference=None, progress=False, labels=None):
     """utils.pair_stats of every pair of a folder at frame/4. reference: (ids, pairs (M, 2, ...)) of the
-    training pairs, for the memorisation statistic."""
-    ids, x = utils.load_pairs(folder, FACTOR, frame, progress=progress)
+    training pairs, for the memorisation statistic. labels: the label values that form the masks."""
+    ids, x = utils.load_pairs(folder, FACTOR, frame, progress=progress, labels=labels)
     return utils.pair_stats(ids, x, FACTOR, reference, progress, frame["spacing"])
 
 
-def report(folders, reference, out, overwrite=False, val=None, vqae=None, frame=None):
+def report(folders, reference, out, overwrite=False, val=None, vqae=None, frame=None, labels=None):
+    """labels: the label values that form each map (the union of the classes of a run with --classes);
+    with `vqae`, its own labels or classes."""
     for ext in (".csv", ".json", ".png", ".md"):
         utils.check_output(out + ext, overwrite)
     model = None if vqae is None else VQAE.from_checkpoint(vqae)
@@ -66,7 +68,8 @@ def report(folders, reference, out, overwrite=False, val=None, vqae=None, frame=
     groups, kept, ref = {}, [], None  # kept: (real group, its reconstruction group)
     for real, split in [(reference, "train")] + ([(val, utils.val_split(val))] if val else []):
         classes = None if model is None else model.saved.get("classes")  # the VQ-AE reads its classes apart
-        ids, x = utils.load_pairs(real, load_factor, frame, utils.find_pairs(real, split), classes=classes)
+        merged = labels if model is None else model.saved.get("labels")
+        ids, x = utils.load_pairs(real, load_factor, frame, utils.find_pairs(real, split), labels=merged, classes=classes)
         recon = None if model is None else model.reconstruct(x, keep_probs=True, pool=FACTOR // load_factor)[2]
         x = utils.foreground(x, classes)  # the statistics compare each map's foreground
         if ref is None:
@@ -80,7 +83,8 @@ def report(folders, reference, out, overwrite=False, val=None, vqae=None, frame=
             kept.append((real_name, "recon " + real_name[5:]))
     for folder in folders:
         name = os.path.basename(os.path.normpath(folder))
-        groups[name] = folder_stats(folder, utils.recorded_frame(folder) or frame, (rids, ref), progress=True)
+        groups[name] = folder_stats(folder, utils.recorded_frame(folder) or frame, (rids, ref), True,
+                                    labels or (model.saved.get("labels") or model.saved.get("classes") if model else None))
     rows = [{"group": name, "case": c, **{k: f"{g[k][i]:.5f}" for k in COLUMNS[2:]}}
             for name, g in groups.items() for i, c in enumerate(g["case"])]
     utils.write_csv(out + ".csv", COLUMNS, rows)
@@ -107,9 +111,11 @@ def main(argv=None):
     ap.add_argument("--vqae", help="a VQ-AE checkpoint: add its reconstructions of the real pairs")
     ap.add_argument("--out", default="realism", help="output prefix")
     ap.add_argument("--frame", choices=utils.FRAME_NAMES, help="REAL's frame without --vqae (utils.data_frame)")
+    ap.add_argument("--labels", type=utils.label_list, help="label values that form the masks (default: all > 0; "
+                    "with --vqae its own)")
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
-    report(a.folders, a.reference, a.out, a.overwrite, a.val, a.vqae, a.frame)
+    report(a.folders, a.reference, a.out, a.overwrite, a.val, a.vqae, a.frame, a.labels)
 
 
 if __name__ == "__main__":

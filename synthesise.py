@@ -69,7 +69,7 @@ def load_models(diffusion, vqae_path=None, preset=None, device=None, decoder=Non
     if not vqae_path and not decoder:  # the decoder the diffusion model was trained with
         decoder = model.saved.get("decoder")
         vqae_path = None if decoder else model.saved.get("vqae") or f"vqae_{cfg['preset']}.pth"
-    dec = load_decoder(cfg["grid_shape"], cfg["model"]["num_codes"], vqae_path, decoder, device)
+    dec = load_decoder(cfg["grid_shape"], cfg["model"]["num_codes"], vqae_path, decoder, device, cfg.get("classes", 1))
     if dec.config.get("frame") != cfg["frame"]:
         raise utils.DataError(f"{dec.path}: made in another frame than the tokens of {diffusion}")
     if decoder:
@@ -114,10 +114,11 @@ def synthesise(model, decoder, out, n, sampler, seed=0, overwrite=False, progres
     pending = []
     chunk = None
 
-    def probs(ids):
-        return decoder.decode_pair(ids.reshape(-1, *grid), size, calibrate)
-
     classes = label_classes(decoder)
+
+    def probs(ids):  # label maps: the most probable class of the calibrated probabilities (the raw softmax dilates)
+        return decoder.decode_pair(ids.reshape(-1, *grid), size, calibrate or bool(classes))
+
     values = torch.tensor([0, *(classes or [])], dtype=torch.uint8)
 
     def volume(p):  # K classes: (K, ...) probabilities -> a uint8 map of the most probable label value
@@ -164,7 +165,8 @@ def preview(out, n=4):
     cases = utils.find_pairs(out)[:n]
     fig, ax = plt.subplots(1, len(cases), figsize=(3.2 * len(cases), 3.4), squeeze=False)
     for panel, c in zip(ax[0], cases):
-        fixed, moving = (utils.load_volume(p) for p in (c.fixed, c.moving))
+        fixed, moving = ((utils.load_volume(p) > 0) if utils.image_dtype(p) == "uint8" else utils.load_volume(p)
+                         for p in (c.fixed, c.moving))  # label maps: their foreground
         panel.imshow(utils.mip_rgb(fixed, moving))
         panel.set_title(f"{c.id} (fixed blue, moving orange)", fontsize=7)
         panel.axis("off")
@@ -193,7 +195,7 @@ def run(models, out, n, sampler, seed=0, calibrate=False, overwrite=False, progr
         settings["classes"] = label_classes(decoder)
     if os.path.exists(mpath) and not overwrite:
         old = utils.read_json(mpath)
-        diff = [k for k in settings if old.get(k) != settings[k]]
+        diff = [k for k in [*settings, "classes"] if old.get(k) != settings.get(k)]
         if diff:
             raise utils.DataError(f"{out}: holds pairs made with other {', '.join(diff)} (use --overwrite or another --out)")
     utils.barrier()  # every process has read the old manifest before process 0 replaces it

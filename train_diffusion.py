@@ -68,7 +68,9 @@ def config_of(preset, tokens):
         group *= 2
     if group > 1:
         kw.update(grid_shape=grid, group=group)
-    return model_config(preset, tokens["factor"], kw, grid_shape=grid, frame=tokens["frame"])
+    classes = ((tokens.get("config") or {}).get("model") or {}).get("classes", 1)  # of the VQ-AE that made them
+    return model_config(preset, tokens["factor"], kw, grid_shape=grid, frame=tokens["frame"],
+                        **({"classes": classes} if classes > 1 else {}))
 
 
 @torch.no_grad()
@@ -149,7 +151,7 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     local = utils.local_batch(batch_size)
     vqae_model = None
     if vqae or decoder:
-        vqae_model = load_decoder(grid, codes, vqae, decoder, device)
+        vqae_model = load_decoder(grid, codes, vqae, decoder, device, config.get("classes", 1))
     vocab = config["model"].get("vocab", range(codes))
     unseen = 0 if val_tokens is None else float((~torch.isin(val_tokens, torch.as_tensor(vocab))).float().mean())
     utils.main_print(f"{len(tokens['tokens'])} token grids {'x'.join(map(str, grid))} ({codes} codes, "

@@ -52,9 +52,12 @@ def smoothness(ddf):
 
 
 def pair_loss(fixed, moving, ddf, ddf_inv, reg):
-    """L1(fixed, warped moving) + L1(moving, warped fixed) + reg x smoothness of both fields."""
+    """L1(fixed, warped moving) + L1(moving, warped fixed) + reg x smoothness of both fields. K class
+    channels: the L1 summed over them (times K), so a voxel of the wrong class costs what a binary one does."""
     sim = F.l1_loss(utils.warp(moving, ddf, padding="zeros"), fixed)
     sim = sim + F.l1_loss(utils.warp(fixed, ddf_inv, padding="zeros"), moving)
+    if fixed.shape[1] > 1:
+        sim = sim * fixed.shape[1]
     return sim + reg * (smoothness(ddf) + smoothness(ddf_inv))
 
 

@@ -662,6 +662,14 @@ def data_options(ap):
 def check_label_options(labels, classes):
     if labels and classes:
         raise DataError("--labels merges labels into one mask, --classes keeps them apart: give one")
+    if classes and (len(set(classes)) < len(classes) or max(classes) > 255):
+        raise DataError(f"--classes {','.join(map(str, classes))}: distinct label values up to 255 (label maps are "
+                        "written as uint8)")
+
+
+def image_dtype(path):
+    """The stored data type of a NIfTI (from its header)."""
+    return nib.load(path).get_data_dtype()
 
 
 def label_list(text):
@@ -708,10 +716,11 @@ INTENSITY_HINT = ('the nets register segmentations: give each dataset JSON train
                   '(or "mask") beside its "image"')
 
 
-def load_volume(path, labels=None, classes=None):
+def load_volume(path, labels=None, classes=None, empty_ok=False):
     """Read one NIfTI as float32 numpy, checking the problems that silently ruin a run. labels: keep
     only these label values as the mask (1, else 0); a label map read without it is reported once.
-    classes: a label map's values -> class indices (0 background, k for classes[k - 1])."""
+    classes: a label map's values -> class indices (0 background, k for classes[k - 1]); empty_ok: a map
+    holding none of them is kept (generated label maps), not refused."""
     try:
         img = nib.load(path)
         a = np.asarray(img.dataobj, dtype=np.float32)
@@ -732,6 +741,9 @@ def load_volume(path, labels=None, classes=None):
         for k, v in enumerate(classes):
             index[a == v] = k + 1
         a = index
+        if not a.any() and empty_ok:
+            warnings.warn(f"{path}: holds none of the labels {', '.join(map(str, classes))} (a generated map)")
+            return a
         if not a.any():
             raise DataError(f"{path}: holds none of the labels {', '.join(map(str, classes))} of --classes")
     elif labels:
@@ -790,14 +802,15 @@ def native_factor(path, frame):
     return frame_factor(nib.load(path).shape[:spatial_dims(frame)], frame) or 1
 
 
-def framed_volume(path, factor, frame, cut_deep=False, labels=None, classes=None):
+def framed_volume(path, factor, frame, cut_deep=False, labels=None, classes=None, empty_ok=False):
     """A volume at frame/`factor` resolution, values in [0, 1] (float32 tensor).
     Original-size scans are binarised (> 0, or the chosen labels) and framed first; volumes that
     already have a pooled-frame shape (synthetic pairs, phantoms) are taken as soft maps in [0, 1].
     cut_deep: in the lung250m4b frame, a scan deeper than DEEP_SCAN slices is cut to its first
     DEPTH_CUT first (training data only: landmarks are given in the uncut frame).
-    classes: K label values -> (K, *spatial), each class's occupancy (label maps, framed or not)."""
-    a = load_volume(path, labels, classes)
+    classes: K label values -> (K, *spatial), each class's occupancy (label maps, framed or not); empty_ok:
+    see load_volume."""
+    a = load_volume(path, labels, classes, empty_ok)
     if a.min() < 0:
         raise DataError(f"{path}: negative voxel values (expected a mask or probabilities); {INTENSITY_HINT}")
     f0 = frame_factor(a.shape, frame)
@@ -818,7 +831,7 @@ def framed_volume(path, factor, frame, cut_deep=False, labels=None, classes=None
         v = F.one_hot(v.long(), len(classes) + 1).movedim(-1, 0)[1:].float()
     if factor % f0:
         raise DataError(f"{path}: volume is at frame/{f0} but frame/{factor} is needed")
-    if not (v > 0).any():
+    if not (v > 0).any() and not empty_ok:
         raise DataError(f"{path}: the mask is empty inside the {fmt_shape(frame['shape'])} frame")
     return pool(v, factor // f0, spatial_dims(frame))
 
@@ -830,8 +843,10 @@ def load_pairs(data, factor, frame, pairs=None, progress=True, labels=None, clas
     pairs = pairs or find_pairs(data)
     vols = []
     name = os.path.basename(data.rstrip("/"))
+    generated = bool(classes) and bool(recorded_frame(data))  # a generator's label map may be all background
     for p in tqdm(pairs, desc=f"load {name}", disable=not progress, leave=False):
-        maps = [framed_volume(f, factor, frame, cut_deep=True, labels=labels, classes=classes) for f in (p.fixed, p.moving)]
+        maps = [framed_volume(f, factor, frame, cut_deep=True, labels=labels, classes=classes, empty_ok=generated)
+                for f in (p.fixed, p.moving)]
         vols.append(torch.cat(maps) if classes else torch.stack(maps))
     x = torch.stack(vols)
     for k, v in enumerate(classes or []):

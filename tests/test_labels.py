@@ -100,6 +100,9 @@ def test_bad_class_inputs(brains, tmp_path, run):
     proc = run("train_vqae.py", 2, "--preset", "demo", "--data", brains, "--iters", 1, "--out", tmp_path / "v.pth",
                "--classes", "1,9")
     assert_one_line_error(proc, "no map holds label 9 of --classes 1,9")
+    for bad in ([1, 1], [1, 300]):  # written as uint8 label maps
+        with pytest.raises(utils.DataError, match="distinct label values up to 255"):
+            utils.check_label_options(None, bad)
     with pytest.raises(utils.DataError, match="give one"):
         call("train_registration", 2, brains, "--preset", "demo", "--iters", 1, "--out", tmp_path / "r.pth",
              "--classes", "1,2", "--labels", "3")
@@ -113,6 +116,8 @@ def test_bad_class_inputs(brains, tmp_path, run):
     with pytest.raises(utils.DataError, match="r2.pth"):
         call("train_registration", 2, brains, "--preset", "demo", "--iters", 2, "--out", tmp_path / "r2.pth",
              "--classes", "1,3", "--resume")
+    with pytest.raises(utils.DataError, match="--labels does not apply"):
+        call("evaluate_registration", 1, tmp_path / "r2.pth", "--data", brains, "--out", tmp_path / "e", "--labels", "1")
 
 
 def test_pipeline_with_classes_in_2d(brains, micro, tmp_path):
