@@ -64,11 +64,6 @@ def make_pair(kind, source, motion, frame, generator):
     return utils.random_warp(source.float()[None], u)[0], u
 
 
-def label_map(p, classes):
-    """(K, ...) class occupancies -> uint8 map of the most likely label value (0: background)."""
-    values = torch.tensor([0, *classes], dtype=torch.uint8)
-    return values[torch.cat([1 - p.sum(0, keepdim=True), p]).argmax(0)].numpy()
-
 
 def run(kind, data, out, n, preset, seed=0, frame_name=None, labels=None, overwrite=False, progress=True, classes=None):
     """Write n pairs of `kind` into `out` with a manifest; the settings of an unfinished run must match.
@@ -122,7 +117,7 @@ def run(kind, data, out, n, preset, seed=0, frame_name=None, labels=None, overwr
             # clamped: interpolation rounding above 1 would make later stages read a label map
             pooled = utils.pool(pair, factor // f0, utils.spatial_dims(frame)).clamp(0, 1)
             for path, vol in zip(paths, pooled.chunk(2) if classes and len(classes) > 1 else pooled):
-                utils.write_nifti(path, label_map(vol, classes) if vol.ndim > len(frame["shape"]) else vol.numpy(),
+                utils.write_nifti(path, utils.label_map(vol, classes) if vol.ndim > len(frame["shape"]) else vol.numpy(),
                                   factor, frame)
             made += 1
     dataset = [{k: os.path.basename(p) for k, p in zip(("fixed", "moving"), synthesise.pair_paths(out, i))} for i in range(n)]

@@ -119,12 +119,9 @@ def synthesise(model, decoder, out, n, sampler, seed=0, overwrite=False, progres
     def probs(ids):  # label maps: the most probable class of the calibrated probabilities (the raw softmax dilates)
         return decoder.decode_pair(ids.reshape(-1, *grid), size, calibrate or bool(classes))
 
-    values = torch.tensor([0, *(classes or [])], dtype=torch.uint8)
 
     def volume(p):  # K classes: (K, ...) probabilities -> a uint8 map of the most probable label value
-        if not classes:
-            return p.cpu().numpy()
-        return values[torch.cat([1 - p.sum(0, keepdim=True), p]).argmax(0).cpu()].numpy()
+        return utils.label_map(p, classes) if classes else p.cpu().numpy()
 
     rank, procs = utils.world()
     mine = range(rank, -(-n // batch), procs)  # under torchrun each batch on exactly one process

@@ -575,8 +575,9 @@ def find_pairs(data, split="train"):
     js = dataset_json(data)
     declared = None
     if js:
-        declared = read_dataset(js)["dims"]
-        pairs = sorted(read_dataset(js)[split])  # by id, as a folder's: the order training draws from
+        listed = read_dataset(js)
+        declared = listed["dims"]
+        pairs = sorted(listed[split])  # by id, as a folder's: the order training draws from
         if not pairs:
             raise DataError(f"{js}: lists no {'training_paired_images' if split == 'train' else 'registration_val'} pairs")
     elif not os.path.isdir(data):
@@ -856,6 +857,13 @@ def load_pairs(data, factor, frame, pairs=None, progress=True, labels=None, clas
                 raise DataError(msg)
             warnings.warn(msg + " (pairs this project wrote: a generator may miss a class)")
     return [p.id for p in pairs], x
+
+
+def label_map(p, classes):
+    """(K, ...) class occupancies or probabilities -> uint8 numpy map of the most likely label value
+    (0: background, the rest 1 - their sum): how generated K-label pairs are written."""
+    values = torch.tensor([0, *classes], dtype=torch.uint8)
+    return values[torch.cat([1 - p.sum(0, keepdim=True), p]).argmax(0).cpu()].numpy()
 
 
 def foreground(x, classes=None):
