@@ -8,7 +8,9 @@ CKPT = none evaluates an untrained net of --preset, i.e. pure instance optimisat
 training data" baseline); a checkpoint names its own preset, frame and labels. DATA: a folder of
 ID_1 / ID_2 pairs with landmark CSVs in frame voxels (--landmarks, default DATA/landmarks/ID.csv),
 or a Learn2Reg dataset JSON: its registration_val pairs and their keypoints (voxels of each image).
-TRE in mm (the frame's voxel spacing, from the NIfTI headers). Writes PREFIX.csv (per landmark),
+TRE in mm (the frame's voxel spacing, from the NIfTI headers); pairs without any keypoints or
+landmarks (inter-subject sets such as OASIS) are scored by Dice alone (per label with --classes,
+HD95, SDlogJ). Writes PREFIX.csv (per landmark; without keypoints per pair, Dice),
 PREFIX.json (summary) and PREFIX.png (MIPs); --disp DIR: DIR/disp_FFFF_MMMM.nii.gz per pair (FFFF,
 MMMM: the fixed and moving case numbers), the Learn2Reg convention: a (H, W, D, 3) displacement in
 voxels on the fixed image's grid and affine, fixed keypoint x maps to x + disp(x) in the moving image
@@ -129,7 +131,7 @@ def evaluate_pair(net, pair, lms, iter_tta, device, direction="reference", label
     seconds = time.time() - t
     res = {"case": case, "seconds": seconds}
     other = [d for d in utils.TRE_DIRECTIONS if d != direction][0]
-    for k, fields in zip(KEYS, (None, fields_net, fields_tta)):
+    for k, fields in zip(KEYS, (None, fields_net, fields_tta) if lms else ()):
         res[k] = utils.tre(fields, *lms, frame, direction=direction)
         res[f"{k}_{other}"] = utils.tre(fields, *lms, frame, direction=other)  # the other convention, for comparison
     if disp:
@@ -146,13 +148,15 @@ def evaluate_pair(net, pair, lms, iter_tta, device, direction="reference", label
         if classes:  # per label, and the 95th-percentile Hausdorff distance in mm (MONAI's)
             res[f"dice_labels_{k}"] = [utils.dice(fixed_mask[0, c], warped[0, c]) for c in range(len(classes))]
             res[f"hd95_{k}"] = hd95(warped, fixed_mask, frame["spacing"], f0)
+        if not lms:  # no keypoints: the pair's score is its Dice (mean over labels), higher is better
+            res[k] = np.array([np.mean(res[f"dice_labels_{k}"]) if classes else res[f"dice_{k}"]])
     res["folding_pct"], res["std_logjac"] = jacobian_stats(fields_tta[0].cpu())
     fg = [m[0].sum(0).numpy() for m in (fixed_mask, moving_mask, warped)]  # each map's foreground
     res["mips"] = tuple(fg)  # warped = after TTA
     return res
 
 
-def figure(results, path, n=FIGURE_PAIRS):
+def figure(results, path, n=FIGURE_PAIRS, tre=True):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -163,7 +167,8 @@ def figure(results, path, n=FIGURE_PAIRS):
         f, m, w = res["mips"]
         for c, (img, title) in enumerate(((utils.mip_rgb(f, m), "before"), (utils.mip_rgb(f, w), "after TTA"))):
             ax[r, c].imshow(img)
-            ax[r, c].set_title(f"{res['case']} {title}: TRE {res['initial' if c == 0 else 'tta'].mean():.2f} mm")
+            score = res["initial" if c == 0 else "tta"].mean()
+            ax[r, c].set_title(f"{res['case']} {title}: " + (f"TRE {score:.2f} mm" if tre else f"Dice {score:.3f}"))
             ax[r, c].axis("off")
     fig.suptitle("coronal MIP, fixed blue / moving orange")
     utils.save_figure(fig, path)
@@ -172,12 +177,11 @@ def figure(results, path, n=FIGURE_PAIRS):
 def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, overwrite=False, seed=0, log=print,
              direction="reference", device=None, disp=None, frame=None, labels=None, classes=None):
     """Evaluate DATA's pairs (a dataset JSON's registration_val) against their keypoints or the
-    landmark CSVs in `landmarks`; writes out.csv/json/png (and disp/ fields), returns summary.
-    classes: CKPT = none only (a checkpoint brings its own)."""
+    landmark CSVs in `landmarks` (none at all: by Dice alone); writes out.csv/json/png (and disp/
+    fields), returns summary. classes: CKPT = none only (a checkpoint brings its own)."""
     utils.check_label_options(labels, classes)
     js = utils.dataset_json(data)
-    if landmarks is None and not js:
-        landmarks = os.path.join(data, "landmarks")
+    landmarks = landmarks or utils.default_landmarks(data)
     if iter_tta < 0:
         raise utils.DataError(f"ITER_TTA must be >= 0, got {iter_tta}")
     utils.check_seed(seed)
@@ -195,7 +199,9 @@ def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, over
         labels, classes = labels or net.saved.get("labels"), net.saved.get("classes")
     pairs = utils.find_pairs(data, "val" if js else "train")
     cases = [p.id for p in pairs]
-    lms = {p.id: utils.pair_landmarks(p, frame, landmarks) for p in pairs}  # check all first
+    lms = utils.evaluation_landmarks(pairs, frame, landmarks)  # check all first
+    if lms is None:
+        log(f"note: {data}: no keypoints or landmarks; the pairs are scored by Dice alone")
     if disp:
         names = [disp_path(disp, p) for p in pairs]
         if len(set(names)) < len(names):
@@ -211,25 +217,27 @@ def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, over
     results = []
     for i in range(rank, len(cases), procs):  # under torchrun each pair on exactly one process
         c = cases[i]
-        results.append(evaluate_pair(net, pairs[i], lms[c], iter_tta, device, direction, labels, disp, classes))
+        results.append(evaluate_pair(net, pairs[i], lms and lms[c], iter_tta, device, direction, labels, disp, classes))
         r = results[-1]
         if i >= FIGURE_PAIRS:
             del r["mips"]  # only the figure's pairs travel with their volumes
-        log(f"{c}: TRE {r['initial'].mean():6.2f} -> net {r['net'].mean():6.2f} -> tta {r['tta'].mean():6.2f} mm"
-            f"  Dice {r['dice_initial']:.3f} -> {r['dice_tta']:.3f}  ({r['seconds']:.1f} s)")
+        tre = f"TRE {r['initial'].mean():6.2f} -> net {r['net'].mean():6.2f} -> tta {r['tta'].mean():6.2f} mm  " if lms else ""
+        log(f"{c}: {tre}Dice {r['dice_initial']:.3f} -> {r['dice_tta']:.3f}  ({r['seconds']:.1f} s)")
     results = sorted(sum(utils.gather_objects(results), []), key=lambda r: cases.index(r["case"]))
     if not utils.is_main():
         return None  # process 0 writes the summary of all pairs
-    rows = [{"case": r["case"], "landmark": i, **{k: f"{r[k][i]:.4f}" for k in KEYS}}
+    # per landmark (TRE, mm) or, without keypoints, per pair (Dice, mean over labels)
+    rows = [{"case": r["case"], **({"landmark": i} if lms else {}), **{k: f"{r[k][i]:.4f}" for k in KEYS}}
             for r in results for i in range(len(r["initial"]))]
-    summ = {"checkpoint": ckpt, "preset": net.config["preset"], "iter_tta": iter_tta, "tre_direction": direction,
-            "frame": frame}
+    summ = {"checkpoint": ckpt, "preset": net.config["preset"], "iter_tta": iter_tta, "metric": "tre" if lms else "dice",
+            **({"tre_direction": direction} if lms else {}), "frame": frame}
     for k in KEYS:
-        s = summary(np.concatenate([r[k] for r in results]))
-        summ.update({f"tre_{k}_{q}": v for q, v in s.items()})
+        if lms:
+            s = summary(np.concatenate([r[k] for r in results]))
+            summ.update({f"tre_{k}_{q}": v for q, v in s.items()})
+            other = [d for d in utils.TRE_DIRECTIONS if d != direction][0]
+            summ[f"tre_{k}_mean_{other}_direction"] = float(np.concatenate([r[f"{k}_{other}"] for r in results]).mean())
         summ[f"dice_{k}"] = float(np.mean([r[f"dice_{k}"] for r in results]))
-        other = [d for d in utils.TRE_DIRECTIONS if d != direction][0]
-        summ[f"tre_{k}_mean_{other}_direction"] = float(np.concatenate([r[f"{k}_{other}"] for r in results]).mean())
         for j, v in enumerate(classes or []):  # per label: Dice and HD95 (mm) over the pairs (HD95: pairs where defined)
             summ[f"dice_label{v}_{k}"] = float(np.mean([r[f"dice_labels_{k}"][j] for r in results]))
             summ[f"hd95_label{v}_{k}"] = float(np.nanmean([r[f"hd95_{k}"][j] for r in results]))
@@ -238,18 +246,19 @@ def evaluate(iter_tta, ckpt, data, landmarks=None, out="eval", preset=None, over
             summ[f"dice_mean_labels_{k}"] = float(np.mean([summ[f"dice_label{v}_{k}"] for v in classes]))
     for k in ("folding_pct", "std_logjac", "seconds"):
         summ[k if k != "seconds" else "seconds_per_pair"] = float(np.mean([r[k] for r in results]))
-    summ.update(num_pairs=len(results), num_landmarks=len(rows), **({"classes": classes} if classes else {}))
-    utils.write_csv(out + ".csv", ["case", "landmark", *KEYS], rows)
+    summ.update(num_pairs=len(results), num_landmarks=len(rows) if lms else 0, **({"classes": classes} if classes else {}))
+    utils.write_csv(out + ".csv", ["case", *(["landmark"] if lms else []), *KEYS], rows)
     utils.write_json(out + ".json", summ)
-    figure(results, out + ".png")
+    figure(results, out + ".png", tre=bool(lms))
     log(table(summ))
     return summ
 
 
 def table(s):
-    head = f"{'':10s}{'TRE mean':>9s}{'25%':>7s}{'50%':>7s}{'75%':>7s}{'Dice':>7s}"
+    tre = s.get("metric", "tre") == "tre"
+    head = f"{'':10s}" + (f"{'TRE mean':>9s}{'25%':>7s}{'50%':>7s}{'75%':>7s}" if tre else "") + f"{'Dice':>7s}"
     lines = [head] + [f"{k:10s}" + "".join(f"{s[f'tre_{k}_{q}']:{w}.2f}" for q, w in
-                                          (("mean", 9), ("p25", 7), ("p50", 7), ("p75", 7))) + f"{s[f'dice_{k}']:7.3f}"
+                                          (("mean", 9), ("p25", 7), ("p50", 7), ("p75", 7)) if tre) + f"{s[f'dice_{k}']:7.3f}"
                       for k in KEYS]
     lines.append(f"{s['num_pairs']} pairs, {s['num_landmarks']} landmarks; folding {s['folding_pct']:.3f} %, "
                  f"std log|J| {s['std_logjac']:.3f}, {s['seconds_per_pair']:.1f} s per pair")
@@ -257,6 +266,8 @@ def table(s):
         lines.append("per label Dice / HD95 mm (initial -> net -> tta): " + "; ".join(
             f"{v}: " + " -> ".join(f"{s[f'dice_label{v}_{k}']:.3f} / {s[f'hd95_label{v}_{k}']:.2f}" for k in KEYS)
             for v in s["classes"]))
+    if not tre:
+        return "\n".join(lines)
     other = [d for d in utils.TRE_DIRECTIONS if d != s["tre_direction"]][0]
     lines.append(f"TRE direction {s['tre_direction']}; in the {other} direction: net "
                  f"{s[f'tre_net_mean_{other}_direction']:.2f}, tta {s[f'tre_tta_mean_{other}_direction']:.2f} mm")

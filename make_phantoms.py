@@ -2,7 +2,7 @@
 and the tests.
 
     python make_phantoms.py OUT_DIR NUM_PAIRS [--seed S] [--dims 3|2] [--size H W [D]] [--motion SCALE] [--overwrite]
-                            [--learn2reg NAME --spacing X Y [Z] [--val K]]
+                            [--learn2reg NAME --spacing X Y [Z] [--val K] [--inter-subject]]
 
 Fixed ("inspiration"): a random branching vessel tree (tubes of decreasing radius) in two
 lung-shaped ellipsoids. Moving ("expiration"): the same analytic tree seen through a smooth
@@ -21,7 +21,10 @@ subject's outline, folds, ventricles and nuclei drawn at random. Moving = the sa
 smooth motion w (small rotation and scaling, three Gaussian bumps), landmarks exact as in 3D. The
 folder layout holds the label maps (uint8, landmarks in pixels); --learn2reg writes intensity
 images (imagesTr/, a grey value per label plus noise) with their label maps (labelsTr/, the JSON's
-"label" entries, as OASIS).
+"label" entries, as OASIS). --inter-subject (with --learn2reg): OASIS's inter-subject layout, NUM_PAIRS
+subjects of one image each on one grid, training[] the first NUM_PAIRS - K, no training pairs and no
+keypoints (training pairs are drawn, utils.inter_subject_pairs; evaluation is by Dice), the last K
+subjects in K - 1 consecutive registration_val pairs.
 """
 import argparse
 import os
@@ -308,10 +311,14 @@ def make_pairs_2d(out_dir, n, seed, size, overwrite=False, motion=1.0):
     return ids
 
 
-def make_learn2reg(out_dir, name, n, size, spacing, n_val=0, seed=0, overwrite=False, motion=1.0):
-    """Write n phantom pairs as the Learn2Reg data set `name` into out_dir; returns the JSON's path."""
+def make_learn2reg(out_dir, name, n, size, spacing, n_val=0, seed=0, overwrite=False, motion=1.0, inter_subject=False):
+    """Write n phantom pairs as the Learn2Reg data set `name` into out_dir; returns the JSON's path.
+    inter_subject: n subjects of one image each instead (OASIS; see the module's doc)."""
     if n < 1 or not 0 <= n_val < n:
         raise utils.DataError(f"need NUM_PAIRS >= 1 and 0 <= --val < NUM_PAIRS, got {n} and {n_val}")
+    if inter_subject and (n - n_val < 2 or n_val == 1):
+        raise utils.DataError(f"--inter-subject needs 2 or more training subjects and --val 0 or >= 2 (a validation "
+                              f"pair is two subjects), got {n} subjects and --val {n_val}")
     if min(size) < 16 or min(spacing) <= 0 or len(spacing) != len(size):
         raise utils.DataError("--size must be >= 16 voxels and --spacing > 0 mm per axis, one per axis")
     if len(size) == 2:
@@ -323,13 +330,14 @@ def make_learn2reg(out_dir, name, n, size, spacing, n_val=0, seed=0, overwrite=F
     for p in [js, *(os.path.join(out_dir, v) for c in cases for v in c.values())]:  # refuse before writing
         utils.check_output(p, overwrite)
     for i, c in enumerate(tqdm(cases, desc="phantoms", leave=False)):
-        shape = [s + (i * k) % 9 for s, k in zip(size, (3, 5, 7))]
+        shape = list(size) if inter_subject else [s + (i * k) % 9 for s, k in zip(size, (3, 5, 7))]  # one grid: OASIS
         affine = np.diag([*map(float, spacing), *[1.0] * (4 - len(size))])
         if len(size) == 2:  # label maps with intensity images beside them, keypoints in pixels
             fixed, moving, lf, lm = make_pair_2d(seed, i, shape, motion)
             rng = np.random.default_rng([seed, i, 3])
-            for k, lab, pts in (("fixed", fixed, lf), ("moving", moving, lm)):
-                utils.write_keypoints(os.path.join(out_dir, c[k + "_kp"]), pts)
+            for k, lab, pts in (("fixed", fixed, lf), ("moving", moving, lm))[:1 if inter_subject else 2]:
+                if not inter_subject:
+                    utils.write_keypoints(os.path.join(out_dir, c[k + "_kp"]), pts)
                 for key, vol in ((k + "_label", lab), (k, intensities(lab, rng))):
                     img = nib.Nifti1Image(vol, affine)
                     img.header.set_xyzt_units("mm")
@@ -338,13 +346,20 @@ def make_learn2reg(out_dir, name, n, size, spacing, n_val=0, seed=0, overwrite=F
             continue
         scale = [w / s for w, s in zip(WORLD, shape)]  # world mm per image voxel: the world fills the image
         fixed, moving, lf, lm = make_pair(seed, i, shape, motion, scale)
-        for k, vol, pts in (("fixed", fixed, lf), ("moving", moving, lm)):
-            utils.write_keypoints(os.path.join(out_dir, c[k + "_kp"]), (pts + 0.5) / np.array(scale) - 0.5)
+        for k, vol, pts in (("fixed", fixed, lf), ("moving", moving, lm))[:1 if inter_subject else 2]:
+            if not inter_subject:
+                utils.write_keypoints(os.path.join(out_dir, c[k + "_kp"]), (pts + 0.5) / np.array(scale) - 0.5)
             img = nib.Nifti1Image((vol > 0.5).astype(np.uint8), affine)
             img.header.set_xyzt_units("mm")
             with utils.atomic_path(os.path.join(out_dir, c[k])) as tmp:
                 nib.save(img, tmp)
     what = "2D brain-slice label phantoms" if len(size) == 2 else "vessel-tree phantoms"
+    if inter_subject:  # the last n_val subjects in consecutive validation pairs, as OASIS's registration_val
+        held = cases[n - n_val:]
+        val = [{"fixed": a["fixed"], "moving": b["fixed"]} for a, b in zip(held, held[1:])]
+        utils.write_dataset_json(js, name, [], val, size, subjects=cases[:n - n_val],
+                                 description=f"make_phantoms.py: {what}, inter-subject (one image per subject)")
+        return js
     utils.write_dataset_json(js, name, cases[:n - n_val], cases[n - n_val:], size,
                              description=f"make_phantoms.py: {what} with exact keypoints")
     return js
@@ -362,14 +377,21 @@ def main(argv=None):
     ap.add_argument("--learn2reg", metavar="NAME", help="write a Learn2Reg data set NAME (see above)")
     ap.add_argument("--spacing", type=float, nargs="+", metavar="MM", help="voxel size in mm per axis (--learn2reg; default 1)")
     ap.add_argument("--val", type=int, default=0, metavar="K", help="the last K pairs are registration_val (--learn2reg)")
+    ap.add_argument("--inter-subject", action="store_true", help="--learn2reg as OASIS: NUM_PAIRS subjects of one "
+                    "image each, no training pairs, no keypoints; the last K subjects in K - 1 registration_val pairs")
     a = ap.parse_args(argv)
     a.size = a.size or ((64, 52, 64) if a.dims == 3 else (160, 192))
     a.spacing = a.spacing or [1.0] * a.dims
     if len(a.size) != a.dims or len(a.spacing) != a.dims:
         raise utils.DataError(f"--size and --spacing need {a.dims} values each (--dims {a.dims})")
+    if a.inter_subject and not a.learn2reg:
+        raise utils.DataError("--inter-subject writes a Learn2Reg data set: give --learn2reg NAME")
     if a.learn2reg:
-        js = make_learn2reg(a.out_dir, a.learn2reg, a.num_pairs, a.size, a.spacing, a.val, a.seed, a.overwrite, a.motion)
-        print(f"wrote {a.num_pairs} phantom pairs ({a.val} for validation) as {js}")
+        js = make_learn2reg(a.out_dir, a.learn2reg, a.num_pairs, a.size, a.spacing, a.val, a.seed, a.overwrite, a.motion,
+                            a.inter_subject)
+        what = f"subjects ({max(a.val - 1, 0)} validation pairs among the last {a.val})" if a.inter_subject else \
+            f"phantom pairs ({a.val} for validation)"
+        print(f"wrote {a.num_pairs} {what} as {js}")
         return
     ids = make_pairs(a.out_dir, a.num_pairs, a.seed, a.size, a.overwrite, a.motion)
     print(f"wrote {len(ids)} phantom pairs to {a.out_dir}")

@@ -7,7 +7,8 @@ registration nets trained on real / synthetic / real+synthetic pairs -> Dice/TRE
 
 DATA: a folder of ID_1 / ID_2 pairs (then --val is required, with landmark CSVs in --landmarks,
 default VAL/landmarks) or a Learn2Reg dataset JSON (--val defaults to its registration_val pairs and
-their keypoints). --frame: see utils.data_frame (default: derived for a JSON or 2D images, lung250m4b for a
+their keypoints; an inter-subject JSON trains on pairs drawn from its images, utils.inter_subject_pairs,
+and without keypoints every table, test and figure scores Dice instead of TRE). --frame: see utils.data_frame (default: derived for a JSON or 2D images, lung250m4b for a
 folder of 3D pairs).
 
 The generator trains on --data (the registration nets' real pairs) unless --generator-tokens names
@@ -290,6 +291,7 @@ def figures(out, evals, real, synth, factor, frame, n=4):
     results_pairs.png: MIPs of real training pairs next to synthetic ones (fixed blue, moving orange)."""
     import matplotlib.pyplot as plt
 
+    tre = metric(out) == "tre"
     fig, ax = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     for i, k in enumerate(("net", "tta")):
         data = [np.concatenate([np.genfromtxt(f[:-5] + ".csv", delimiter=",", names=True, dtype=None,
@@ -297,7 +299,8 @@ def figures(out, evals, real, synth, factor, frame, n=4):
         ax[i].boxplot(data, showfliers=False)
         ax[i].set_xticks(range(1, len(data) + 1), [r.replace(" / ", "/\n").replace(" + ", " +\n") for r in evals],
                          fontsize=7)
-        ax[i].set_title(f"TRE after the {'net alone' if k == 'net' else 'net + TTA'} (mm)")
+        ax[i].set_title(f"{'TRE' if tre else 'Dice per pair'} after the {'net alone' if k == 'net' else 'net + TTA'}"
+                        f"{' (mm)' if tre else ''}")
     utils.save_figure(fig, os.path.join(out, "results_tre.png"))
     fig, ax = plt.subplots(2, n, figsize=(3 * n, 6.2))
     for row, folder in enumerate((real, synth)):
@@ -311,6 +314,18 @@ def figures(out, evals, real, synth, factor, frame, n=4):
 
 def log_prefix_paths(prefix):
     return [prefix + ext for ext in (".csv", ".json", ".png", ".md")]
+
+
+def metric(out, prefix="eval"):
+    """What a run's evaluations score: "tre" (landmarks, mm, lower is better) or "dice" (pairs without
+    keypoints, higher is better), from its TTA-only evaluation."""
+    path = os.path.join(out, f"{prefix}_none.json")
+    return json.load(open(path)).get("metric", "tre") if os.path.exists(path) else "tre"
+
+
+def score(j, k):
+    """A row's summary score after `k` (net, tta): mean TRE, or mean Dice (over labels with classes)."""
+    return j[f"tre_{k}_mean"] if j.get("metric", "tre") == "tre" else j.get(f"dice_mean_labels_{k}", j[f"dice_{k}"])
 
 
 def eval_csv(out, row, seed, prefix="eval"):
@@ -337,13 +352,17 @@ def per_case_tests(out, seeds, names, base_row, rows, prefix="eval"):
     if not compared:
         return []
     n = len(compared[0][2]["net"])
-    lines = ["", f"Per case against {names[base_row]} ({n} cases, TRE averaged over the seeds both rows have; "
-             f"negative = better than {names[base_row]}; paired sign-flip permutation test):", ""]
+    tre = metric(out, prefix) == "tre"
+    lines = ["", f"Per case against {names[base_row]} ({n} cases, {'TRE' if tre else 'Dice'} averaged over the seeds "
+             f"both rows have; {'negative' if tre else 'positive'} = better than {names[base_row]}; paired sign-flip "
+             "permutation test):", ""]
     for r, ss, base, m in compared:
         cells = []
         for k in ("net", "tta"):
             d = m[k] - base[k]
-            cells.append(f"{k} {d.mean():+.2f} mm, better in {(d < 0).sum()}/{len(d)}, p = {sign_flip_p(d):.3f}")
+            better = (d < 0) if tre else (d > 0)
+            cells.append(f"{k} {d.mean():+.2f} mm" if tre else f"{k} Dice {d.mean():+.3f}")
+            cells[-1] += f", better in {better.sum()}/{len(d)}, p = {sign_flip_p(d):.3f}"
         some = f" (seeds {', '.join(map(str, ss))})" if len(ss) < seeds else ""
         lines.append(f"- {names[r]}{some}: " + "; ".join(cells))
     return lines
@@ -366,14 +385,17 @@ def tre_table(out, names, seeds, prefix):
     evals.update({names.get(r, r): [os.path.join(out, f"{prefix}_{r}_s{s}.json") for s in range(seeds)]
                   for r in ROWS if r in names})
     evals = {k: [f for f in v if os.path.exists(f)] for k, v in evals.items()}  # a partial run: rows so far
-    cols = [f"tre_{k}_{q}" for k in ("net", "tta") for q in ("mean", "p25", "p50", "p75")] + ["dice_tta", "folding_pct"]
     first = json.load(open(evals["initial / TTA only"][0]))
+    tre = first.get("metric", "tre") == "tre"
+    cols = [f"tre_{k}_{q}" for k in ("net", "tta") for q in ("mean", "p25", "p50", "p75") if tre]
+    cols += ["dice_tta", "folding_pct"] if tre else ["dice_net", "dice_tta", "folding_pct"]
     for v in first.get("classes") or []:  # label maps: Dice and HD95 (mm) of each label after TTA
         cols += [f"dice_label{v}_tta", f"hd95_label{v}_tta"]
     if first.get("classes"):
         cols += ["dice_mean_labels_tta", "hd95_tta", "std_logjac"]
     lines = ["| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    lines.append("| initial | " + f"{first['tre_initial_mean']:.2f} (Dice {first['dice_initial']:.3f})" + " |" * len(cols))
+    lines.append("| initial | " + (f"{first['tre_initial_mean']:.2f} " if tre else "") + f"(Dice {first['dice_initial']:.3f})"
+                 + " |" * len(cols))
     for name, files in evals.items():
         if not files:
             lines.append(f"| {name} | not run yet |" + " |" * (len(cols) - 1))
@@ -395,9 +417,10 @@ def report(out, seeds, times, preset, real=None, synth=None, labels=None, frame=
     names.update(labels or {})
     utils.write_json(labels_path, names)
     evals = tre_table(out, names, seeds, "eval")
-    lines = [f"# Results ({preset} preset)", "", "TRE in mm (mean over landmarks; mean ± sd over seeds); "
-             "`net` = registration net alone, `tta` = after test-time adaptation. Rows are named by what "
-             "the nets trained on.", ""] + evals.pop("lines")
+    what = ("TRE in mm (mean over landmarks; mean ± sd over seeds)" if metric(out) == "tre" else
+            "No keypoints: Dice (mean over pairs, and per label; mean ± sd over seeds)")
+    lines = [f"# Results ({preset} preset)", "", f"{what}; `net` = registration net alone, `tta` = after test-time "
+             "adaptation. Rows are named by what the nets trained on.", ""] + evals.pop("lines")
     lines += compare_rows(out, seeds, names)
     if os.path.exists(os.path.join(out, "eval_extra_none.json")):  # a second evaluation set, apart
         lines += ["", "Extra evaluation set (pseudo ground truth, e.g. corrField keypoints of held-out training "
@@ -520,8 +543,7 @@ def experiment(out, preset, data, val, lms, seeds, n, reg_iters=None, frame_name
     merge_args = ["--labels", ",".join(map(str, classes))] if classes else []  # the realism reports: the classes' union
     frame = utils.data_frame(data, frame_name)
     train_ids = [p.id for p in utils.find_pairs(data)]  # every input checked before the first stage runs
-    for pair in utils.find_pairs(val, utils.val_split(val)):
-        utils.pair_landmarks(pair, frame, lms)
+    utils.evaluation_landmarks(utils.find_pairs(val, utils.val_split(val)), frame, lms)
     warn_overlap(shared_pairs(data, val)[0], data)
 
     def path(name):
@@ -617,7 +639,7 @@ def curve_report(out, sizes, seeds, n_synth):
     if any(os.path.exists(os.path.join(out, f"n{n}", "eval_extra_none.json")) for n in sizes):
         prefixes.append(("eval_extra", "extra evaluation pairs (pseudo ground truth)"))
     lines = ["# Low-data curve", "", f"Registration nets trained on N real pairs, alone, augmented on the fly, or mixed with "
-             f"{n_synth} pairs of the N-pair generator or of a free baseline. TRE in mm (mean over landmarks; mean ± sd "
+             f"{n_synth} pairs of the N-pair generator or of a free baseline. TRE in mm (mean over landmarks; Dice where the pairs have no keypoints; mean ± sd "
              "over seeds; `net` = the net alone, `tta` = after test-time adaptation). Subsets are nested (`subsets.json`); "
              "each N is one run (`nN/results.md`: every table, per-case test and stage time).", ""]
     fig, ax = plt.subplots(len(prefixes), 2, figsize=(11, 4 * len(prefixes)), squeeze=False)
@@ -633,8 +655,7 @@ def curve_report(out, sizes, seeds, n_synth):
                       if os.path.exists(f)]
                 if not js:
                     continue
-                m = {k: (np.mean([j[f"tre_{k}_mean"] for j in js]), np.std([j[f"tre_{k}_mean"] for j in js]))
-                     for k in ("net", "tta")}
+                m = {k: (np.mean([score(j, k) for j in js]), np.std([score(j, k) for j in js])) for k in ("net", "tta")}
                 points[r].append((n, m))
                 lines.append(f"| {n} | {names.get(r, r)} | {m['net'][0]:.2f} ± {m['net'][1]:.2f} | "
                              f"{m['tta'][0]:.2f} ± {m['tta'][1]:.2f} | {len(js)} |")
@@ -649,7 +670,7 @@ def curve_report(out, sizes, seeds, n_synth):
                     row_ax[i].errorbar([q[0] for q in pts], [q[1][k][0] for q in pts], yerr=[q[1][k][1] for q in pts],
                                        marker="o", capsize=3, label=CURVE_NAMES[r])
             row_ax[i].set_xlabel("N real pairs")
-            row_ax[i].set_ylabel("TRE (mm)")
+            row_ax[i].set_ylabel("TRE (mm)" if metric(os.path.join(out, f"n{sizes[0]}"), prefix) == "tre" else "Dice")
             row_ax[i].set_xticks(sizes)
             row_ax[i].set_title(f"{title}: {'net alone' if k == 'net' else 'net + TTA'}", fontsize=9)
         row_ax[0].legend(fontsize=7)
@@ -725,7 +746,7 @@ def main(argv=None):
         val = os.path.join(out, "phantoms_val")
         run("phantoms_train", [data], make_phantoms.main, [data, p["n_train"], "--seed", 0])
         run("phantoms_val", [val], make_phantoms.main, [val, p["n_val"], "--seed", 1000])
-    lms = args.landmarks or (None if utils.dataset_json(val) else os.path.join(val, "landmarks"))
+    lms = args.landmarks or utils.default_landmarks(val)
     frame = utils.data_frame(data, args.frame)
     ids = utils.pair_ids(data)
     sizes = curve_sizes(args.curve, len(ids)) if args.curve else None

@@ -533,40 +533,67 @@ def read_dataset(path):
     as OASIS, NLST and ThoraxCBCT layouts do), else the images; ids and keypoints follow the images."""
     d = read_json(path)
     root = os.path.dirname(os.path.abspath(path))
-    kps, segs = {}, {}
+    kps, segs, images = {}, {}, []
     for e in d.get("training", []) if isinstance(d.get("training"), list) else []:
         if not isinstance(e, dict) or not isinstance(e.get("image"), str):
             continue
         image = os.path.normpath(os.path.join(root, e["image"]))
+        images.append(image)
         if isinstance(e.get("keypoints"), str):
             kps[image] = os.path.normpath(os.path.join(root, e["keypoints"]))
         seg = next((e[k] for k in ("label", "mask") if isinstance(e.get(k), str)), None)
         if seg:
             segs[image] = os.path.normpath(os.path.join(root, seg))
+    seg_kind = next((k for k in ("label", "mask") if any(k in e for e in d.get("training") or [] if isinstance(e, dict))), None)
 
     def keypoints(img):
         default = os.path.join(root, "keypointsTr", image_stem(img) + ".csv")
         return kps.get(img, default if os.path.exists(default) else None)
 
+    def segmentation(img):
+        """An image's segmentation: its training[] entry's, else (a data set of segmentations whose
+        registration_val images are not in training[], as OASIS) the same name in labelsTr/ (masksTr/)."""
+        if img in segs or not seg_kind:
+            return segs.get(img, img)
+        guess = os.path.join(os.path.dirname(os.path.dirname(img)), seg_kind + "sTr", os.path.basename(img))
+        return guess if os.path.exists(guess) else img
+
+    def pair(fixed, moving):
+        fixed, moving = (os.path.normpath(os.path.join(root, p)) for p in (fixed, moving))
+        for p in (fixed, moving, *(segs[q] for q in (fixed, moving) if q in segs)):
+            if not os.path.exists(p):
+                raise DataError(f"{path}: lists {os.path.relpath(p, root)}, which does not exist")
+        return Pair(pair_id(fixed, moving), segmentation(fixed), segmentation(moving), keypoints(fixed), keypoints(moving))
+
     out = {}
     for split, key in (("train", "training_paired_images"), ("val", "registration_val")):
-        pairs = []
-        for e in d.get(key) or []:
-            if not isinstance(e, dict) or not isinstance(e.get("fixed"), str) or not isinstance(e.get("moving"), str):
-                raise DataError(f"{path}: {key} entries must be {{\"fixed\": path, \"moving\": path}}")
-            fixed, moving = (os.path.normpath(os.path.join(root, e[k])) for k in ("fixed", "moving"))
-            for p in (fixed, moving, *(segs[q] for q in (fixed, moving) if q in segs)):
-                if not os.path.exists(p):
-                    raise DataError(f"{path}: lists {os.path.relpath(p, root)}, which does not exist")
-            pairs.append(Pair(pair_id(fixed, moving), segs.get(fixed, fixed), segs.get(moving, moving),
-                              keypoints(fixed), keypoints(moving)))
-        out[split] = pairs
+        entries = d.get(key) or []
+        if any(not isinstance(e, dict) or not isinstance(e.get("fixed"), str) or not isinstance(e.get("moving"), str)
+               for e in entries):
+            raise DataError(f"{path}: {key} entries must be {{\"fixed\": path, \"moving\": path}}")
+        out[split] = [pair(e["fixed"], e["moving"]) for e in entries]
+    held = {p for q in out["val"] for p in (q.fixed, q.moving)}
+    subjects = [i for i in dict.fromkeys(images) if segmentation(i) not in held]
+    unpaired = d.get("pairings") != "paired"  # OASIS: "unpaired", training pairs drawn from training[]
+    out["inter_subject"] = unpaired and not out["train"] and len(subjects) >= 2
+    if out["inter_subject"]:
+        out["train"] = [pair(*p) for p in inter_subject_pairs(subjects)]
     if not out["train"] and not out["val"]:
-        raise DataError(f"{path}: lists no pairs (training_paired_images and registration_val are empty)")
+        raise DataError(f"{path}: lists no pairs (training_paired_images and registration_val are empty"
+                        + ("; an unpaired set needs 2 or more training[] images)" if unpaired else ")"))
     out["frame"] = check_frame(d["frame"], path) if "frame" in d else None
     size = d.get("tensorImageSize")
     out["dims"] = {"2D": 2, "3D": 3}.get(size.get("0")) if isinstance(size, dict) else None  # what the JSON declares
     return out
+
+
+def inter_subject_pairs(images, seed=0):
+    """Training pairs of an inter-subject data set (OASIS: training[] lists images, no
+    training_paired_images): N images give N pairs, each image once fixed and once moving, the
+    moving one of a random other subject (one seeded cycle through a random order, the same for every
+    stage). The images of registration_val pairs are left out before."""
+    order = [images[i] for i in np.random.default_rng(seed).permutation(len(images))]
+    return [(order[i], order[(i + 1) % len(order)]) for i in range(len(order))]
 
 
 def find_pairs(data, split="train"):
@@ -942,6 +969,20 @@ def pair_landmarks(pair, frame, landmarks=None):
                         f"{fmt_shape(frame['shape'])} frame's grid; give keypoints in each image's voxels through a "
                         "Learn2Reg dataset JSON")
     return read_landmarks(os.path.join(landmarks, f"{pair.id}.csv"), frame)
+
+
+def evaluation_landmarks(pairs, frame, landmarks=None):
+    """{pair id: (fixed, moving) points} of evaluation pairs, or None where no pair lists keypoints and no
+    landmark folder is given (an inter-subject data set such as OASIS): those are scored by Dice alone."""
+    if landmarks is None and not any(p.fixed_kp and p.moving_kp for p in pairs):
+        return None
+    return {p.id: pair_landmarks(p, frame, landmarks) for p in pairs}
+
+
+def default_landmarks(data):
+    """A folder's landmark CSVs (DATA/landmarks) where that folder exists; a dataset JSON lists keypoints."""
+    folder = os.path.join(data, "landmarks")
+    return folder if not dataset_json(data) and os.path.isdir(folder) else None
 
 
 def write_keypoints(path, pts):
@@ -1460,19 +1501,23 @@ def learn2reg_paths(name, number, labels=False):
             **({"fixed_label": f"labelsTr/{stem}_0000.nii.gz", "moving_label": f"labelsTr/{stem}_0001.nii.gz"} if labels else {})}
 
 
-def write_dataset_json(path, name, train, val=(), shape=None, frame=None, description=""):
+def write_dataset_json(path, name, train, val=(), shape=None, frame=None, description="", subjects=None):
     """A Learn2Reg dataset JSON. train / val: [learn2reg_paths(...)] (paths relative to the JSON's
     folder; keypoints and labels listed when their file exists). frame: recorded for pairs written on
-    a pooled frame grid (this project's synthetic pairs), so later stages place them as they were made."""
+    a pooled frame grid (this project's synthetic pairs), so later stages place them as they were made.
+    subjects: an inter-subject set (OASIS): training[] lists these subjects' fixed images, no
+    training_paired_images; val pairs subjects too (their "fixed" images), which training[] leaves out."""
     root = os.path.dirname(os.path.abspath(path))
-    images = []
-    for p in [*train, *val]:
-        for k in ("fixed", "moving"):
-            e = {"image": "./" + p[k]}
-            for entry, key in (("keypoints", k + "_kp"), ("label", k + "_label")):
-                if p.get(key) and os.path.exists(os.path.join(root, p[key])):
-                    e[entry] = "./" + p[key]
-            images.append(e)
+
+    def entry(p, k):
+        e = {"image": "./" + p[k]}
+        for field, key in (("keypoints", k + "_kp"), ("label", k + "_label")):
+            if p.get(key) and os.path.exists(os.path.join(root, p[key])):
+                e[field] = "./" + p[key]
+        return e
+
+    images = [entry(p, k) for p in [*train, *val] for k in ("fixed", "moving")] if subjects is None else \
+        [entry(s, "fixed") for s in subjects]
     dims = len(shape) if shape else len(frame["shape"]) if frame else 3
     d = {"name": name, "description": description, "tensorImageSize": {"0": f"{dims}D"},
          "tensorImageShape": {"0": list(shape) if shape else []}, "modality": {"0": "mask"},
@@ -1480,8 +1525,8 @@ def write_dataset_json(path, name, train, val=(), shape=None, frame=None, descri
          "numPairedTraining": len(train), "training_paired_images": [{"fixed": "./" + p["fixed"], "moving": "./" + p["moving"]} for p in train],
          "numRegistration_val": len(val),
          "registration_val": [{"fixed": "./" + p["fixed"], "moving": "./" + p["moving"]} for p in val],
-         "registration_test": [], "pairings": "paired", "provided_data": {"0": ["image", "keypoints"]},
-         "registration_direction": {"fixed": 0, "moving": 1}}
+         "registration_test": [], "pairings": "paired" if subjects is None else "unpaired",
+         "provided_data": {"0": ["image", "keypoints"]}, "registration_direction": {"fixed": 0, "moving": 1}}
     if frame:
         d["frame"] = frame
     write_json(path, d)
