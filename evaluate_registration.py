@@ -8,9 +8,9 @@ CKPT = none evaluates an untrained net of --preset, i.e. pure instance optimisat
 training data" baseline); a checkpoint names its own preset, frame and labels. DATA: a folder of
 ID_1 / ID_2 pairs with landmark CSVs in frame voxels (--landmarks, default DATA/landmarks/ID.csv),
 or a Learn2Reg dataset JSON: its registration_val pairs and their keypoints (voxels of each image).
-TRE in mm (the frame's voxel spacing, from the NIfTI headers); pairs without any keypoints or
-landmarks (inter-subject sets such as OASIS) are scored by Dice alone (per label with --classes,
-HD95, SDlogJ). Writes PREFIX.csv (per landmark; without keypoints per pair, Dice),
+TRE in mm (the frame's voxel spacing, from the NIfTI headers); a JSON whose pairs list no keypoints
+(inter-subject sets such as OASIS) without --landmarks: Dice alone (per label with --classes, HD95,
+SDlogJ). Writes PREFIX.csv (per landmark; without keypoints per pair, Dice),
 PREFIX.json (summary) and PREFIX.png (MIPs); --disp DIR: DIR/disp_FFFF_MMMM.nii.gz per pair (FFFF,
 MMMM: the fixed and moving case numbers), the Learn2Reg convention: a (H, W, D, 3) displacement in
 voxels on the fixed image's grid and affine, fixed keypoint x maps to x + disp(x) in the moving image

@@ -140,7 +140,8 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         raise utils.DataError(f"{out}: trained {'with' if ck.get('augment') else 'without'} --augment; resume the same way "
                               "or write a new --out")
     iters = iters or p["iters"] or 2500 // batch_size * 4
-    ids, pairs = utils.load_pairs(data, cfg["factor"], cfg["frame"], labels=labels, classes=classes)  # (N, 2, H, W, D)
+    ids, pairs = utils.load_pairs(data, cfg["factor"], cfg["frame"], labels=labels, classes=classes,
+                                  compact=True)  # (N, 2, H, W, D); K classes (N, 2K, ...), label maps one-hot per batch
     K = len(classes or [1])
     rank, _, device = utils.distributed(device)
     local = utils.local_batch(batch_size)

@@ -66,10 +66,12 @@ def config_of(preset, frame, classes=None):
 
 def load_data(data, factor, frame, split="train", labels=None, classes=None):
     """DATA's pairs of `split` (or pairs already loaded) -> (N, 2, H, W, D) ((N, 2, H, W) in 2D; K classes:
-    (N, 2K, ...)) float16 (exact for masks and for 1/64 steps of quarter-res occupancy)."""
+    (N, 2K, ...)) float16 (exact for masks and for 1/64 steps of quarter-res occupancy); K hard label maps:
+    utils.LabelPairs (uint8, one-hot per batch)."""
     if torch.is_tensor(data):
         return data.half()
-    return utils.load_pairs(data, factor, frame, utils.find_pairs(data, split), labels=labels, classes=classes)[1].half()
+    return utils.load_pairs(data, factor, frame, utils.find_pairs(data, split), labels=labels, classes=classes,
+                            compact=True)[1].half()
 
 
 def sample_batch(data, batch, patch, generator, part=slice(None)):
@@ -243,7 +245,8 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
         utils.set_rng_state(ck["rng"], [gen, aug_gen])
         start, rows, iters = ck["iteration"], ck["log"], ck["iters"]
         seen = ck["seen"].to(device)
-    soft = bool(((train_data > 0) & (train_data < 1)).any())  # pooled occupancies (cpu/demo) or binary 1 mm masks
+    # pooled occupancies (cpu/demo) or binary 1 mm masks (label maps held as indices are never soft)
+    soft = not isinstance(train_data, utils.LabelPairs) and bool(((train_data > 0) & (train_data < 1)).any())
     to_realism = REALISM_FACTOR // factor
     real_def = {}  # the real pairs' deformation (quick-registration displacement, Dice(f, m)), measured once
     if val is not None:

@@ -864,26 +864,93 @@ def framed_volume(path, factor, frame, cut_deep=False, labels=None, classes=None
     return pool(v, factor // f0, spatial_dims(frame))
 
 
-def load_pairs(data, factor, frame, pairs=None, progress=True, labels=None, classes=None):
+def load_pairs(data, factor, frame, pairs=None, progress=True, labels=None, classes=None, compact=False):
     """All pairs of DATA's training split (or the given [Pair]) as one (N, 2, H, W, D) tensor at
     frame/`factor`; channel 0 fixed. Oversize scans are cut as the reference does (framed_volume).
-    classes (K label values): (N, 2K, ...), channels 0..K-1 the fixed map's classes, K..2K-1 the moving's."""
+    classes (K label values): (N, 2K, ...), channels 0..K-1 the fixed map's classes, K..2K-1 the moving's;
+    with `compact`, hard label maps (unpooled: 2D, or 1 mm) come as LabelPairs, one-hot when read."""
     pairs = pairs or find_pairs(data)
     vols = []
     name = os.path.basename(data.rstrip("/"))
     generated = bool(classes) and bool(recorded_frame(data))  # a generator's label map may be all background
+    present = torch.zeros(len(classes or []), dtype=torch.bool)
+    hard = compact and bool(classes) and len(classes) > 1
     for p in tqdm(pairs, desc=f"load {name}", disable=not progress, leave=False):
         maps = [framed_volume(f, factor, frame, cut_deep=True, labels=labels, classes=classes, empty_ok=generated)
                 for f in (p.fixed, p.moving)]
-        vols.append(torch.cat(maps) if classes else torch.stack(maps))
-    x = torch.stack(vols)
+        x = torch.cat(maps) if classes else torch.stack(maps)
+        if classes:
+            present |= x.unflatten(0, (2, len(classes))).flatten(2).any(2).any(0)
+        if hard and not bool(((x == 0) | (x == 1)).all()):  # soft occupancies (pooled): kept as they are
+            hard = False
+            vols = [LabelPairs.one_hot(v, len(classes)) for v in vols]
+        vols.append(LabelPairs.index_of(x, len(classes)) if hard else x)
     for k, v in enumerate(classes or []):
-        if not (x[:, k].any() or x[:, len(classes) + k].any()):
+        if not present[k]:
             msg = f"{data}: no map holds label {v} of --classes {','.join(map(str, classes))}"
             if not recorded_frame(data):  # the user's data: a label it lacks is a typo
                 raise DataError(msg)
             warnings.warn(msg + " (pairs this project wrote: a generator may miss a class)")
-    return [p.id for p in pairs], x
+    x = torch.stack(vols)
+    return [p.id for p in pairs], LabelPairs(x, len(classes)) if hard else x
+
+
+class LabelPairs:
+    """Pairs of K-label maps held as uint8 label indices (N, 2, ...) (0 background, k the k-th class)
+    and one-hot when read: indexing gives the (n, 2K, ...) float16 occupancies load_pairs would hold
+    otherwise, bit for bit, at 1/(2K) of their memory. What the training stages index per batch."""
+    dtype = torch.float16
+
+    def __init__(self, index, k):
+        self.index, self.k = index, k
+
+    @staticmethod
+    def index_of(x, k):
+        """(2K, ...) hard occupancies -> (2, ...) uint8 label indices."""
+        values = torch.arange(1, k + 1, dtype=x.dtype).view(1, k, *[1] * (x.ndim - 1))
+        return (x.unflatten(0, (2, k)) * values).sum(1).to(torch.uint8)
+
+    @staticmethod
+    def one_hot(index, k, dims=None):
+        """(..., 2, *spatial) label indices (`dims` spatial axes, default all but the first) -> (...,
+        2K, *spatial) float16 occupancies."""
+        axis = index.ndim - (dims or index.ndim - 1) - 1  # the maps' axis
+        x = torch.nn.functional.one_hot(index.long(), k + 1)[..., 1:]  # (..., 2, *spatial, K)
+        return x.movedim(-1, axis + 1).flatten(axis, axis + 1).half()
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        return self.one_hot(self.index[i], self.k, self.index.ndim - 2)
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+    @property
+    def shape(self):
+        return torch.Size((len(self), 2 * self.k, *self.index.shape[2:]))
+
+    @property
+    def device(self):
+        return self.index.device
+
+    @property
+    def nbytes(self):
+        return self.index.nbytes
+
+    def to(self, *args, **kwargs):
+        return LabelPairs(self.index.to(*args, **kwargs), self.k)
+
+    def pin_memory(self):
+        return LabelPairs(self.index.pin_memory(), self.k)
+
+    def half(self):
+        return self
+
+    def foreground(self):
+        """(N, 2, ...) each map's foreground, as utils.foreground of the occupancies."""
+        return (self.index > 0).half()
 
 
 def label_map(p, classes):
@@ -896,6 +963,8 @@ def label_map(p, classes):
 def foreground(x, classes=None):
     """Pairs (N, 2K, ...) of K classes -> (N, 2, ...), each map's foreground (its classes summed), what the
     realism statistics and the random fields' weights measure; K = 1 (classes None or one): x itself."""
+    if isinstance(x, LabelPairs):
+        return x.foreground()
     if not classes or len(classes) == 1:
         return x
     return x.unflatten(1, (2, len(classes))).sum(2)
@@ -980,9 +1049,9 @@ def evaluation_landmarks(pairs, frame, landmarks=None):
 
 
 def default_landmarks(data):
-    """A folder's landmark CSVs (DATA/landmarks) where that folder exists; a dataset JSON lists keypoints."""
-    folder = os.path.join(data, "landmarks")
-    return folder if not dataset_json(data) and os.path.isdir(folder) else None
+    """A folder's landmark CSVs (DATA/landmarks, required: this project's layout); a dataset JSON lists
+    keypoints (or none)."""
+    return None if dataset_json(data) else os.path.join(data, "landmarks")
 
 
 def write_keypoints(path, pts):

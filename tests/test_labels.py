@@ -118,3 +118,27 @@ def test_bad_class_inputs(brains, tmp_path, run):
     with pytest.raises(utils.DataError, match="--labels does not apply"):
         call("evaluate_registration", 1, tmp_path / "r2.pth", "--data", brains, "--out", tmp_path / "e", "--labels", "1")
 
+
+
+def test_label_maps_are_held_as_uint8_and_train_bit_for_bit(brains, tmp_path, monkeypatch):
+    """K hard label maps load as uint8 indices (utils.LabelPairs), one-hot per batch: the same batches,
+    so the same VQ-AE and registration weights as the float occupancies, at 1/(2K) of float16's memory."""
+    ids, held = utils.load_pairs(brains, 1, utils.data_frame(brains), classes=CLASSES, compact=True, progress=False)
+    full = utils.load_pairs(brains, 1, utils.data_frame(brains), classes=CLASSES, progress=False)[1]
+    assert isinstance(held, utils.LabelPairs) and held.index.dtype == torch.uint8 and held.shape == full.shape
+    assert held.nbytes * 2 * len(CLASSES) == full.half().nbytes
+    assert torch.equal(held[torch.tensor([2, 0])], full[[2, 0]].half()) and torch.equal(torch.stack(list(held)), full.half())
+    assert torch.equal(utils.foreground(held, CLASSES), utils.foreground(full, CLASSES).half())
+    pooled = utils.load_pairs(brains, 2, utils.data_frame(brains), classes=CLASSES, compact=True, progress=False)[1]
+    assert torch.is_tensor(pooled)  # soft occupancies stay as they are
+    for compact in (True, False):
+        if not compact:
+            plain = utils.load_pairs
+            monkeypatch.setattr(utils, "load_pairs", lambda *a, **k: plain(*a, **{**k, "compact": False}))
+        call("train_vqae", 2, "--preset", "demo", "--data", brains, "--iters", 3, "--out", tmp_path / f"vq{compact}.pth",
+             "--classes", "1,2,3,4")
+        call("train_registration", 2, brains, "--preset", "demo", "--iters", 2, "--out", tmp_path / f"reg{compact}.pth",
+             "--classes", "1,2,3,4", "--augment")
+    for name in ("vq", "reg"):
+        a, b = weights(tmp_path / f"{name}True.pth"), weights(tmp_path / f"{name}False.pth")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
