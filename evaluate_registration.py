@@ -260,7 +260,8 @@ def table(s):
     lines = [head] + [f"{k:10s}" + "".join(f"{s[f'tre_{k}_{q}']:{w}.2f}" for q, w in
                                           (("mean", 9), ("p25", 7), ("p50", 7), ("p75", 7)) if tre) + f"{s[f'dice_{k}']:7.3f}"
                       for k in KEYS]
-    lines.append(f"{s['num_pairs']} pairs, {s['num_landmarks']} landmarks; folding {s['folding_pct']:.3f} %, "
+    lines.append(f"{s['num_pairs']} pairs" + (f", {s['num_landmarks']} landmarks" if tre else " (no keypoints)") +
+                 f"; folding {s['folding_pct']:.3f} %, "
                  f"std log|J| {s['std_logjac']:.3f}, {s['seconds_per_pair']:.1f} s per pair")
     if s.get("classes"):
         lines.append("per label Dice / HD95 mm (initial -> net -> tta): " + "; ".join(

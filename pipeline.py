@@ -294,8 +294,8 @@ def figures(out, evals, real, synth, factor, frame, n=4):
     tre = metric(out) == "tre"
     fig, ax = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     for i, k in enumerate(("net", "tta")):
-        data = [np.concatenate([np.genfromtxt(f[:-5] + ".csv", delimiter=",", names=True, dtype=None,
-                                              encoding=None)[k] for f in files]) for files in evals.values()]
+        data = [np.concatenate([np.genfromtxt(f[:-5] + ".csv", delimiter=",", names=True, dtype=None, encoding=None,
+                                              ndmin=1)[k] for f in files]) for files in evals.values()]
         ax[i].boxplot(data, showfliers=False)
         ax[i].set_xticks(range(1, len(data) + 1), [r.replace(" / ", "/\n").replace(" + ", " +\n") for r in evals],
                          fontsize=7)
@@ -333,8 +333,8 @@ def eval_csv(out, row, seed, prefix="eval"):
 
 
 def per_case_means(out, row, seeds, prefix="eval"):
-    """{case: ...} arrays of a row's per-case TRE (net, tta), averaged over the given seeds; None if none ran."""
-    rows = [np.genfromtxt(c, delimiter=",", names=True, dtype=None, encoding=None)
+    """{net, tta: arrays of a row's per-case TRE (or Dice), averaged over the given seeds}; None if none ran."""
+    rows = [np.genfromtxt(c, delimiter=",", names=True, dtype=None, encoding=None, ndmin=1)
             for c in (eval_csv(out, row, s, prefix) for s in seeds) if os.path.exists(c)]
     if not rows:
         return None
@@ -401,8 +401,9 @@ def tre_table(out, names, seeds, prefix):
             lines.append(f"| {name} | not run yet |" + " |" * (len(cols) - 1))
             continue
         js = [json.load(open(f)) for f in files]
-        cells = [f"{np.mean([j[c] for j in js]):.2f} ± {np.std([j[c] for j in js]):.2f}" if len(js) > 1
-                 else f"{js[0][c]:.2f}" for c in cols]
+        d = 2 if tre else 3  # Dice differences are in the third decimal
+        cells = [f"{np.mean([j[c] for j in js]):.{d}f} ± {np.std([j[c] for j in js]):.{d}f}" if len(js) > 1
+                 else f"{js[0][c]:.{d}f}" for c in cols]
         partial = f" ({len(js)} of {seeds} seeds)" if name != "initial / TTA only" and len(js) < seeds else ""
         lines.append(f"| {name} | " + " | ".join(cells) + partial + " |")
     return {**evals, "lines": lines}
@@ -437,7 +438,8 @@ def report(out, seeds, times, preset, real=None, synth=None, labels=None, frame=
             lines += ["", f"Realism (frame pooled by 4; {what}):", "", open(os.path.join(out, f + ".md")).read().strip()]
     if real and synth:
         figures(out, {k: v for k, v in evals.items() if v}, real, synth, utils.preset_factor(train_registration.PRESETS[preset], frame), frame)
-    lines += ["", "Figures: `results_tre.png` (TRE box plots per row), `results_pairs.png` (real vs synthetic pairs); "
+    lines += ["", f"Figures: `results_tre.png` ({'TRE' if metric(out) == 'tre' else 'per-pair Dice'} box plots per row), "
+              "`results_pairs.png` (real vs synthetic pairs); "
               "how much deformation the VQ-AE (or the token decoder) and the diffusion model keep: "
               "`realism.csv` / `.png` (`realism_tok.*`).", ""]
     md = "\n".join(lines) + "\n"
@@ -631,7 +633,7 @@ CURVE_NAMES = {"real": "real-N", "augmented": "real-N augmented", "mix": "real-N
 
 
 def curve_report(out, sizes, seeds, n_synth):
-    """curve.md (TRE net and +TTA per N and row, mean ± sd over seeds, the per-case tests of each run)
+    """curve.md (TRE, or Dice without keypoints, net and +TTA per N and row, mean ± sd over seeds, the per-case tests of each run)
     and curve.png (TRE against N, one line per row; the extra evaluation set in a second row of panels)."""
     import matplotlib.pyplot as plt
 
@@ -657,8 +659,9 @@ def curve_report(out, sizes, seeds, n_synth):
                     continue
                 m = {k: (np.mean([score(j, k) for j in js]), np.std([score(j, k) for j in js])) for k in ("net", "tta")}
                 points[r].append((n, m))
-                lines.append(f"| {n} | {names.get(r, r)} | {m['net'][0]:.2f} ± {m['net'][1]:.2f} | "
-                             f"{m['tta'][0]:.2f} ± {m['tta'][1]:.2f} | {len(js)} |")
+                d = 2 if js[0].get("metric", "tre") == "tre" else 3
+                lines.append(f"| {n} | {names.get(r, r)} | {m['net'][0]:.{d}f} ± {m['net'][1]:.{d}f} | "
+                             f"{m['tta'][0]:.{d}f} ± {m['tta'][1]:.{d}f} | {len(js)} |")
             for base_row, rows in (("real", [r for r in CURVE_NAMES if r != "real"]), ("mix", FREE)):
                 found = per_case_tests(sub, seeds, names, base_row, [r for r in rows if r in names], prefix)
                 if found:

@@ -68,7 +68,7 @@ def load_data(data, factor, frame, split="train", labels=None, classes=None):
     """DATA's pairs of `split` (or pairs already loaded) -> (N, 2, H, W, D) ((N, 2, H, W) in 2D; K classes:
     (N, 2K, ...)) float16 (exact for masks and for 1/64 steps of quarter-res occupancy); K hard label maps:
     utils.LabelPairs (uint8, one-hot per batch)."""
-    if torch.is_tensor(data):
+    if torch.is_tensor(data) or isinstance(data, utils.LabelPairs):
         return data.half()
     return utils.load_pairs(data, factor, frame, utils.find_pairs(data, split), labels=labels, classes=classes,
                             compact=True)[1].half()
@@ -250,8 +250,9 @@ def train(*, data, out, preset, batch_size, iters=None, seed=0, resume=False, ov
     to_realism = REALISM_FACTOR // factor
     real_def = {}  # the real pairs' deformation (quick-registration displacement, Dice(f, m)), measured once
     if val is not None:
-        real_def = {k: utils.pair_stats(range(len(x)), utils.pool(utils.foreground(x, classes), to_realism, dims), REALISM_FACTOR)
-                    for k, x in (("train", train_data), ("val", val))}
+        pooled = {k: torch.cat([utils.pool(utils.foreground(x[i:i + 1], classes), to_realism, dims) for i in range(len(x))])
+                  for k, x in (("train", train_data), ("val", val))}  # pair by pair: label maps stay uint8 meanwhile
+        real_def = {k: utils.pair_stats(range(len(x)), x, REALISM_FACTOR) for k, x in pooled.items()}
     train_data = utils.to_device_if_fits(train_data, device)
     base = os.path.splitext(out)[0]
     log_every = p.get("log_every", LOG_EVERY)

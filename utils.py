@@ -546,9 +546,12 @@ def read_dataset(path):
             segs[image] = os.path.normpath(os.path.join(root, seg))
     seg_kind = next((k for k in ("label", "mask") if any(k in e for e in d.get("training") or [] if isinstance(e, dict))), None)
 
+    # inter-subject (OASIS): "pairings" unpaired, or neither that nor training_paired_images given
+    unpaired = d.get("pairings") == "unpaired" or ("pairings" not in d and "training_paired_images" not in d)
+
     def keypoints(img):
-        default = os.path.join(root, "keypointsTr", image_stem(img) + ".csv")
-        return kps.get(img, default if os.path.exists(default) else None)
+        default = os.path.join(root, "keypointsTr", image_stem(img) + ".csv")  # paired sets: Learn2Reg's layout
+        return kps.get(img, default if os.path.exists(default) and not unpaired else None)
 
     def segmentation(img):
         """An image's segmentation: its training[] entry's, else (a data set of segmentations whose
@@ -574,7 +577,7 @@ def read_dataset(path):
         out[split] = [pair(e["fixed"], e["moving"]) for e in entries]
     held = {p for q in out["val"] for p in (q.fixed, q.moving)}
     subjects = [i for i in dict.fromkeys(images) if segmentation(i) not in held]
-    unpaired = d.get("pairings") != "paired"  # OASIS: "unpaired", training pairs drawn from training[]
+    out["unpaired"] = unpaired
     out["inter_subject"] = unpaired and not out["train"] and len(subjects) >= 2
     if out["inter_subject"]:
         out["train"] = [pair(*p) for p in inter_subject_pairs(subjects)]
@@ -606,7 +609,9 @@ def find_pairs(data, split="train"):
         declared = listed["dims"]
         pairs = sorted(listed[split])  # by id, as a folder's: the order training draws from
         if not pairs:
-            raise DataError(f"{js}: lists no {'training_paired_images' if split == 'train' else 'registration_val'} pairs")
+            what = "registration_val pairs" if split == "val" else "training_paired_images pairs" if not listed["unpaired"] \
+                else "training pairs (an unpaired set draws them from 2 or more training[] images)"
+            raise DataError(f"{js}: lists no {what}")
     elif not os.path.isdir(data):
         raise DataError(f"{data}: data folder does not exist")
     else:
@@ -915,8 +920,8 @@ class LabelPairs:
         """(..., 2, *spatial) label indices (`dims` spatial axes, default all but the first) -> (...,
         2K, *spatial) float16 occupancies."""
         axis = index.ndim - (dims or index.ndim - 1) - 1  # the maps' axis
-        x = torch.nn.functional.one_hot(index.long(), k + 1)[..., 1:]  # (..., 2, *spatial, K)
-        return x.movedim(-1, axis + 1).flatten(axis, axis + 1).half()
+        values = torch.arange(1, k + 1, dtype=index.dtype, device=index.device).view(k, *[1] * (index.ndim - axis - 1))
+        return (index.unsqueeze(axis + 1) == values).flatten(axis, axis + 1).half()  # no wide intermediate
 
     def __len__(self):
         return len(self.index)

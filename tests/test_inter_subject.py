@@ -51,10 +51,31 @@ def test_validation_subjects_listed_in_training_are_not_drawn(oasis, tmp_path):
     train = utils.find_pairs(js)
     assert len(train) == 4 and not any(s in p.fixed for p in train for s in ("0005", "0006", "0007"))
     d["training"] = d["training"][:1]
+    utils.write_json(js, d)
+    with pytest.raises(utils.DataError, match="draws them from 2 or more training"):
+        utils.find_pairs(js)
     d["registration_val"] = []
     utils.write_json(js, d)
     with pytest.raises(utils.DataError, match="needs 2 or more training"):
         utils.find_pairs(js)
+    # a paired set (or one that says nothing but lists training_paired_images, empty) is never drawn from
+    del d["pairings"]
+    d["training"] = json.load(open(oasis))["training"]
+    utils.write_json(js, d)
+    with pytest.raises(utils.DataError, match="lists no pairs"):
+        utils.find_pairs(js)
+    del d["training_paired_images"]
+    utils.write_json(js, d)
+    assert len(utils.find_pairs(js)) == 4  # neither said: OASIS's layout
+
+
+def test_one_validation_pair_is_one_row(tmp_path):
+    import pipeline
+
+    utils.write_csv(str(tmp_path / "eval_real_s0.csv"), ["case", "initial", "net", "tta"],
+                    [{"case": "A-B", "initial": 0.5, "net": 0.6, "tta": 0.7}])
+    m = pipeline.per_case_means(str(tmp_path), "real", [0])
+    assert m["net"].tolist() == [0.6] and m["tta"].tolist() == [0.7]
 
 
 def test_evaluation_without_keypoints_scores_dice(oasis, tmp_path, run):
