@@ -21,6 +21,7 @@ this project record theirs). Per pair, all at the frame pooled by FACTOR = 4 (4 
   dice_reg             Dice(fixed, registered moving): did that registration work
   nn_fixed, nn_moving  memorisation: highest Dice of the volume against every volume of the
                        REFERENCE (training) pairs; for the reference itself, against the other cases
+                       and other images (inter-subject pairs share images)
 Writes PREFIX.csv (per pair), PREFIX.json (summary), PREFIX.png, PREFIX.md (the table, printed too).
 """
 import argparse
@@ -65,25 +66,27 @@ def report(folders, reference, out, overwrite=False, val=None, vqae=None, frame=
     load_factor = FACTOR if model is None else model.config["factor"]  # real pairs are read once, at the VQ-AE's
     if FACTOR % load_factor:
         raise utils.DataError(f"{vqae}: works at frame/{load_factor}, cannot compare at /{FACTOR}")
-    groups, kept, ref = {}, [], None  # kept: (real group, its reconstruction group)
+    groups, kept, memo = {}, [], None  # kept: (real group, its reconstruction group)
     for real, split in [(reference, "train")] + ([(val, utils.val_split(val))] if val else []):
         classes = None if model is None else model.saved.get("classes")  # the VQ-AE reads its classes apart
         merged = labels if model is None else model.saved.get("labels")
-        ids, x = utils.load_pairs(real, load_factor, frame, utils.find_pairs(real, split), labels=merged, classes=classes)
+        pairs = utils.find_pairs(real, split)
+        images = [(p.fixed, p.moving) for p in pairs]  # inter-subject pairs share images: never a map's own neighbour
+        ids, x = utils.load_pairs(real, load_factor, frame, pairs, labels=merged, classes=classes)
         recon = None if model is None else model.reconstruct(x, keep_probs=True, pool=FACTOR // load_factor)[2]
         x = utils.foreground(x, classes)  # the statistics compare each map's foreground
-        if ref is None:
-            rids, ref = ids, utils.pool(x, FACTOR // load_factor, dims)  # the memorisation reference
+        if memo is None:
+            memo = (ids, utils.pool(x, FACTOR // load_factor, dims), images)  # the memorisation reference
         real_name = "real " + os.path.basename(os.path.normpath(real)).removesuffix(".json") + ("" if split == "train" else " val")
         if real_name in groups:
             real_name += " (val)"  # same folder name in another place
-        groups[real_name] = utils.pair_stats(ids, utils.pool(x, FACTOR // load_factor, dims), FACTOR, (rids, ref), True, sp)
+        groups[real_name] = utils.pair_stats(ids, utils.pool(x, FACTOR // load_factor, dims), FACTOR, memo, True, sp, images)
         if model is not None:
-            groups["recon " + real_name[5:]] = utils.pair_stats(ids, recon, FACTOR, (rids, ref), True, sp)
+            groups["recon " + real_name[5:]] = utils.pair_stats(ids, recon, FACTOR, memo, True, sp, images)
             kept.append((real_name, "recon " + real_name[5:]))
     for folder in folders:
         name = os.path.basename(os.path.normpath(folder))
-        groups[name] = folder_stats(folder, utils.recorded_frame(folder) or frame, (rids, ref), True,
+        groups[name] = folder_stats(folder, utils.recorded_frame(folder) or frame, memo, True,
                                     labels or (model.saved.get("labels") or model.saved.get("classes") if model else None))
     rows = [{"group": name, "case": c, **{k: f"{g[k][i]:.5f}" for k in COLUMNS[2:]}}
             for name, g in groups.items() for i, c in enumerate(g["case"])]

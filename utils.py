@@ -1416,19 +1416,23 @@ def nn_dice(vols, ref, exclude=None):
     return d.max(1).values.numpy()
 
 
-def pair_stats(ids, x, factor=4, reference=None, progress=False, voxel_mm=None):
+def pair_stats(ids, x, factor=4, reference=None, progress=False, voxel_mm=None, images=None):
     """Realism statistics (REALISM_STATS) per pair: case ids and x (N, 2, H, W, D) at frame/factor
     of a frame with spacing voxel_mm.
-    reference: (ids, pairs (M, 2, ...)) of the training pairs, for the memorisation statistic."""
+    reference: (ids, pairs (M, 2, ...)[, images]) of the training pairs, for the memorisation statistic;
+    images: the (fixed, moving) files of each pair, here and there: a map is not compared with the same
+    image either (inter-subject pairs share images)."""
     axes = tuple(range(1, x.ndim - 1))
     s = {"case": list(ids), "vf_fixed": x[:, 0].mean(axes).numpy(), "vf_moving": x[:, 1].mean(axes).numpy(),
          "dice_fm": np.array([dice(p[0], p[1]) for p in x])}
     reg = [quick_registration(p[0], p[1], factor, voxel_mm=voxel_mm) for p in tqdm(x, desc="quick registration", disable=not progress)]
     s["disp_mm"], s["dice_reg"] = np.array(reg).reshape(-1, 2).T
     if reference is not None:  # a case is never compared with itself (the reference folder's own stats)
-        rids, ref = reference
-        same = torch.tensor([[i == r for r in rids for _ in (1, 2)] for i in ids])
+        rids, ref, rimages = (*reference, None)[:3]
         for k, name in enumerate(("nn_fixed", "nn_moving")):
+            same = torch.tensor([[i == r or bool(images and rimages and images[n][k] in rimages[m][s])
+                                  for m, r in enumerate(rids) for s in (slice(0, 1), slice(1, 2))]
+                                 for n, i in enumerate(ids)])
             s[name] = nn_dice(x[:, k], ref.flatten(0, 1), same)
         s["nn_dice"] = np.concatenate([s["nn_fixed"], s["nn_moving"]])
     return s

@@ -110,3 +110,13 @@ def test_pipeline_on_an_inter_subject_set_with_classes(oasis, micro, tmp_path):
     for name in ("realism.md", "realism_free.md", "results_tre.png", "results_pairs.png"):
         assert os.path.exists(os.path.join(out, name)), name
     assert utils.spatial_dims(utils.recorded_frame(os.path.join(out, "synth"))) == 2
+
+
+def test_realism_never_finds_a_shared_image_as_its_own_neighbour(oasis, tmp_path):
+    """Inter-subject pairs share images (each is fixed in one pair, moving in another): the memorisation
+    statistic of the real pairs compares a map with other images only, not with itself (Dice 1)."""
+    import realism_report
+
+    groups, _ = realism_report.report([], oasis, str(tmp_path / "r"), labels=[1, 2, 3, 4])
+    nn = next(iter(groups.values()))["nn_dice"]
+    assert len(nn) == 8 and nn.max() < 0.999
