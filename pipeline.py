@@ -644,7 +644,7 @@ def curve_report(out, sizes, seeds, n_synth):
              f"{n_synth} pairs of the N-pair generator or of a free baseline. TRE in mm (mean over landmarks; Dice where the pairs have no keypoints; mean ± sd "
              "over seeds; `net` = the net alone, `tta` = after test-time adaptation). Subsets are nested (`subsets.json`); "
              "each N is one run (`nN/results.md`: every table, per-case test and stage time).", ""]
-    fig, ax = plt.subplots(len(prefixes), 2, figsize=(11, 4 * len(prefixes)), squeeze=False)
+    fig, ax = plt.subplots(len(prefixes), 2, figsize=(11, 4 * len(prefixes)), squeeze=False, layout="constrained")
     for row_ax, (prefix, title) in zip(ax, prefixes):
         lines += [f"## {title}", "", "| N | row | net | tta | seeds |", "|---|---|---|---|---|"]
         points = {r: [] for r in CURVE_NAMES}
