@@ -904,7 +904,6 @@ class LabelPairs:
     """Pairs of K-label maps held as uint8 label indices (N, 2, ...) (0 background, k the k-th class)
     and one-hot when read: indexing gives the (n, 2K, ...) float16 occupancies load_pairs would hold
     otherwise, bit for bit, at 1/(2K) of their memory. What the training stages index per batch."""
-    dtype = torch.float16
 
     def __init__(self, index, k):
         self.index, self.k = index, k
