@@ -22,12 +22,14 @@ Each stage calls the stage script's own main() with the command line a user woul
 runs here is exactly what the README documents. A stage whose outputs exist and whose command line
 is unchanged is skipped (a killed run resumes); --force STAGE redoes it (a prefix such as `reg`
 matches all registration stages). --preset demo without --data makes phantom pairs first.
-Everything runs in this one process, except that --jobs N runs N registration trainings and
-evaluations at once in worker processes (CPU throughput); for several GPUs run the printed stage
-commands under torchrun (README, "More than one GPU").
+Everything runs in this one process, except that --jobs N runs N stage chains at once in worker
+processes (CPU throughput): the generator's chain beside the registration rows that do not need its
+pairs (with --curve: every N's generator first); for several GPUs run the printed stage commands
+under torchrun (README, "More than one GPU").
 """
 import argparse
 import concurrent.futures as cf
+import functools
 import inspect
 import json
 import multiprocessing
@@ -117,8 +119,8 @@ class Stages:
     """Runs a stage unless its outputs exist from a complete run with the same record (kept in
     stages.json). A training stage killed midway is resumed from its checkpoint (--resume)."""
 
-    def __init__(self, out, force):
-        self.out, self.force = out, force
+    def __init__(self, out, force, label=""):
+        self.out, self.force, self.label = out, force, label  # label: a run's name in a log of several runs
         self.path, self.times_path = os.path.join(out, "stages.json"), os.path.join(out, "times.json")
         self.done = json.load(open(self.path)) if os.path.exists(self.path) else {}
         # seconds per stage, kept across resumed runs (the table reports every stage's share)
@@ -149,21 +151,21 @@ class Stages:
         changed += changed_inputs(previous.get("inputs", {}), record["inputs"])
         same = bool(previous) and not changed
         if not forced and same and previous["complete"] and all(os.path.exists(o) for o in outputs):
-            print(f"[pipeline] {name}: done, skipped")
+            print(f"[pipeline] {name}{self.label}: done, skipped")
             return None
         if resume is not None and not forced and same and not previous["complete"]:
             argv = argv + resume  # killed midway: continue from its last checkpoint
         else:
             if previous and not forced and not same:  # say why a stage's outputs go
                 more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-                print(f"[pipeline] {name}: changed since its last run ({', '.join(changed[:3])}{more}): "
+                print(f"[pipeline] {name}{self.label}: changed since its last run ({', '.join(changed[:3])}{more}): "
                       "redone from the start")
             for o in outputs:  # stale or forced: start clean
                 if os.path.isdir(o):
                     shutil.rmtree(o)
                 elif os.path.exists(o):
                     os.remove(o)
-        print(f"[pipeline] {name}: {fn.__module__}.py {' '.join(argv)}", flush=True)
+        print(f"[pipeline] {name}{self.label}: {fn.__module__}.py {' '.join(argv)}", flush=True)
         self.done[name] = {**record, "complete": False}
         utils.write_json(self.path, self.done)
         return {"name": name, "record": record, "fn": fn, "argv": argv}
@@ -188,17 +190,49 @@ def _worker_init(threads):
 
 def run_chains(run, chains, jobs):
     """Runs each chain's stages in order (a registration training, then its evaluation: a chain is a
-    list of run() keyword arguments). jobs > 1: up to `jobs` chains at once, each stage in a worker
-    process with 1/jobs of torch's threads - on a CPU, two 1-thread registration trainings (or test-time
-    adaptations) finish more pairs per second than one 2-thread one (RESULTS.md). With the same threads
-    per process a stage computes bit for bit what it computes alone; its time in times.json overlaps
-    the other workers'. The records stay with this process: a stage is planned when it is its chain's
-    turn, so an evaluation reads the checkpoint its training has just written. A failing stage stops
-    new ones from starting; the running ones finish and are recorded, then its error is raised."""
+    list of run() keyword arguments, plus optionally `stages`: the Stages that records it (default
+    `run`), `after`: (out, name) of stages of these chains that must be done or skipped first, and
+    `prepare`: a call made in this process just before it is planned, such as linking a mix folder).
+    jobs > 1: up to `jobs` chains at once, the first ready one in the list first, each stage in a worker
+    process with 1/jobs of torch's threads - on a CPU, two 1-thread stages finish more work per second
+    than one 2-thread one (RESULTS.md). With the same threads per process a stage computes bit for bit
+    what it computes alone; its time in times.json overlaps the other workers'. The records stay with
+    this process: a stage is planned when it is its chain's turn, so an evaluation reads the checkpoint
+    its training has just written. A failing stage stops new ones from starting; the running ones
+    finish and are recorded, then its error is raised."""
+    settled = set()  # (out, name) of the stages done or skipped in this call: what `after` waits for
+
+    def ready(chain):
+        return all(key in settled for key in chain[0].get("after", ()))
+
+    def plan(stage):
+        """The stage as a job for its Stages, or None (done: skipped)."""
+        stage = dict(stage)
+        stages = stage.pop("stages", run)
+        stage.pop("after", None)
+        prepare = stage.pop("prepare", None)
+        if prepare:
+            prepare()
+        job = stages.plan(**stage)
+        if job is None:
+            settled.add((stages.out, stage["name"]))
+            return None
+        return {**job, "stages": stages}
+
+    def finish(job, seconds):
+        job["stages"].finish(job, seconds)
+        settled.add((job["stages"].out, job["name"]))
+
     if jobs == 1:
         for chain in chains:
-            for stage in chain:
-                run(**stage)
+            for i, stage in enumerate(chain):
+                if not ready(chain[i:]):
+                    raise RuntimeError(f"stage {stage['name']} is listed before the stages it needs")
+                job = plan(stage)
+                if job:
+                    t = time.time()
+                    job["fn"](job["argv"])
+                    finish(job, time.time() - t)
         return
     threads = max(1, torch.get_num_threads() // jobs)
     # fork starts a worker with this process's modules as they are, but a forked child's OpenMP
@@ -211,14 +245,22 @@ def run_chains(run, chains, jobs):
     pool = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads,))
     try:
         while running or (queue and not errors):
-            while queue and not errors and len(running) < jobs:
-                chain = queue.pop(0)
+            while not errors and len(running) < jobs:
+                chain = next((c for c in queue if ready(c)), None)
+                if chain is None:
+                    break
+                queue.remove(chain)
                 while chain:
-                    job = run.plan(**chain.pop(0))
+                    job = plan(chain.pop(0))
                     if job:
                         running[pool.submit(job["fn"], job["argv"])] = (chain, job, time.time())
                         break
+                    if chain and not ready(chain):
+                        queue.insert(0, chain)  # its next stage waits for another chain's
+                        break
             if not running:
+                if queue and not errors:
+                    raise RuntimeError(f"stage {queue[0][0]['name']} waits for stages no chain runs")
                 continue
             done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             for f in done:
@@ -226,7 +268,7 @@ def run_chains(run, chains, jobs):
                 if f.exception() is not None:
                     errors.append(f.exception())  # the others finish and are recorded; nothing new starts
                     continue
-                run.finish(job, time.time() - t)
+                finish(job, time.time() - t)
                 if chain:
                     queue.insert(0, chain)  # its next stage (the evaluation) goes first
     except BaseException:
@@ -448,68 +490,71 @@ def report(out, seeds, times, preset, real=None, synth=None, labels=None, frame=
     print(md)
 
 
-def generator(run, path, preset, data, val, n, tag="", tokens=None, frame_args=(), class_args=(), merge_args=()):
-    """A generator and its n synthetic pairs (stages and files named with `tag`). Without `tokens`
-    the paper's: VQ-AE on the pairs in `data` (`val`: held-out pairs for its and the diffusion
-    model's validation), tokens, diffusion. With a token file `tokens`: decode_tokens.py fits a
-    decoder on the `data` pairs that have a grid there (`decoded/`), the diffusion model trains on
-    the grids. Then synthesis and a realism report. Returns (synthetic folder, decoded folder or None)."""
+def generator(stage, path, preset, data, val, n, tag="", tokens=None, frame_args=(), class_args=(), merge_args=()):
+    """A generator and its n synthetic pairs (stages and files named with `tag`), as one stage chain
+    (`stage`: makes a stage of this run). Without `tokens` the paper's: VQ-AE on the pairs in `data`
+    (`val`: held-out pairs for its and the diffusion model's validation), tokens, diffusion. With a
+    token file `tokens`: decode_tokens.py fits a decoder on the `data` pairs that have a grid there
+    (`decoded/`), the diffusion model trains on the grids. Then synthesis and a realism report.
+    Returns (the chain, synthetic folder, decoded folder or None)."""
     p = PRESETS[preset]
     diffusion, synth, batch = path(f"diffusion{tag}.pth"), path(f"synth{tag}"), train_diffusion.PRESETS[preset]["batch"]
+    chain = []
     if tokens is None:
         vqae = path(f"vqae{tag}.pth")
-        run(f"vqae{tag}", utils.log_paths(vqae), train_vqae.main,
-            [train_vqae.PRESETS[preset]["batch"], "--preset", preset, "--data", data, "--val", val, "--out", vqae,
-             *frame_args, *class_args],
-            preset, [data, val], resume=["--resume"])
+        chain.append(stage(f"vqae{tag}", utils.log_paths(vqae), train_vqae.main,
+                           [train_vqae.PRESETS[preset]["batch"], "--preset", preset, "--data", data, "--val", val,
+                            "--out", vqae, *frame_args, *class_args],
+                           [data, val], resume=["--resume"]))
         tokens, val_tokens = path(f"tokens{tag}.pth"), path(f"tokens_val{tag}.pth")
-        run(f"tokens{tag}", utils.log_paths(tokens), infer_vqae.main,
-            [vqae, "--data", data, "--out", tokens, "--augment", p["augment"]], preset, [vqae, data])
+        chain.append(stage(f"tokens{tag}", utils.log_paths(tokens), infer_vqae.main,
+                           [vqae, "--data", data, "--out", tokens, "--augment", p["augment"]], [vqae, data]))
         # validation pairs' tokens: held-out reconstruction Dice and the diffusion model's validation loss
-        run(f"tokens_val{tag}", utils.log_paths(val_tokens), infer_vqae.main,
-            [vqae, "--data", val, *(["--split", "val"] if utils.dataset_json(val) else []), "--out", val_tokens], preset,
-            [vqae, val])
+        chain.append(stage(f"tokens_val{tag}", utils.log_paths(val_tokens), infer_vqae.main,
+                           [vqae, "--data", val, *(["--split", "val"] if utils.dataset_json(val) else []),
+                            "--out", val_tokens],
+                           [vqae, val]))
         decoder, inputs, decoded = ["--vqae", vqae], [tokens, val_tokens, vqae], None
         train_args = ["--val", val_tokens]
         # the deformation each generator stage keeps: real vs VQ-AE reconstructions vs synthetic pairs
         groups, realism = [synth], ["--vqae", vqae]
     else:
         decoded = path("decoded")
-        run("decode", [decoded], decode_tokens.main,
-            [tokens, "--data", data, "--out", decoded, "--preset", preset, "--folds", p["decode_folds"]], preset,
-            [tokens, data], resume=[])  # decode_tokens.py keeps finished fits
+        chain.append(stage("decode", [decoded], decode_tokens.main,
+                           [tokens, "--data", data, "--out", decoded, "--preset", preset, "--folds", p["decode_folds"]],
+                           [tokens, data], resume=[]))  # decode_tokens.py keeps finished fits
         model = os.path.join(decoded, "decoder.pth")
         decoder, inputs, train_args = ["--decoder", model], [tokens, model], []
         groups, realism = [decoded, synth], []
-    run(f"diffusion{tag}", utils.log_paths(diffusion), train_diffusion.main,
-        [batch, tokens, *train_args, *decoder, "--preset", preset, "--out", diffusion], preset, inputs,
-        resume=["--resume"])
-    run(f"synth{tag}", [synth], synthesise.main,
-        [n, "--preset", preset, "--diffusion", diffusion, *decoder, "--out", synth], preset, [diffusion, inputs[-1]],
-        resume=[])  # synthesise.py keeps complete pairs
+    chain.append(stage(f"diffusion{tag}", utils.log_paths(diffusion), train_diffusion.main,
+                       [batch, tokens, *train_args, *decoder, "--preset", preset, "--out", diffusion], inputs,
+                       resume=["--resume"]))
+    chain.append(stage(f"synth{tag}", [synth], synthesise.main,
+                       [n, "--preset", preset, "--diffusion", diffusion, *decoder, "--out", synth],
+                       [diffusion, inputs[-1]], resume=[]))  # synthesise.py keeps complete pairs
     report = path(f"realism{tag}")
-    run(f"realism{tag}", log_prefix_paths(report), realism_report.main,
-        [*groups, "--reference", data, "--val", val, *realism, "--out", report, "--overwrite", *frame_args, *merge_args],
-        preset,
-        [data, val, *groups, *realism[1:]])
-    return synth, decoded
+    chain.append(stage(f"realism{tag}", log_prefix_paths(report), realism_report.main,
+                       [*groups, "--reference", data, "--val", val, *realism, "--out", report, "--overwrite",
+                        *frame_args, *merge_args],
+                       [data, val, *groups, *realism[1:]]))
+    return chain, synth, decoded
 
 
-def reg_chain(out, tag, data, reads, preset, seed, tta, val, landmarks, iters=(), frame_args=(), train_args=(),
-              extra=None):
+def reg_chain(stage, out, tag, data, reads, preset, seed, tta, val, landmarks, iters=(), frame_args=(), train_args=(),
+              extra=None, **first):
     """One registration row and seed as a stage chain: reg_TAG trains on `data` (the files it reads:
-    `reads`; train_args: more of train_registration.py's options), then eval_TAG evaluates its net on
-    `val` with `tta` test-time-adaptation iterations; extra: (pairs, landmarks) of a second evaluation
-    set, eval_extra_TAG."""
+    `reads`; train_args: more of train_registration.py's options; first: `after` / `prepare` of its
+    training stage, run_chains), then eval_TAG evaluates its net on `val` with `tta` test-time-adaptation
+    iterations; extra: (pairs, landmarks) of a second evaluation set, eval_extra_TAG."""
     ck = os.path.join(out, f"reg_{tag}.pth")
-    chain = [dict(name=f"reg_{tag}", outputs=[ck], fn=train_registration.main, preset=preset, inputs=reads,
-                  argv=[train_registration.PRESETS[preset]["batch"], data, "--preset", preset, "--seed", seed,
-                        "--out", ck, *iters, *frame_args, *train_args], resume=["--resume"])]
+    chain = [stage(f"reg_{tag}", [ck], train_registration.main,
+                   [train_registration.PRESETS[preset]["batch"], data, "--preset", preset, "--seed", seed,
+                    "--out", ck, *iters, *frame_args, *train_args],
+                   reads, resume=["--resume"], **first)]
     for name, pairs, lms in (("eval", val, landmarks), *([("eval_extra", *extra)] if extra else [])):
         ev = ["--data", pairs, *(["--landmarks", lms] if lms else []), "--overwrite"]
-        chain.append(dict(name=f"{name}_{tag}", outputs=[os.path.join(out, f"{name}_{tag}.json")],
-                          fn=evaluate_registration.main, argv=[tta, ck, "--out", os.path.join(out, f"{name}_{tag}"), *ev],
-                          preset=preset, inputs=[ck, pairs, *([lms] if lms else [])]))
+        chain.append(stage(f"{name}_{tag}", [os.path.join(out, f"{name}_{tag}.json")], evaluate_registration.main,
+                           [tta, ck, "--out", os.path.join(out, f"{name}_{tag}"), *ev], [ck, pairs, *([lms] if lms else [])]))
     return chain
 
 
@@ -529,14 +574,15 @@ def shared_pairs(train, val, split=None):
     return [v for v, _ in both], [t for _, t in both]
 
 
-def experiment(out, preset, data, val, lms, seeds, n, reg_iters=None, frame_name=None, force=(), jobs=1,
-               generator_tokens=None, rows=ROWS, extra=None, classes=None):
+def plan_experiment(out, preset, data, val, lms, seeds, n, reg_iters=None, frame_name=None, force=(),
+                    generator_tokens=None, rows=ROWS, extra=None, classes=None, label=""):
     """One run in `out` on the training pairs of `data`: the generator, the free baselines, every
     registration row of `rows` x seed trained and evaluated on `val` (landmarks `lms`; extra: (pairs,
-    landmarks) evaluated too, reported apart), results.md. classes: label values kept apart by every stage
-    (label maps). Every input is checked before the first stage."""
+    landmarks) evaluated too, reported apart). classes: label values kept apart by every stage (label
+    maps). label: the run's name in the stages' log lines. Every input is checked here, before the first stage. Returns (its stage chains for
+    run_chains, the generator's first; a call that writes results.md once they have run)."""
     p = PRESETS[preset]
-    run = Stages(out, force)
+    run = Stages(out, force, label)
     if extra:  # (data, pair ids, landmark folder) -> (a folder of links to those pairs, landmark folder)
         extra = (link_folder([("", extra[0], extra[1])], os.path.join(out, "extra_val"), split=utils.val_split(extra[0])),
                  extra[2])
@@ -551,61 +597,84 @@ def experiment(out, preset, data, val, lms, seeds, n, reg_iters=None, frame_name
     def path(name):
         return os.path.join(out, name)
 
+    def stage(name, outputs, fn, argv, inputs=(), **more):
+        return dict(name=name, outputs=outputs, fn=fn, argv=argv, preset=preset, inputs=inputs, stages=run, **more)
+
     real = f"real-{len(train_ids)}"
     if generator_tokens:
         grids = utils.read_tokens(generator_tokens)
         # the reference's grids are named by their Lung250M-4B case ids: names are all there is to compare
         val_ids = {p.id for p in utils.find_pairs(val, utils.val_split(val))}
         warn_overlap(sorted(set(grids["case_ids"]) & val_ids), generator_tokens)
-        synth, decoded = generator(run, path, preset, data, val, n, "_tok", generator_tokens, frame_args)
+        tag = "_tok"
+        gen, synth, decoded = generator(stage, path, preset, data, val, n, tag, generator_tokens, frame_args)
         mixes = {"mix_tok": synth}
         folders = {"decoded": decoded, "synth_tok": synth}
+        made_by = {decoded: "decode"}
         k = len(grids["tokens"])
         labels = {"decoded": f"decoded-{k} (token grids decoded)", "synth_tok": f"synth-{n}, generator on {k} token grids",
                   "mix_tok": f"{real} + synth-{n} ({k}-grid generator)"}
     else:  # the paper's: the generator trains on the real pairs
+        tag = ""
         k = len(train_ids)
-        synth = generator(run, path, preset, data, val, n, frame_args=frame_args, class_args=class_args,
-                          merge_args=merge_args)[0]
+        gen, synth, _ = generator(stage, path, preset, data, val, n, frame_args=frame_args, class_args=class_args,
+                                  merge_args=merge_args)
         mixes = {"mix": synth}
         folders = {"synth": synth}
+        made_by = {}
         labels = {"synth": f"synth-{n}, generator on {k} pairs", "mix": f"{real} + synth-{n} ({k}-pair generator)"}
+    made_by[synth] = f"synth{tag}"
+    chains = [gen]
     # the free baselines: pairs made from the real ones by random fields, and on-the-fly augmentation
     free = {kind: path(kind) for kind in ("warped", "deformed") if kind in rows}
     for kind, folder in free.items():
-        run(kind, [folder], deform_pairs.main, [kind, data, n, "--preset", preset, "--out", folder, *frame_args, *class_args],
-            preset,
-            [data], resume=[])  # deform_pairs.py keeps complete pairs
+        chains.append([stage(kind, [folder], deform_pairs.main,
+                             [kind, data, n, "--preset", preset, "--out", folder, *frame_args, *class_args],
+                             [data], resume=[])])  # deform_pairs.py keeps complete pairs
+        made_by[folder] = kind
     if free:  # beside the synthetic pairs of this generator
-        tag = "_tok" if generator_tokens else ""
         report_path = path(f"realism_free{tag}")
         groups = [synth, *free.values()]
-        run(f"realism_free{tag}", log_prefix_paths(report_path), realism_report.main,
-            [*groups, "--reference", data, "--val", val, "--out", report_path, "--overwrite", *frame_args, *merge_args], preset,
-            [data, val, *groups])
+        chains.append([stage(f"realism_free{tag}", log_prefix_paths(report_path), realism_report.main,
+                             [*groups, "--reference", data, "--val", val, "--out", report_path, "--overwrite",
+                              *frame_args, *merge_args],
+                             [data, val, *groups], after=[(out, made_by[g]) for g in groups])])
     mixes.update(free)
     labels.update(augmented=f"{real} augmented (random affine + field per batch)",
                   warped=f"{real} + warped-{n} (real maps, random motion)",
                   deformed=f"{real} + deformed-{n} (real pairs, random anatomy)")
-    folders.update({r: mix_folder(data, source, path(r if r.startswith("mix") else "mix_" + r), frame)
-                    for r, source in mixes.items()})
+    # a mix folder links the pairs of its source once they are made, before its first training is planned
+    prepare = {r: functools.cache(functools.partial(mix_folder, data, source, path(r if r.startswith("mix") else "mix_" + r),
+                                                    frame))
+               for r, source in mixes.items()}
+    folders.update({r: path(r if r.startswith("mix") else "mix_" + r) for r in mixes})
     folders.update(real=data, augmented=data)
     labels["real"] = real
     reads = {r: [data, mixes[r]] if r in mixes else [f] for r, f in folders.items()}  # a mix reads the pairs behind its links
+    source_of = {r: mixes.get(r, f) for r, f in folders.items()}
     iters = ["--iters", reg_iters] if reg_iters else []
     # seed-major: a run stopped part-way has the same seeds of every row, which the per-case tests pair
-    chains = [reg_chain(out, f"{r}_s{s}", folders[r], reads[r], preset, s, p["tta"], val, lms, iters,
-                        frame_args if r in ("real", "augmented") else [],
-                        [*(["--augment"] if r == "augmented" else []), *class_args], extra)
-              for s in range(seeds) for r in ROWS if r in folders and r in rows]
+    chains += [reg_chain(stage, out, f"{r}_s{s}", folders[r], reads[r], preset, s, p["tta"], val, lms, iters,
+                         frame_args if r in ("real", "augmented") else [],
+                         [*(["--augment"] if r == "augmented" else []), *class_args], extra,
+                         after=[(out, made_by[source_of[r]])] if source_of[r] in made_by else [],
+                         **({"prepare": prepare[r]} if r in prepare else {}))
+               for s in range(seeds) for r in ROWS if r in folders and r in rows]
     # the short TTA-only baselines last: with --jobs the long chains start first
     for name, pairs, marks in (("eval_none", val, lms), *([("eval_extra_none", *extra)] if extra else [])):
         ev = ["--data", pairs, *(["--landmarks", marks] if marks else []), "--overwrite", *frame_args, *class_args]
-        chains.append([dict(name=name, outputs=[path(name + ".json")], fn=evaluate_registration.main,
-                            argv=[p["tta"], "none", "--preset", preset, "--out", path(name), *ev], preset=preset,
-                            inputs=[pairs, *([marks] if marks else [])])])
-    run_chains(run, chains, jobs)
-    report(out, seeds, run.times, preset, data, synth, {r: v for r, v in labels.items() if r in rows}, frame)
+        chains.append([stage(name, [path(name + ".json")], evaluate_registration.main,
+                             [p["tta"], "none", "--preset", preset, "--out", path(name), *ev],
+                             [pairs, *([marks] if marks else [])])])
+    return chains, functools.partial(report, out, seeds, run.times, preset, data, synth,
+                                     {r: v for r, v in labels.items() if r in rows}, frame)
+
+
+def experiment(out, preset, data, val, lms, seeds, n, jobs=1, **kw):
+    """plan_experiment's run: its stages (--jobs: the generator's chain beside the others), then results.md."""
+    chains, finish = plan_experiment(out, preset, data, val, lms, seeds, n, **kw)
+    run_chains(None, chains, jobs)
+    finish()
 
 
 def curve_sizes(text, available):
@@ -772,20 +841,29 @@ def main(argv=None):
                                       "subset: it is not held out")
     if args.extra_val:  # each run links the pairs into its own folder (extra_val/), ids kept for the landmark files
         extra = (args.extra_val, [p.id for p in listed], args.extra_landmarks)
-    common = dict(reg_iters=args.reg_iters, force=args.force, jobs=args.jobs, classes=args.classes)
+    common = dict(reg_iters=args.reg_iters, force=args.force, classes=args.classes)
     if not args.curve:
-        experiment(out, preset, data, val, lms, seeds, n, frame_name=args.frame, generator_tokens=args.generator_tokens,
-                   extra=extra, **common)
+        experiment(out, preset, data, val, lms, seeds, n, args.jobs, frame_name=args.frame,
+                   generator_tokens=args.generator_tokens, extra=extra, **common)
         return
     utils.write_json(os.path.join(out, "subsets.json"), {f"n{k}": v for k, v in subsets.items()})
+    plans = []
     for size, subset in subsets.items():
         sub = data if size == len(ids) else link_folder([("", data, subset)], os.path.join(out, "subsets", f"n{size}"), frame,
                                                         f"{size} training pairs of {os.path.abspath(data)} (links)")
         evaluated = extra if extra and not set(held) & set(subset) else None
         if extra and not evaluated:
             print(f"[pipeline] N = {size}: the subset holds extra evaluation pairs; they are not evaluated at this N")
-        experiment(os.path.join(out, f"n{size}"), preset, sub, val, lms, seeds, n, frame_name=args.frame,
-                   rows=CURVE_ROWS, extra=evaluated, **common)
+        plans.append(plan_experiment(os.path.join(out, f"n{size}"), preset, sub, val, lms, seeds, n, frame_name=args.frame,
+                                     rows=CURVE_ROWS, extra=evaluated, label=f" (N = {size})", **common))
+    if args.jobs == 1:  # one N after the other, each N's results.md as soon as it is complete
+        for chains, finish in plans:
+            run_chains(None, chains, 1)
+            finish()
+    else:  # every generator first, beside the rows of the N whose generator is done (or not needed yet)
+        run_chains(None, [c[0] for c, _ in plans] + [x for c, _ in plans for x in c[1:]], args.jobs)
+        for _, finish in plans:
+            finish()
     curve_report(out, sizes, seeds, n)
 
 

@@ -2,6 +2,7 @@
 resume after a deleted output, and --force."""
 import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -16,8 +17,10 @@ import utils
 ROW_ORDER = ("real", "augmented", "synth", "mix", "warped", "deformed")  # the rows of a plain run
 
 
-def stages_run(out):
-    return re.findall(r"\[pipeline\] (\w+): (?!done|changed)", out)
+def stages_run(out, label=None):
+    """The stages a log shows running (a curve's: of every N, or of the run labelled ` (N = n)`)."""
+    tail = r"(?: \(N = \d+\))?" if label is None else re.escape(label)
+    return re.findall(rf"\[pipeline\] (\w+){tail}: (?!done|changed)", out)
 
 
 def contents(path):
@@ -86,10 +89,16 @@ def test_pipeline_micro_resume_and_force(micro, tmp_path, capsys, monkeypatch):
     rows = ["eval_none.csv"] + [f"{f}_{r}_s0.{e}" for r in ROW_ORDER for f, e in (("reg", "pth"), ("eval", "csv"))]
     before = {f: contents(os.path.join(out, f)) for f in rows}
     del before["reg_synth_s0.pth"]["note"]  # the edit above; the forced training writes it afresh
-    pipeline.main(argv + ["--force", "reg_", "eval_", "--jobs", "2"])
+    # the synthetic pairs too: the rows that train on them wait for them in the other worker
+    for name in os.listdir(os.path.join(out, "synth")):
+        before["synth/" + name] = contents(os.path.join(out, "synth", name))
+    pipeline.main(argv + ["--force", "reg_", "eval_", "synth", "--jobs", "2"])
     text = capsys.readouterr().out
-    assert sorted(stages_run(text)) == sorted(["eval_none"] + [f"{k}_{r}_s0" for r in ROW_ORDER for k in ("reg", "eval")])
-    assert "7 stage chains, 2 at a time (1 threads each)" in text and "min wall" in text
+    ran = stages_run(text)
+    assert sorted(set(ran) - {"realism", "realism_free"}) == sorted(
+        ["synth", "eval_none"] + [f"{k}_{r}_s0" for r in ROW_ORDER for k in ("reg", "eval")])
+    assert ran.index("synth") < min(ran.index(f"reg_{r}_s0") for r in ("synth", "mix"))
+    assert "11 stage chains, 2 at a time (1 threads each)" in text and "min wall" in text
     for f in rows:
         assert contents(os.path.join(out, f)) == before[f], f
     pipeline.main(argv + ["--jobs", "2"])  # and its records are the parent's: nothing left to redo
@@ -158,6 +167,42 @@ def test_run_chains_spawned_workers_and_a_failing_stage(tmp_path, capsys):
         torch.set_num_threads(n)
 
 
+def slow_write_stage(argv):
+    time.sleep(float(argv[1]))
+    open(argv[0], "w").write("made")
+
+
+def copy_stage(argv):
+    open(argv[1], "w").write(open(argv[0]).read())  # fails if the stage it needs has not written argv[0]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_run_chains_waits_for_the_stages_a_chain_needs(tmp_path, jobs):
+    """A chain listed first whose stage needs another chain's (`after`) waits for it, while a chain
+    that needs nothing runs beside it; a stage done before counts as settled; a need that no chain
+    meets, or (one job) a chain listed before what it needs, is an error, not a hang."""
+    run = pipeline.Stages(str(tmp_path), [])
+    made, copied, free = (str(tmp_path / f) for f in ("made", "copied", "free"))
+
+    def stage(name, fn, argv, **more):
+        return dict(name=name, outputs=[argv[-1] if fn is copy_stage else argv[0]], fn=fn, argv=argv, **more)
+    waiting = [stage("copy", copy_stage, [made, copied], after=[(str(tmp_path), "make")])]
+    chains = [[stage("make", slow_write_stage, [made, 0.5])], [stage("free", slow_write_stage, [free, 0])]]
+    if jobs == 1:
+        with pytest.raises(RuntimeError, match="copy is listed before"):
+            pipeline.run_chains(run, [waiting] + chains, 1)
+        pipeline.run_chains(run, chains + [waiting], 1)
+    else:
+        pipeline.run_chains(run, [waiting] + chains, 2)
+    assert open(copied).read() == "made" and os.path.exists(free)
+    os.remove(copied)
+    pipeline.run_chains(run, [waiting] + chains, 2)  # "make" is skipped (done): "copy" may go at once
+    assert open(copied).read() == "made"
+    orphan = [stage("copy2", copy_stage, [made, copied + "2"], after=[(str(tmp_path), "nothing")])]
+    with pytest.raises(RuntimeError, match="copy2 waits for stages no chain runs"):
+        pipeline.run_chains(run, chains + [orphan], 2)
+
+
 def test_report_compares_rows_over_the_seeds_both_have(tmp_path):
     """A partial run (real-10 with seeds 0 and 1, synth only seed 0): the per-case test pairs seed 0
     with seed 0, not synth's seed 0 with the mean of real's two seeds."""
@@ -215,7 +260,8 @@ def test_curve_micro_nested_subsets_extra_set_and_resume(micro, tmp_path, capsys
     argv = common + ["--out", out, "--curve", "3,2", "--extra-val", train, "--extra-landmarks", str(extra_lms)]
     pipeline.main(argv)
     text = capsys.readouterr().out
-    assert stages_run(text.split("N = 3: the subset holds extra evaluation pairs")[1]) == []
+    assert "N = 3: the subset holds extra evaluation pairs" in text
+    assert stages_run(text, " (N = 3)") == [] and "vqae" in stages_run(text, " (N = 2)")
     assert utils.read_json(os.path.join(out, "subsets.json")) == {"n2": ["case_001", "case_002"],
                                                                    "n3": ["case_001", "case_002", "case_000"]}
     assert utils.pair_ids(os.path.join(out, "subsets", "n2")) == ["case_001", "case_002"]
