@@ -251,7 +251,11 @@ def run_chains(run, chains, jobs):
                     break
                 queue.remove(chain)
                 while chain:
-                    job = plan(chain.pop(0))
+                    try:
+                        job = plan(chain.pop(0))
+                    except Exception as e:  # a mix folder refused: the running stages still finish
+                        errors.append(e)
+                        break
                     if job:
                         running[pool.submit(job["fn"], job["argv"])] = (chain, job, time.time())
                         break
@@ -785,8 +789,8 @@ def main(argv=None):
     ap.add_argument("--extra-landmarks", metavar="FOLDER", help="landmark files ID.csv of --extra-val's pairs")
     ap.add_argument("--force", nargs="*", default=[], metavar="STAGE")
     ap.add_argument("--jobs", type=int, default=1,
-                    help="registration trainings and evaluations run this many at a time, each in its own process "
-                         "with 1/JOBS of the threads (on a 2-core CPU: 2; RESULTS.md)")
+                    help="stage chains (the generator's, each registration row's) run this many at a time, each "
+                         "stage in its own process with 1/JOBS of the threads (for a CPU; on a 2-core CPU: 2; RESULTS.md)")
     args = ap.parse_args(argv)
     utils.check_positive({"--seeds": args.seeds, "--num-synth": args.num_synth, "--reg-iters": args.reg_iters,
                           "--jobs": args.jobs})
