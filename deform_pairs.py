@@ -32,8 +32,9 @@ import utils
 
 KINDS = ("warped", "deformed")
 DRAWS = 10  # fields drawn for one pair before a folding one is an error
-# the output grid: the preset's synthetic pairs', i.e. its VQ-AE's factor (num_pairs: synthesise.py's)
-PRESETS = train_vqae.PRESETS
+# the output grid: the preset's synthetic pairs', i.e. its VQ-AE's factor (num_pairs: synthesise.py's);
+# only what this script reads: the table is part of a pipeline stage's record
+PRESETS = {k: {f: p[f] for f in ("factor", "factor_2d") if f in p} for k, p in train_vqae.PRESETS.items()}
 
 
 def load_maps(data, frame, labels=None, classes=None):

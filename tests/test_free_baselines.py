@@ -195,3 +195,13 @@ def test_no_evaluation_set_reaches_a_generator_weight(phantoms, tmp_path, monkey
     assert all(torch.equal(v, without.state_dict()[k]) for k, v in with_val.state_dict().items())
     log = utils.load_checkpoint(str(tmp_path / "d1.pth"), "diffusion")["log"]
     assert all(np.isfinite(r["val_loss"]) for r in log)
+
+
+def test_preset_table_holds_only_what_the_script_reads():
+    """The table is part of a pipeline stage's record: keys of the VQ-AE table that deform_pairs.py does
+    not read would make finished runs redo their baseline pairs whenever that table changes."""
+    import deform_pairs
+    import train_vqae
+
+    for name, table in deform_pairs.PRESETS.items():
+        assert set(table) <= {"factor", "factor_2d"} and table["factor"] == train_vqae.PRESETS[name]["factor"]
