@@ -648,10 +648,10 @@ def plan_experiment(out, preset, data, val, lms, seeds, n, reg_iters=None, frame
                   warped=f"{real} + warped-{n} (real maps, random motion)",
                   deformed=f"{real} + deformed-{n} (real pairs, random anatomy)")
     # a mix folder links the pairs of its source once they are made, before its first training is planned
-    prepare = {r: functools.cache(functools.partial(mix_folder, data, source, path(r if r.startswith("mix") else "mix_" + r),
-                                                    frame))
+    mix_dirs = {r: path(r if r.startswith("mix") else "mix_" + r) for r in mixes}
+    prepare = {r: functools.cache(functools.partial(mix_folder, data, source, mix_dirs[r], frame))
                for r, source in mixes.items()}
-    folders.update({r: path(r if r.startswith("mix") else "mix_" + r) for r in mixes})
+    folders.update(mix_dirs)
     folders.update(real=data, augmented=data)
     labels["real"] = real
     reads = {r: [data, mixes[r]] if r in mixes else [f] for r, f in folders.items()}  # a mix reads the pairs behind its links
