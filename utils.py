@@ -48,7 +48,7 @@ def run_main(main):
     try:
         main()
         if dist.is_initialized():
-            dist.barrier()  # gloo aborts a process that tears down while another still writes its outputs
+            dist.barrier()  # nobody tears down while another process still writes (a gloo teardown then aborted under CI)
             dist.destroy_process_group()
     except (DataError, OSError) as e:  # OSError: a missing file, a full disk, no permission - named in e
         print(f"error: {e}", file=sys.stderr)
